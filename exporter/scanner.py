@@ -1,0 +1,123 @@
+"""One full inventory: database counts, then the file check. Shared by ``scan`` and ``serve``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from exporter.config import Config
+from exporter.files import check_originals, reconcile
+from exporter.inventory import count, media_location, stream_no_record
+from exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
+from exporter.paths import PathMapper
+from exporter.sources.postgres import PostgresSource, SourceError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanResult:
+    counts: InventoryCounts
+    stats: FileStats | None
+    problems: ProblemStore
+    location: str | None
+    root: str | None
+    started_at: float
+    duration: float = 0.0
+    no_record_problems: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def media_identity(root: str) -> tuple[int, int]:
+    """Check the media folder is there and readable; return the identity of its thumbs/ folder.
+
+    An unmounted volume looks like an empty folder: we refuse to call every thumbnail missing when the
+    folder itself is gone, so a missing ``thumbs`` folder is an error of the filesystem source.
+    """
+    thumbs = os.path.join(root, "thumbs")
+    try:
+        st = os.stat(thumbs)
+        os.listdir(thumbs)
+    except FileNotFoundError:
+        if not os.path.isdir(root):
+            raise SourceError("filesystem", f"media root {root} does not exist") from None
+        raise SourceError(
+            "filesystem", f"{thumbs} does not exist: is media.root the folder Immich mounts at /data?"
+        ) from None
+    except OSError as exc:
+        raise SourceError("filesystem", f"cannot read {thumbs}: {exc.strerror or exc}") from None
+    return st.st_dev, st.st_ino
+
+
+async def probe_filesystem(root: str, timeout: float) -> tuple[int, int]:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(media_identity, root), timeout)
+    except TimeoutError:
+        raise SourceError("filesystem", f"media root {root} did not answer within {timeout:.0f}s") from None
+
+
+async def run_inventory(pg: PostgresSource, config: Config) -> InventoryCounts:
+    schema = await pg.schema()
+    async with pg.connection() as conn:
+        return await count(conn, schema, config.database.statement_timeout)
+
+
+async def run_scan(
+    pg: PostgresSource,
+    config: Config,
+    problems: ProblemStore,
+    *,
+    check_files: bool = True,
+    progress: Callable[[FileStats], None] | None = None,
+) -> ScanResult:
+    """Counts from the database, every no_record problem, then (with a media root) the file check."""
+    started = time.time()
+    timeout = config.database.statement_timeout
+    schema = await pg.schema()
+    root = config.media.root if check_files else None
+    identity = await probe_filesystem(root, 10.0) if root else None
+    async with pg.connection() as conn:
+        # One snapshot for the whole scan: counts, missing records and files agree with each other.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            # Sorting millions of paths: give this transaction's sort room so it stays in memory.
+            await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
+            counts = await count(conn, schema, timeout)
+            result = ScanResult(counts, None, problems, None, root, started)
+            async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
+                problems.add(problem)
+                result.no_record_problems += 1
+            if root is None:
+                result.duration = time.time() - started
+                return result
+            location = config.media.location
+            if location == "auto":
+                location = await media_location(conn, schema, timeout)
+            result.location = location
+            mapper = PathMapper(root, location)
+            stats = FileStats()
+            result.stats = stats
+
+            def sink(problem: Problem) -> None:
+                problems.add(problem)
+
+            await reconcile(
+                conn, schema, mapper, stats, sink,
+                verify_headers=config.checks.verify_headers,
+                fetch_size=config.database.fetch_size,
+                timeout=timeout,
+                progress=progress,
+            )
+            if config.checks.check_originals:
+                await check_originals(
+                    conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
+                )
+    assert root is not None and identity is not None
+    # The folder must still be the same one: a volume unmounted mid-scan would look like "all missing".
+    if await probe_filesystem(root, 10.0) != identity:
+        raise SourceError("filesystem", f"{root}/thumbs changed during the scan (unmounted?): results discarded")
+    result.duration = time.time() - started
+    return result

@@ -1,0 +1,118 @@
+"""``serve``: wire sources, collections, the store and the HTTP server, and stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.collectors import Collection, FilesCollection, InventoryCollection
+from exporter.config import Config
+from exporter.http import build_app
+from exporter.runtime import Runner
+from exporter.snapshot import Store
+from exporter.sources.postgres import PostgresSource
+from exporter.webconfig import WebConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collection], list[str]]:
+    """The enabled collections and the sources they use, in display order."""
+    collections: list[Collection] = []
+    sources = ["postgres"]
+    if config.collectors.inventory:
+        collections.append(InventoryCollection(config, pg))
+    if config.collectors.files:
+        if config.media.root:
+            collections.append(FilesCollection(config, pg))
+            sources.append("filesystem")
+        else:
+            log.info("media.root is not set: the files collection is off (database checks only)")
+    if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
+        try:
+            from exporter.queues import QueueCollection
+        except ImportError:
+            log.warning("queue collection not available in this build")
+        else:
+            collections.append(QueueCollection(config, pg))
+            if config.redis.enabled:
+                sources.append("redis")
+            if config.immich.enabled:
+                sources.append("immich_api")
+    if config.remediation.enabled:
+        try:
+            from exporter.regenerate import RemediationCollection
+        except ImportError:
+            log.warning("remediation not available in this build")
+        else:
+            collections.append(RemediationCollection(config, pg))
+    return collections, sources
+
+
+class Exporter:
+    """Everything ``serve`` runs, startable and stoppable from tests without signals."""
+
+    def __init__(self, config: Config, web_config: WebConfig, host: str | None, port: int) -> None:
+        self.config = config
+        self.web_config = web_config
+        self.host = host
+        self.port = port
+        self.pg = PostgresSource(config.database)
+        collections, sources = build_collections(config, self.pg)
+        self.store = Store([c.name for c in collections], sources)
+        self.runner = Runner(
+            self.store, collections, self.pg, config.media.root if "filesystem" in sources else None,
+            probe_interval=min(15.0, config.intervals.queues),
+        )
+        self._web: web.AppRunner | None = None
+        self.bound_port: int | None = None
+
+    async def start(self) -> None:
+        app = build_app(self.store, self.web_config)
+        access: dict[str, Any] = {} if self.config.log.level == "debug" else {"access_log": None}
+        self._web = web.AppRunner(app, **access)
+        await self._web.setup()
+        site = web.TCPSite(
+            self._web, self.host, self.port, ssl_context=self.web_config.ssl_context(), shutdown_timeout=2.0
+        )
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        self.runner.start()
+        scheme = "https" if self.web_config.ssl_context() else "http"
+        log.info("listening on %s://%s:%s/ (version %s)", scheme, self.host or "0.0.0.0", self.bound_port, __version__)
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        if self._web is not None:
+            await self._web.cleanup()
+        await self.pg.close()
+
+
+async def serve(config: Config, web_config: WebConfig, host: str | None, port: int) -> int:
+    exporter = Exporter(config, web_config, host, port)
+    try:
+        await exporter.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.web.listen_address, exc.strerror or exc)
+        await exporter.stop()
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    try:
+        await asyncio.wait_for(exporter.stop(), 8)
+    except TimeoutError:
+        log.warning("shutdown took too long; exiting anyway")
+    return 0

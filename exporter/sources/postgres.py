@@ -1,0 +1,171 @@
+"""Immich's PostgreSQL database, read-only.
+
+A small asyncpg pool whose sessions are read-only by default (``default_transaction_read_only``), with a
+``statement_timeout`` so that no query of ours can hold locks Immich needs for long, and timeouts on
+connect and acquire. The pool is built lazily and thrown away on any connection error, so the next use
+reconnects and re-reads the password file (rotation works without a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from exporter.config import DatabaseConfig, redact_url
+from exporter.schema import Schema, detect
+
+log = logging.getLogger(__name__)
+
+APPLICATION_NAME = "immich-thumbnail-exporter"
+
+
+class SourceError(Exception):
+    """A backend could not be used; the message is one line fit for a log and for check-config."""
+
+    def __init__(self, source: str, message: str) -> None:
+        self.source = source
+        super().__init__(message)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception from a backend, without a traceback and without secrets."""
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, asyncpg.InvalidPasswordError):
+        return "password authentication failed"
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"database does not exist: {exc}"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return f"permission denied: {exc}"
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return "query cancelled by statement_timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text
+
+
+class PostgresSource:
+    name = "postgres"
+
+    def __init__(self, config: DatabaseConfig) -> None:
+        self.config = config
+        self._pool: asyncpg.Pool | None = None
+        self._schema: Schema | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def target(self) -> str:
+        """Where we connect, for logs: never includes the password."""
+        if self.config.url:
+            try:
+                return redact_url(self.config.url.get())
+            except Exception:
+                return "<database.url>"
+        return f"{self.config.user}@{self.config.host}:{self.config.port}/{self.config.name}"
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        settings = {
+            "application_name": APPLICATION_NAME,
+            # Read-only by construction: every transaction of ours starts read-only.
+            "default_transaction_read_only": "on",
+            "statement_timeout": str(int(cfg.statement_timeout * 1000)),
+            # Never queue behind Immich's DDL or bulk writes: give up quickly instead.
+            "lock_timeout": "2000",
+            "idle_in_transaction_session_timeout": str(int(cfg.statement_timeout * 2000)),
+            "jit": "off",
+        }
+        kwargs: dict[str, Any] = {
+            "min_size": 0,
+            "max_size": cfg.pool_size,
+            "timeout": cfg.connect_timeout,
+            "command_timeout": cfg.statement_timeout + 5,
+            "server_settings": settings,
+            # Connections are recycled so a rotated password is picked up within minutes.
+            "max_inactive_connection_lifetime": 300.0,
+        }
+        if cfg.url:
+            kwargs["dsn"] = cfg.url.get()
+        else:
+            kwargs.update(host=cfg.host, port=cfg.port, user=cfg.user, database=cfg.name)
+            if cfg.password:
+                secret = cfg.password
+                # asyncpg calls this on each new connection: the password file is re-read every time.
+                kwargs["password"] = secret.get
+        if cfg.sslmode:
+            kwargs["ssl"] = cfg.sslmode
+        return kwargs
+
+    async def pool(self) -> asyncpg.Pool:
+        async with self._lock:
+            if self._pool is None:
+                try:
+                    self._pool = await asyncio.wait_for(
+                        asyncpg.create_pool(**self._connect_kwargs()), self.config.connect_timeout + 1
+                    )
+                except Exception as exc:
+                    raise SourceError(self.name, f"cannot connect to {self.target}: {describe_error(exc)}") from None
+            return self._pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        pool = await self.pool()
+        try:
+            conn = await asyncio.wait_for(pool.acquire(), self.config.connect_timeout + 1)
+        except Exception as exc:
+            await self.reset()
+            raise SourceError(self.name, f"cannot connect to {self.target}: {describe_error(exc)}") from None
+        try:
+            yield conn
+        except (asyncpg.PostgresConnectionError, ConnectionError, OSError, asyncpg.InterfaceError) as exc:
+            # The connection is unusable: drop the pool so the next round reconnects from scratch.
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            await self.reset()
+            raise SourceError(self.name, f"lost connection to {self.target}: {describe_error(exc)}") from None
+        except TimeoutError:
+            # A timed-out query leaves the connection in an unknown state: never give it back.
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            await self.reset()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.release(conn), 2)
+
+    async def schema(self) -> Schema:
+        if self._schema is None:
+            async with self.connection() as conn:
+                self._schema = await detect(conn, timeout=self.config.statement_timeout)
+        return self._schema
+
+    async def probe(self) -> None:
+        pool = await self.pool()
+        if pool.get_size() >= self.config.pool_size and pool.get_idle_size() == 0:
+            # Every connection is busy with a collection: those report for the source themselves, and
+            # waiting for a free one here would call a merely busy database down.
+            return
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1", timeout=self.config.connect_timeout)
+
+    async def reset(self) -> None:
+        """Forget the pool and schema (after an error); the next use reconnects."""
+        pool, self._pool, self._schema = self._pool, None, None
+        if pool is not None:
+            pool.terminate()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), 5)
+            except Exception:
+                pool.terminate()
