@@ -1,0 +1,133 @@
+"""Immich's HTTP API, with an API key (header ``x-api-key``).
+
+Used for queue depth and pause state when Redis is not reachable from the exporter, for the server
+version, and, only when asked, to request thumbnail regeneration. Every request has a timeout. A wrong
+key (401) or a key without the needed permission (403) is an ``ApiAuthError``: the caller logs it once
+and reports the source down instead of retrying in a storm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from exporter import __version__
+from exporter.config import ImmichConfig
+from exporter.sources.postgres import SourceError
+
+log = logging.getLogger(__name__)
+
+SOURCE = "immich_api"
+
+
+class ApiError(SourceError):
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(SOURCE, message)
+        self.status = status
+
+
+class ApiAuthError(ApiError):
+    """401/403: retrying will not help until someone fixes the key or its permissions."""
+
+
+class ApiNotFound(ApiError):
+    """404: the endpoint does not exist on this Immich version."""
+
+
+def _message(body: str) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body.strip()[:200]
+    if isinstance(doc, dict):
+        msg = doc.get("message")
+        if isinstance(msg, list):
+            msg = "; ".join(str(m) for m in msg)
+        return str(msg or doc.get("error") or "")[:200]
+    return ""
+
+
+class ImmichApi:
+    def __init__(self, config: ImmichConfig) -> None:
+        if config.url is None:
+            raise ValueError("immich.url is not set")
+        self.config = config
+        self.base = config.url.rstrip("/")
+        if self.base.endswith("/api"):
+            self.base = self.base[: -len("/api")]
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": f"immich-thumbnail-exporter/{__version__}"}
+        if self.config.api_key:
+            # Read on every request so a rotated key file takes effect at once.
+            headers["x-api-key"] = self.config.api_key.get()
+        return headers
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=self.config.timeout, connect=min(5.0, self.config.timeout))
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=4))
+        return self._session
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        url = f"{self.base}/api/{path.lstrip('/')}"
+        try:
+            async with self.session().request(method, url, json=body, headers=self._headers()) as resp:
+                text = await resp.text()
+                if resp.status in (401, 403):
+                    what = "API key rejected" if resp.status == 401 else "API key lacks the permission for"
+                    detail = _message(text)
+                    raise ApiAuthError(
+                        f"{what} {method} /api/{path.lstrip('/')} (HTTP {resp.status}{': ' + detail if detail else ''})",
+                        resp.status,
+                    )
+                if resp.status == 404:
+                    raise ApiNotFound(f"{method} /api/{path.lstrip('/')}: not found (HTTP 404)", 404)
+                if resp.status >= 400:
+                    detail = _message(text)
+                    raise ApiError(
+                        f"{method} /api/{path.lstrip('/')}: HTTP {resp.status}{': ' + detail if detail else ''}",
+                        resp.status,
+                    )
+                if not text:
+                    return None
+                try:
+                    return json.loads(text)
+                except ValueError:
+                    raise ApiError(f"{method} /api/{path.lstrip('/')}: answer is not JSON", resp.status) from None
+        except ApiError:
+            raise
+        except TimeoutError:
+            raise ApiError(f"{method} /api/{path.lstrip('/')}: no answer within {self.config.timeout:.0f}s") from None
+        except aiohttp.ClientError as exc:
+            raise ApiError(f"cannot reach {self.base}: {exc}") from None
+
+    async def ping(self) -> None:
+        doc = await self.request("GET", "server/ping")
+        if not isinstance(doc, dict) or doc.get("res") != "pong":
+            raise ApiError(f"{self.base} does not answer like Immich (GET /api/server/ping)")
+
+    async def version(self) -> str:
+        doc = await self.request("GET", "server/version")
+        if not isinstance(doc, dict):
+            raise ApiError("GET /api/server/version: unexpected answer")
+        return f"v{doc.get('major')}.{doc.get('minor')}.{doc.get('patch')}"
+
+    async def regenerate_thumbnails(self, asset_ids: Sequence[str]) -> None:
+        """Ask Immich to regenerate these assets' thumbnails. Immich answers 204 when it *accepted* the
+        request: that says nothing about whether a worker will ever process it."""
+        await self.request("POST", "assets/jobs", {"name": "regenerate-thumbnail", "assetIds": list(asset_ids)})
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            try:
+                await asyncio.wait_for(self._session.close(), 2)
+            except TimeoutError:
+                pass
+        self._session = None
