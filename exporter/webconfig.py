@@ -164,6 +164,7 @@ _BCRYPT_RE: Final = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
 _BCRYPT_MAX_PASSWORD: Final = 72  # bcrypt only looks at the first 72 bytes; Go truncates, so do we
 _AUTH_CACHE_SIZE: Final = 100  # successful verifications remembered, like the toolkit's cache
 _BCRYPT_CONCURRENCY: Final = 2  # bcrypt runs at most this many at once (the toolkit: 1)
+_MAX_FILE_BYTES: Final = 4 * 1024 * 1024  # the config, certificate, key and CA files are small
 DEFAULT_AUTH_TIMEOUT: Final = 10.0  # seconds a request may wait for its bcrypt verification
 
 _DURATION_RE: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -293,9 +294,7 @@ class WebConfig:
                     log.warning("basic auth: bcrypt verification took longer than %ss", auth_timeout)
                     return web.Response(status=503, text="Service Unavailable\n")
                 if not ok:
-                    return web.Response(
-                        status=401, text="Unauthorized\n", headers={"WWW-Authenticate": "Basic"}
-                    )
+                    return web.Response(status=401, text="Unauthorized\n", headers={"WWW-Authenticate": "Basic"})
             return await handler(request)
 
         @web.middleware
@@ -358,9 +357,11 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 def _load(path: str) -> WebConfig:
     try:
         with open(path, "rb") as f:
-            content = f.read()
+            content = f.read(_MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise _Problem(f"cannot read web configuration file: {exc.strerror or exc}") from None
+    if len(content) > _MAX_FILE_BYTES:
+        raise _Problem(f"the file is larger than {_MAX_FILE_BYTES} bytes; is it the right file?")
     try:
         data = yaml.load(content, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
@@ -381,9 +382,7 @@ def _load(path: str) -> WebConfig:
     http2, headers = _parse_http(_section(data, "http_server_config"))
     users = _parse_users(data.get("basic_auth_users"))
     rate_limit = _parse_rate_limit(_section(data, "rate_limit"))
-    return WebConfig(
-        path=path, tls=tls, http2=http2, headers=headers, basic_auth_users=users, rate_limit=rate_limit
-    )
+    return WebConfig(path=path, tls=tls, http2=http2, headers=headers, basic_auth_users=users, rate_limit=rate_limit)
 
 
 def _kind(value: Any) -> str:
@@ -465,9 +464,7 @@ def _parse_tls(data: Mapping[str, Any], base_dir: str) -> TLSServerConfig | None
     for vkey, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         name = _opt_str(data, vkey, w) or default
         if name not in TLS_VERSIONS:
-            raise _Problem(
-                f"{w}.{vkey}: unknown TLS version {name!r}; expected one of {', '.join(TLS_VERSIONS)}"
-            )
+            raise _Problem(f"{w}.{vkey}: unknown TLS version {name!r}; expected one of {', '.join(TLS_VERSIONS)}")
         versions[vkey] = TLS_VERSIONS[name]
     if versions["min_version"] > versions["max_version"]:
         raise _Problem(
@@ -497,9 +494,7 @@ def _parse_tls(data: Mapping[str, Any], base_dir: str) -> TLSServerConfig | None
     curves = _opt_str_list(data, "curve_preferences", w) or ()
     for name in curves:
         if name not in CURVES:
-            raise _Problem(
-                f"{w}.curve_preferences: unknown curve {name!r}; expected one of {', '.join(CURVES)}"
-            )
+            raise _Problem(f"{w}.curve_preferences: unknown curve {name!r}; expected one of {', '.join(CURVES)}")
     if len(curves) > 1:
         raise _Problem(
             f"{w}.curve_preferences: Python's ssl module can restrict the key exchange to one curve only, "
@@ -522,11 +517,7 @@ def _parse_tls(data: Mapping[str, Any], base_dir: str) -> TLSServerConfig | None
     if not (key_text or key_file):
         raise _Problem(f"{w}: missing one of key or key_file")
     auth_type = auth_type or "NoClientCert"
-    if (
-        (ca_text or ca_file)
-        and CLIENT_AUTH_TYPES[auth_type] == ssl.CERT_NONE
-        and auth_type != "RequestClientCert"
-    ):
+    if (ca_text or ca_file) and CLIENT_AUTH_TYPES[auth_type] == ssl.CERT_NONE and auth_type != "RequestClientCert":
         raise _Problem(
             f"{w}: client_ca_file or client_ca is set but client_auth_type is {auth_type}; "
             "set client_auth_type: RequireAndVerifyClientCert"
@@ -580,8 +571,7 @@ def _parse_http(data: Mapping[str, Any]) -> tuple[bool, tuple[tuple[str, str], .
         canonical = _ALLOWED_HEADERS_LOWER.get(name.lower())
         if canonical is None:
             raise _Problem(
-                f"{w}.headers: HTTP header {name!r} cannot be configured; "
-                f"allowed: {', '.join(ALLOWED_HEADERS)}"
+                f"{w}.headers: HTTP header {name!r} cannot be configured; allowed: {', '.join(ALLOWED_HEADERS)}"
             )
         if canonical in headers:
             raise _Problem(f"{w}.headers: {canonical} is set twice")
@@ -593,9 +583,7 @@ def _parse_http(data: Mapping[str, Any]) -> tuple[bool, tuple[tuple[str, str], .
             raise _Problem(f"{w}.headers.{canonical}: the value contains a line break or NUL")
         allowed = ALLOWED_HEADERS[canonical]
         if allowed is not None and value not in allowed:
-            raise _Problem(
-                f"{w}.headers.{canonical}: invalid value {value!r}; expected one of {', '.join(allowed)}"
-            )
+            raise _Problem(f"{w}.headers.{canonical}: invalid value {value!r}; expected one of {', '.join(allowed)}")
         headers[canonical] = value
     return http2, tuple(headers.items())
 
@@ -683,9 +671,12 @@ def _parse_duration(value: Any, where: str) -> float:
 def _read_pem(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(_MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise _Problem(f"tls_server_config.{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > _MAX_FILE_BYTES:
+        raise _Problem(f"tls_server_config.{what}: {path} is larger than {_MAX_FILE_BYTES} bytes")
+    return data
 
 
 @contextmanager
@@ -696,17 +687,11 @@ def _pem_files(tls: TLSServerConfig) -> Iterator[tuple[str, str]]:
     cert = _read_pem(tls.cert_file, cert_what) if tls.cert_file else (tls.cert or "").encode()
     key = _read_pem(tls.key_file, key_what) if tls.key_file else (tls.key or "").encode()
     if b"-----BEGIN CERTIFICATE-----" not in cert:
-        raise _Problem(
-            f"tls_server_config.{cert_what}: no PEM certificate (-----BEGIN CERTIFICATE-----) found"
-        )
+        raise _Problem(f"tls_server_config.{cert_what}: no PEM certificate (-----BEGIN CERTIFICATE-----) found")
     if b"PRIVATE KEY-----" not in key:
-        raise _Problem(
-            f"tls_server_config.{key_what}: no PEM private key (-----BEGIN ... PRIVATE KEY-----) found"
-        )
+        raise _Problem(f"tls_server_config.{key_what}: no PEM private key (-----BEGIN ... PRIVATE KEY-----) found")
     if b"ENCRYPTED" in key:
-        raise _Problem(
-            f"tls_server_config.{key_what}: the private key is encrypted; a passphrase is not supported"
-        )
+        raise _Problem(f"tls_server_config.{key_what}: the private key is encrypted; a passphrase is not supported")
     with tempfile.TemporaryDirectory(prefix="webconfig-") as tmp:
         # Load exactly the bytes checked above, from files only this process can read.
         paths = []
@@ -767,9 +752,7 @@ def _build_context(tls: TLSServerConfig) -> ssl.SSLContext:
             key_what = f"key_file {tls.key_file}" if tls.key_file else "key"
             if exc.reason == "KEY_VALUES_MISMATCH":
                 raise _Problem(f"tls_server_config: {key_what} does not match {cert_what}") from None
-            raise _Problem(
-                f"tls_server_config: cannot load {cert_what} with {key_what}: {exc.reason or exc}"
-            ) from None
+            raise _Problem(f"tls_server_config: cannot load {cert_what} with {key_what}: {exc.reason or exc}") from None
 
     ctx.verify_mode = tls.verify_mode
     if tls.verify_mode != ssl.CERT_NONE:
@@ -824,9 +807,7 @@ def _reloading_context(tls: TLSServerConfig) -> ssl.SSLContext:
                     state["current"] = _build_context(tls)
                     log.info("TLS certificate files changed; reloaded them")
                 except _Problem as exc:
-                    log.warning(
-                        "TLS certificate files changed but cannot be loaded, keeping the old ones: %s", exc
-                    )
+                    log.warning("TLS certificate files changed but cannot be loaded, keeping the old ones: %s", exc)
             if state["current"] is not base:
                 sslobj.context = state["current"]
         except Exception:  # a failure here must not break the handshake
@@ -955,7 +936,7 @@ class _BasicAuth:
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
         ok = await asyncio.wait_for(asyncio.shield(task), self._timeout)
         if ok and match is not None:
-            pass
+            self._cache[key] = None
             while len(self._cache) > _AUTH_CACHE_SIZE:
                 self._cache.popitem(last=False)
             return True
