@@ -52,7 +52,7 @@ def inventory_families(counts: InventoryCounts) -> list[Metric]:
     immich_asset_files_missing{kind="thumbnail",reason="no_record"} 2
     immich_assets_thumbhash_missing 3
     immich_assets_metadata_pending 1
-    immich_server_info{schema="v1.137+",version="v1.137.3"} 1
+    immich_server_info{schema="v1.136+",version="v1.137.3"} 1
     """
     fams = [
         gauge("immich_assets", [((t,), float(n)) for t, n in counts.assets.items()]),

@@ -287,16 +287,7 @@ class Reconciler:
         return "file_corrupt" if ok is False else None
 
     def _original_exists(self, original: str | None) -> bool | None:
-        rel = self.mapper.relative(original)
-        if rel is None:
-            return None
-        try:
-            os.lstat(self.mapper.local(rel))
-        except FileNotFoundError:
-            return False
-        except OSError:
-            return None
-        return True
+        return original_exists(self.mapper, original)
 
     def _check_elsewhere(self, row: Any, rel_b: bytes) -> None:
         """A thumbnail stored outside thumbs/ (old layouts): list its directory once and look it up."""
@@ -323,6 +314,24 @@ class Reconciler:
             self._judge(row, rel_b, 0, UNREADABLE_FILE)
         else:
             self._judge(row, rel_b, size, FILE)
+
+
+def original_exists(mapper: PathMapper, original: str | None) -> bool | None:
+    """Whether a problem asset's original is still there (None: outside the media root, or unknown).
+
+    Only called for problem assets, so one ``lstat`` each is cheap; the bulk originals check lists
+    directories instead (``check_originals``).
+    """
+    rel = mapper.relative(original)
+    if rel is None:
+        return None
+    try:
+        os.lstat(mapper.local(rel))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    return True
 
 
 def files_sql(schema: Schema) -> str:

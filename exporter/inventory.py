@@ -53,7 +53,11 @@ async def server_version(conn: asyncpg.Connection, schema: Schema, timeout: floa
     value = await conn.fetchval(
         'SELECT version FROM version_history ORDER BY "createdAt" DESC, id DESC LIMIT 1', timeout=timeout
     )
-    return str(value) if value is not None else None
+    if value is None:
+        return None
+    # Immich stores "1.120.2"; its API and release names say "v1.120.2".
+    text = str(value).strip()
+    return f"v{text}" if text[:1].isdigit() else text
 
 
 async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> InventoryCounts:

@@ -7,12 +7,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from exporter.config import Config
-from exporter.files import check_originals, reconcile
+from exporter.files import check_originals, original_exists, reconcile
 from exporter.inventory import count, media_location, stream_no_record
-from exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
+from exporter.model import FileStats, InventoryCounts, ProblemStore
 from exporter.paths import PathMapper
 from exporter.sources.postgres import PostgresSource, SourceError
 
@@ -80,44 +80,45 @@ async def run_scan(
     schema = await pg.schema()
     root = config.media.root if check_files else None
     identity = await probe_filesystem(root, 10.0) if root else None
-    async with pg.connection() as conn:
+    async with pg.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         # One snapshot for the whole scan: counts, missing records and files agree with each other.
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            # Sorting millions of paths: give this transaction's sort room so it stays in memory.
-            await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
-            counts = await count(conn, schema, timeout)
-            result = ScanResult(counts, None, problems, None, root, started)
-            async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
-                problems.add(problem)
-                result.no_record_problems += 1
-            if root is None:
-                result.duration = time.time() - started
-                return result
+        # Sorting millions of paths: give this transaction's sort room so it stays in memory.
+        await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
+        counts = await count(conn, schema, timeout)
+        result = ScanResult(counts, None, problems, None, root, started)
+        mapper: PathMapper | None = None
+        if root is not None:
             location = config.media.location
             if location == "auto":
                 location = await media_location(conn, schema, timeout)
             result.location = location
             mapper = PathMapper(root, location)
-            stats = FileStats()
-            result.stats = stats
-
-            def sink(problem: Problem) -> None:
-                problems.add(problem)
-
-            await reconcile(
-                conn, schema, mapper, stats, sink,
-                verify_headers=config.checks.verify_headers,
-                fetch_size=config.database.fetch_size,
-                timeout=timeout,
-                progress=progress,
+        async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
+            if mapper is not None:
+                problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
+            problems.add(problem)
+            result.no_record_problems += 1
+        if mapper is None:
+            result.duration = time.time() - started
+            return result
+        stats = FileStats()
+        result.stats = stats
+        await reconcile(
+            conn, schema, mapper, stats, problems.add,
+            verify_headers=config.checks.verify_headers,
+            fetch_size=config.database.fetch_size,
+            timeout=timeout,
+            progress=progress,
+        )
+        if config.checks.check_originals:
+            await check_originals(
+                conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
             )
-            if config.checks.check_originals:
-                await check_originals(
-                    conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
-                )
     assert root is not None and identity is not None
     # The folder must still be the same one: a volume unmounted mid-scan would look like "all missing".
     if await probe_filesystem(root, 10.0) != identity:
-        raise SourceError("filesystem", f"{root}/thumbs changed during the scan (unmounted?): results discarded")
+        raise SourceError(
+            "filesystem", f"{root}/thumbs changed during the scan (unmounted?): results discarded"
+        )
     result.duration = time.time() - started
     return result

@@ -5,10 +5,13 @@ version string: a restored database can carry a version row that does not match 
 
 | era label  | Immich            | assets / files          | hidden assets              |
 |------------|-------------------|-------------------------|----------------------------|
-| ``v1.113+``| ~v1.113 - v1.132  | ``assets``/``asset_files``| ``"isVisible" = false``  |
-| ``v1.133+``| v1.133 - v1.136   | ``assets``/``asset_files``| ``visibility = 'hidden'``|
-| ``v1.137+``| v1.137 - v2.4     | ``asset``/``asset_file``  | ``visibility = 'hidden'``|
-| ``v2.5+``  | v2.5 and later    | as v1.137+, ``asset_file."isEdited"`` | as above     |
+| ``v1.113+``| v1.113 - v1.132   | ``assets``/``asset_files``| ``"isVisible" = false``  |
+| ``v1.133+``| v1.133 - v1.135   | ``assets``/``asset_files``| ``visibility = 'hidden'``|
+| ``v1.136+``| v1.136 - v2.4     | ``asset``/``asset_file``  | ``visibility = 'hidden'``|
+| ``v2.5+``  | v2.5 and later    | as v1.136+, ``asset_file."isEdited"`` | as above     |
+
+The singular names (migration ``1752267649968-StandardizeNames``) and absolute paths
+(``1752759108283-ConvertToAbsolutePaths``) both shipped in v1.136.0; see docs/immich-schema.md.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Schema:
     has_person_thumbnails: bool
     has_version_history: bool
     has_system_metadata: bool
-    # Relative paths ("upload/...") were stored before ConvertToAbsolutePaths (v1.137).
+    # Relative paths ("upload/...") were stored before ConvertToAbsolutePaths (v1.136).
     relative_paths_possible: bool
 
     def eligible(self, alias: str = "a") -> str:
@@ -84,7 +87,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
         _require(fcols, {"assetId", "type", "path"}, "asset_file")
         edited = "isEdited" in fcols
         return Schema(
-            era="v2.5+" if edited else "v1.137+",
+            era="v2.5+" if edited else "v1.136+",
             assets="asset",
             files="asset_file",
             visible="a.visibility <> 'hidden'",

@@ -30,7 +30,7 @@ class Era:
     users: str
     assets: str
     files: str
-    # Paths stored relative to /usr/src/app ("upload/thumbs/...") before v1.137.
+    # Paths stored relative to /usr/src/app ("upload/thumbs/...") before v1.136.
     relative: bool
     visibility_enum: bool
     media_location_row: bool
@@ -38,13 +38,13 @@ class Era:
 
 
 ERAS: dict[str, Era] = {
-    "v1.113+": Era("v1.113+", "plural_v1_120.sql", "v1.120.2", "users", "assets", "asset_files",
+    "v1.113+": Era("v1.113+", "plural_v1_120.sql", "1.120.2", "users", "assets", "asset_files",
                    True, False, False, "-"),
-    "v1.133+": Era("v1.133+", "plural_v1_133.sql", "v1.133.1", "users", "assets", "asset_files",
+    "v1.133+": Era("v1.133+", "plural_v1_133.sql", "1.133.1", "users", "assets", "asset_files",
                    True, True, False, "-"),
-    "v1.137+": Era("v1.137+", "singular_v1_137.sql", "v1.137.3", "user", "asset", "asset_file",
+    "v1.136+": Era("v1.136+", "singular_v1_137.sql", "1.137.3", "user", "asset", "asset_file",
                    False, True, True, "_"),
-    "v2.5+": Era("v2.5+", "edits_v2_5.sql", "v2.5.2", "user", "asset", "asset_file",
+    "v2.5+": Era("v2.5+", "edits_v2_5.sql", "2.5.2", "user", "asset", "asset_file",
                  False, True, True, "_"),
 }
 
@@ -52,7 +52,7 @@ THUMB_SIZE, PREVIEW_SIZE, FULLSIZE_SIZE, PERSON_SIZE, ORPHAN_SIZE = 300, 1200, 2
 
 
 def webp(size: int) -> bytes:
-    body = b"WEBPVP8 " + b"\x00" * (size - 12)
+    body = b"WEBPVP8 " + b"\x00" * (size - 16)
     return b"RIFF" + (size - 8).to_bytes(4, "little") + body
 
 
@@ -205,7 +205,7 @@ async def create_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-async def seed(dsn: str, media_root: str, era_label: str = "v1.137+", plan: Plan | None = None) -> Expected:
+async def seed(dsn: str, media_root: str, era_label: str = "v1.136+", plan: Plan | None = None) -> Expected:
     """Create the era's tables in the (empty) database at ``dsn`` and the files under ``media_root``."""
     plan = plan or Plan()
     era = ERAS[era_label]
@@ -223,7 +223,7 @@ def _uuid(rng: random.Random) -> uuid.UUID:
 
 
 async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Random, root: str) -> Expected:
-    exp = Expected(version=era.version)
+    exp = Expected(version=f"v{era.version}")
     location = "/usr/src/app/upload" if era.relative else "/data"
     exp.location = location
 
@@ -390,7 +390,7 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
         exp.orphaned_bytes += ORPHAN_SIZE
 
     await _insert(conn, await _table(conn, "version_history"), [
-        {"version": "v1.118.0", "createdAt": dt.datetime(2024, 10, 1, tzinfo=dt.UTC)},
+        {"version": "1.118.0", "createdAt": dt.datetime(2024, 10, 1, tzinfo=dt.UTC)},
         {"version": era.version, "createdAt": dt.datetime(2025, 8, 1, tzinfo=dt.UTC)},
     ])
     if era.media_location_row:

@@ -76,10 +76,11 @@ class Exporter:
     async def start(self) -> None:
         app = build_app(self.store, self.web_config)
         access: dict[str, Any] = {} if self.config.log.level == "debug" else {"access_log": None}
-        self._web = web.AppRunner(app, **access)
+        # Open scrapes get two seconds to finish on SIGTERM; nothing we serve takes longer.
+        self._web = web.AppRunner(app, shutdown_timeout=2.0, **access)
         await self._web.setup()
         site = web.TCPSite(
-            self._web, self.host, self.port, ssl_context=self.web_config.ssl_context(), shutdown_timeout=2.0
+            self._web, self.host, self.port, ssl_context=self.web_config.ssl_context()
         )
         await site.start()
         server = getattr(site, "_server", None)

@@ -86,7 +86,7 @@ async def make_immich(postgres: EmbeddedPostgres, era: str, plan: Plan | None = 
 async def immich_factory(postgres: EmbeddedPostgres) -> AsyncIterator[object]:
     made: list[Immich] = []
 
-    async def factory(era: str = "v1.137+", plan: Plan | None = None) -> Immich:
+    async def factory(era: str = "v1.136+", plan: Plan | None = None) -> Immich:
         imm = await make_immich(postgres, era, plan)
         made.append(imm)
         return imm

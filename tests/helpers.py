@@ -1,0 +1,68 @@
+"""Helpers shared by tests: run the CLI, run an in-process exporter, parse expositions."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.config import load_config
+from exporter.server import Exporter
+from exporter.webconfig import load_web_config
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m exporter`` with a clean environment plus ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        env=base, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Exposition text -> {(sample name, sorted labels): value}."""
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(parsed: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
+    return parsed.get((name, tuple(sorted(labels.items()))))
+
+
+def names(parsed: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+    return {k[0] for k in parsed}
+
+
+@contextlib.asynccontextmanager
+async def running_exporter(
+    config_overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    web_config_file: str | None = None,
+    config_file: str | None = None,
+) -> AsyncIterator[tuple[Exporter, str]]:
+    """An Exporter on 127.0.0.1 with a free port; yields it and its base URL."""
+    config = load_config(config_file, environ=dict(env or {}), overrides=dict(config_overrides or {}))
+    exporter = Exporter(config, load_web_config(web_config_file), "127.0.0.1", 0)
+    await exporter.start()
+    scheme = "https" if web_config_file and exporter.web_config.ssl_context() else "http"
+    try:
+        yield exporter, f"{scheme}://127.0.0.1:{exporter.bound_port}"
+    finally:
+        await exporter.stop()
+
+
+async def fetch(url: str, **kwargs: Any) -> tuple[int, str, Mapping[str, str]]:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, **kwargs) as resp:
+        return resp.status, await resp.text(), dict(resp.headers)

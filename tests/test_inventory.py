@@ -1,0 +1,154 @@
+"""Exact counts for every schema era, through ``scan --format json`` and through ``/metrics``.
+
+Each era gets a database built from Immich's own table and column names (exporter/schemas/*.sql) and a
+media folder with known problems injected by exporter/seed.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from exporter.model import KINDS, REASONS
+from exporter.seed import ERAS
+from tests.conftest import Immich, wait_for
+from tests.helpers import fetch, run_cli, running_exporter, samples, value
+
+pytestmark = pytest.mark.asyncio
+
+# What the default Plan injects, written out so that a seeder bug cannot hide an exporter bug.
+DEFAULT_COUNTS = {
+    "assets": {"image": 229, "video": 20},
+    ("thumbnail", "no_record"): 2,
+    ("preview", "no_record"): 1,
+    ("thumbnail", "file_missing"): 3,
+    ("preview", "file_missing"): 5,  # four lost previews + one asset whose original is gone too
+    ("fullsize", "file_missing"): 1,
+    ("thumbnail", "file_empty"): 2,
+    ("preview", "file_corrupt"): 2,
+    ("thumbnail", "file_unreadable"): 1,  # a symlink pointing outside the media root
+    "thumbhash_missing": 3,
+    "metadata_pending": 2,
+    "orphaned_files": 3,
+    "orphaned_bytes": 1500,
+    "refused": 1,
+    "files": {"thumbnail": 247, "preview": 248, "fullsize": 3},
+}
+
+
+def _missing(doc: dict[str, Any], kind: str, reason: str) -> int:
+    return int(doc["missing"][kind].get(reason, 0))
+
+
+@pytest.mark.parametrize("era", sorted(ERAS))
+async def test_scan_json_exact_counts(immich_factory: Any, era: str) -> None:
+    imm: Immich = await immich_factory(era)
+    exp = imm.expected
+    res = run_cli("scan", "--format", "json", "--media.root", imm.media, env=imm.env())
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    doc = json.loads(res.stdout)
+    s = doc["summary"]
+    assert s["schema"] == era
+    assert s["immich_version"] == exp.version
+    assert s["media_location"] == exp.location
+    assert s["assets"] == DEFAULT_COUNTS["assets"] == exp.assets
+    for kind in KINDS:
+        for reason in REASONS:
+            want = 0 if reason == "file_corrupt" else exp.missing[(kind, reason)]  # headers not verified
+            if kind == "fullsize" and reason == "no_record":
+                assert "no_record" not in s["missing"]["fullsize"]
+                continue
+            assert _missing(s, kind, reason) == want, (kind, reason)
+            if reason != "file_corrupt":
+                assert want == DEFAULT_COUNTS.get((kind, reason), 0), (kind, reason)
+    assert s["thumbhash_missing"] == exp.thumbhash_missing == DEFAULT_COUNTS["thumbhash_missing"]
+    assert s["metadata_pending"] == exp.metadata_pending == DEFAULT_COUNTS["metadata_pending"]
+    assert s["orphaned_files"] == exp.orphaned_files == DEFAULT_COUNTS["orphaned_files"]
+    assert s["orphaned_bytes"] == exp.orphaned_bytes == DEFAULT_COUNTS["orphaned_bytes"]
+    assert s["paths_refused"] == DEFAULT_COUNTS["refused"]
+    assert s["files"] == dict(exp.files) == DEFAULT_COUNTS["files"]
+    assert s["bytes"] == {k: exp.bytes[k] for k in KINDS}
+    # Every problem row names an asset we injected a problem into, and nothing else.
+    ids = {p["asset_id"] for p in doc["problems"]}
+    assert ids <= exp.problem_asset_ids
+    assert len(exp.problem_asset_ids - ids) == 2  # the corrupt previews: headers are not verified here
+    assert len(doc["problems"]) == s["problems"] == 15
+    unfixable = [p for p in doc["problems"] if p["original_exists"] is False]
+    assert len(unfixable) == 1 and unfixable[0]["kind"] == "preview"
+    for p in doc["problems"]:
+        assert p["reason"] in REASONS and p["kind"] in KINDS
+        if p["reason"] != "no_record":
+            assert p["path"]
+
+
+async def test_verify_headers_finds_corrupt_previews(immich_factory: Any, tmp_path: Any) -> None:
+    imm: Immich = await immich_factory("v1.136+")
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{verify_headers: true}}\n")
+    res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
+    assert res.returncode == 0, res.stderr
+    s = json.loads(res.stdout)["summary"]
+    assert _missing(s, "preview", "file_corrupt") == DEFAULT_COUNTS[("preview", "file_corrupt")] == 2
+
+
+async def test_check_originals(immich_factory: Any, tmp_path: Any) -> None:
+    imm: Immich = await immich_factory("v1.136+")
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{check_originals: true}}\n")
+    res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["summary"]["originals_missing"] == imm.expected.originals_missing == 2
+
+
+@pytest.mark.parametrize("era", sorted(ERAS))
+async def test_metrics_exact_counts(immich_factory: Any, era: str) -> None:
+    imm: Immich = await immich_factory(era)
+    exp = imm.expected
+    overrides = {"media.root": imm.media, "checks.verify_headers": True, "checks.check_originals": True}
+    async with running_exporter(overrides, env=imm.env()) as (exporter, url):
+        await wait_for(lambda: exporter.store.ready, timeout=30)
+        status, text, headers = await fetch(f"{url}/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain")
+        m = samples(text)
+        assert value(m, "immich_exporter_collection_success", collection="inventory") == 1
+        assert value(m, "immich_exporter_collection_success", collection="files") == 1
+        assert value(m, "immich_exporter_source_up", source="postgres") == 1
+        assert value(m, "immich_exporter_source_up", source="filesystem") == 1
+        assert value(m, "immich_assets", asset_type="image") == exp.assets["image"]
+        assert value(m, "immich_assets", asset_type="video") == exp.assets["video"]
+        for kind in KINDS:
+            for reason in REASONS:
+                got = value(m, "immich_asset_files_missing", kind=kind, reason=reason)
+                if kind == "fullsize" and reason == "no_record":
+                    assert got is None
+                else:
+                    assert got == exp.missing[(kind, reason)], (kind, reason)
+            assert value(m, "immich_thumbnail_files", kind=kind) == exp.files[kind]
+            assert value(m, "immich_thumbnail_bytes", kind=kind) == exp.bytes[kind]
+        assert value(m, "immich_assets_thumbhash_missing") == exp.thumbhash_missing
+        assert value(m, "immich_assets_metadata_pending") == exp.metadata_pending
+        assert value(m, "immich_assets_original_missing") == exp.originals_missing
+        assert value(m, "immich_thumbnail_orphaned_files") == exp.orphaned_files
+        assert value(m, "immich_thumbnail_orphaned_bytes") == exp.orphaned_bytes
+        assert value(m, "immich_exporter_paths_refused", kind="thumbnail") == 1
+        assert value(m, "immich_server_info", version=exp.version, schema=era) == 1
+
+        # /problems: the same problems, filterable and paged.
+        status, body, headers = await fetch(f"{url}/problems?kind=preview&reason=file_missing")
+        assert status == 200
+        rows = json.loads(body)
+        assert len(rows) == exp.missing[("preview", "file_missing")] == int(headers["X-Total-Count"])
+        assert set(rows[0]) == {"asset_id", "owner_id", "asset_type", "kind", "reason", "path",
+                                "original_path", "original_exists"}
+        status, body, _ = await fetch(f"{url}/problems?limit=2&offset=1")
+        assert status == 200 and len(json.loads(body)) == 2
+        status, _, _ = await fetch(f"{url}/problems?kind=nonsense")
+        assert status == 400
+        status, body, _ = await fetch(f"{url}/")
+        assert status == 200 and "Immich thumbnail exporter" in body
+        status, body, _ = await fetch(f"{url}/readyz")
+        assert status == 200
