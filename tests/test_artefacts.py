@@ -281,23 +281,91 @@ def test_dashboard_panels_do_not_overlap() -> None:
         taken |= cells
 
 
-def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+def dashboard_queries() -> list[str]:
+    """The dashboard's queries with Grafana's variables replaced by plausible values."""
     substitutions = {
         "$__rate_interval": "5m",
         "$__interval": "1m",
-        "$__range": "1d",
+        "$__range": "1h",
         "$instance": "exporter:9813",
         "$queue": "thumbnailGeneration",
     }
-    rules = []
-    for index, expr in enumerate(artefact_metrics().dashboard_expressions(DASHBOARD)):
+    queries = []
+    for expr in artefact_metrics().dashboard_expressions(DASHBOARD):
         for variable, value in substitutions.items():
             expr = expr.replace(variable, value)
         assert "$" not in expr, f"unknown variable in {expr}"
-        rules.append({"record": f"dashboard:query_{index}", "expr": expr})
+        queries.append(expr)
+    return queries
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    rules = [{"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(dashboard_queries())]
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")
     result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# One exporter exposing every SPEC metric, as Prometheus stores it (the exporter's `job` label on the
+# job counters becomes `exported_job`).
+_TARGET = 'job="immich-thumbnail-exporter",instance="exporter:9813"'
+_THUMBS = f'{_TARGET},queue="thumbnailGeneration"'
+_EXPORTER_SERIES = {
+    f'immich_assets{{{_TARGET},asset_type="image"}}': "200x40",
+    f'immich_assets{{{_TARGET},asset_type="video"}}': "54x40",
+    f'immich_asset_files_missing{{{_TARGET},kind="thumbnail",reason="file_missing"}}': "5x40",
+    f'immich_asset_files_missing{{{_TARGET},kind="preview",reason="no_record"}}': "2x40",
+    f"immich_assets_thumbhash_missing{{{_TARGET}}}": "1x40",
+    f"immich_assets_metadata_pending{{{_TARGET}}}": "3x40",
+    f"immich_assets_original_missing{{{_TARGET}}}": "2x40",
+    f'immich_thumbnail_files{{{_TARGET},kind="thumbnail"}}': "249x40",
+    f'immich_thumbnail_bytes{{{_TARGET},kind="thumbnail"}}': "2500000x40",
+    f"immich_thumbnail_orphaned_files{{{_TARGET}}}": "4x40",
+    f"immich_thumbnail_orphaned_bytes{{{_TARGET}}}": "40000x40",
+    f'immich_queue_jobs{{{_THUMBS},state="waiting"}}': "10x40",
+    f'immich_queue_jobs{{{_THUMBS},state="active"}}': "2x40",
+    f"immich_queue_paused{{{_THUMBS}}}": "0x40",
+    f"immich_queue_workers{{{_THUMBS}}}": "1x40",
+    f'immich_queue_oldest_job_age_seconds{{{_THUMBS},state="waiting"}}': "120x40",
+    f"immich_queue_stalled_jobs{{{_THUMBS}}}": "0x40",
+    f"immich_queue_orphaned_jobs{{{_THUMBS}}}": "0x40",
+    f'immich_jobs_accepted_total{{{_THUMBS},exported_job="AssetGenerateThumbnails"}}': "0+10x40",
+    f'immich_jobs_finished_total{{{_THUMBS},exported_job="AssetGenerateThumbnails",outcome="success"}}': "0+9x40",
+    f'immich_jobs_finished_total{{{_THUMBS},exported_job="AssetGenerateThumbnails",outcome="failed"}}': "0+1x40",
+    **{
+        f'immich_job_{kind}_seconds_bucket{{{_THUMBS},exported_job="AssetGenerateThumbnails",le="{le}"}}': values
+        for kind in ("wait", "run")
+        for le, values in (("1", "0+4x40"), ("10", "0+9x40"), ("+Inf", "0+10x40"))
+    },
+    f'immich_regeneration_requests_total{{{_TARGET},result="accepted"}}': "0+2x40",
+    f'immich_regeneration_verified_total{{{_TARGET},result="fixed"}}': "0+2x40",
+    f'immich_server_info{{{_TARGET},version="v1.137.3",schema="v1.137+"}}': "1x40",
+    f'immich_exporter_source_up{{{_TARGET},source="postgres"}}': "1x40",
+    f'immich_exporter_collection_success{{{_TARGET},collection="files"}}': "1x40",
+    f'immich_exporter_collection_duration_seconds{{{_TARGET},collection="files"}}': "12x40",
+    f'immich_exporter_collection_last_success_timestamp_seconds{{{_TARGET},collection="files"}}': "0+60x40",
+    f"immich_exporter_queue_events_lost_total{{{_THUMBS}}}": "0x40",
+    f'immich_exporter_build_info{{{_TARGET},version="0.1.0"}}': "1x40",
+}
+
+
+def test_dashboard_queries_return_data(tmp_path: Path) -> None:
+    """Against an exporter that exposes every metric, every dashboard query returns a series."""
+    rules = [
+        {"alert": f"DashboardQuery{i}Empty", "expr": f"absent({q})", "annotations": {"query": q}}
+        for i, q in enumerate(dashboard_queries())
+    ]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "d", "rules": rules}]}))
+    checks = [{"eval_time": "30m", "alertname": r["alert"], "exp_alerts": []} for r in rules]
+    series = [{"series": s, "values": v} for s, v in _EXPORTER_SERIES.items()]
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": checks}],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
+    result = subprocess.run([promtool(), "test", "rules", "test.yml"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
