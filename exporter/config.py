@@ -184,6 +184,11 @@ class RemediationConfig:
     verify_after: Duration = Duration(300.0)
     max_attempts: int = 3
     state_dir: str = "/var/lib/immich-thumbnail-exporter"
+    # Reasons remediation may act on. file_unreadable is left out by default: the exporter cannot read
+    # the file (permissions, a symlink out of the media folder), which regeneration does not change.
+    reasons: tuple[str, ...] = ("no_record", "file_missing", "file_empty", "file_corrupt")
+    # How often a remediation round runs under serve (verify earlier requests, submit new ones).
+    interval: Duration = Duration(60.0)
 
 
 @dataclass(frozen=True)
@@ -242,6 +247,7 @@ ENV_MAP: dict[str, str] = {
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("logfmt", "json")
 _KINDS = ("thumbnail", "preview", "fullsize")
+_REMEDIATION_REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
 
 
 def _type_name(tp: Any) -> str:
@@ -310,8 +316,10 @@ def _build(cls: type[Any], data: Mapping[str, Any], path: str, errors: list[str]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
         name = str(key)
+        # Keys are shown as typed, or quoted when they hold anything odd, so one problem stays one line.
+        shown = name if name.isprintable() and name.strip() == name and name else repr(name)
+        where = f"{path}.{shown}" if path else shown
         if name.endswith("_file") and name[: -len("_file")] in fields:
             base = name[: -len("_file")]
             if _strip_optional(hints[base]) is not Secret:
@@ -466,6 +474,15 @@ def validate(config: Config) -> list[str]:
         errors.append("remediation.enabled: needs immich.url and immich.api_key (regeneration goes via the API)")
     if config.remediation.requests_per_second <= 0:
         errors.append("remediation.requests_per_second: expected a positive number")
+    for reason in config.remediation.reasons:
+        if reason not in _REMEDIATION_REASONS:
+            errors.append(
+                f"remediation.reasons: unknown reason {reason!r} (expected {', '.join(_REMEDIATION_REASONS)})"
+            )
+    if config.remediation.max_attempts < 1:
+        errors.append("remediation.max_attempts: expected 1 or more")
+    if config.remediation.max_per_round < 1:
+        errors.append("remediation.max_per_round: expected 1 or more")
     if not 1 <= config.remediation.batch_size <= 1000:
         errors.append("remediation.batch_size: expected 1 to 1000")
     for secret_path, secret in (

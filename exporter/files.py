@@ -26,6 +26,7 @@ from typing import Any
 
 import asyncpg
 
+from exporter.logs import warn_once
 from exporter.model import FileStats, Problem
 from exporter.paths import PathMapper, normalized_sql
 from exporter.schema import Schema
@@ -181,8 +182,9 @@ class Reconciler:
             if rel is None:
                 if kind != "person":
                     stats.refused[kind] += 1
-                    if stats.refused.total() <= 5:
-                        log.warning(
+                    if stats.refused.total() <= 20:
+                        warn_once(
+                            log, f"refused:{path}",
                             "refusing %s path %r: outside the media location %s, or not a clean path",
                             kind, path, self.mapper.location,
                         )
@@ -266,7 +268,7 @@ class Reconciler:
         """A symlink in thumbs/: follow it only when its target stays inside the media root."""
         target = os.path.realpath(self.mapper.root_bytes + b"/" + rel_b)
         if not (target == self._root_real or target.startswith(self._root_real.rstrip(b"/") + b"/")):
-            log.warning("not following symlink %r: it points outside the media root", rel_b)
+            warn_once(log, f"symlink:{rel_b!r}", "not following symlink %r: it points outside the media root", rel_b)
             return 0, "file_unreadable"
         try:
             return os.stat(target).st_size, None

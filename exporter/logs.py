@@ -48,3 +48,22 @@ def setup(level: str = "info", fmt: str = "logfmt") -> None:
     # Libraries are chatty at info; their warnings still come through.
     for name in ("aiohttp.access", "asyncio"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+_warned: dict[str, None] = {}
+_WARNED_MAX = 4096
+
+
+def warn_once(logger: logging.Logger, key: str, msg: str, *args: object) -> None:
+    """Warn about ``key`` the first time only; later repeats go to debug.
+
+    The same odd path is met again on every scan round: a quiet exporter says so once, not every
+    fifteen minutes for months.
+    """
+    if key in _warned:
+        logger.debug(msg, *args)
+        return
+    if len(_warned) >= _WARNED_MAX:
+        _warned.pop(next(iter(_warned)))
+    _warned[key] = None
+    logger.warning(msg, *args)

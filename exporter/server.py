@@ -87,7 +87,7 @@ class Exporter:
         sockets = getattr(server, "sockets", None) or []
         self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
         self.runner.start()
-        scheme = "https" if self.web_config.ssl_context() else "http"
+        scheme = "https" if self.web_config.tls_enabled else "http"
         log.info("listening on %s://%s:%s/ (version %s)", scheme, self.host or "0.0.0.0", self.bound_port, __version__)
 
     async def stop(self) -> None:

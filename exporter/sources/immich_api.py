@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -39,6 +40,53 @@ class ApiNotFound(ApiError):
     """404: the endpoint does not exist on this Immich version."""
 
 
+# Job states as BullMQ and Immich's API name them; the API has no "prioritized" count.
+QUEUE_STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One queue as Immich's API reports it (``GET /api/queues`` or the older ``GET /api/jobs``)."""
+
+    name: str
+    paused: bool
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _counts(doc: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(doc, dict):
+        for state in QUEUE_STATES:
+            value = doc.get(state)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[state] = int(value)
+    return out
+
+
+def parse_queues(doc: Any) -> list[QueueStats]:
+    """``GET /api/queues`` (v2.4+): ``[{name, isPaused, statistics: {active, waiting, ...}}]``."""
+    if not isinstance(doc, list):
+        raise ApiError("GET /api/queues: unexpected answer (expected a list)")
+    out = []
+    for item in doc:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            out.append(QueueStats(item["name"], bool(item.get("isPaused")), _counts(item.get("statistics"))))
+    return out
+
+
+def parse_jobs(doc: Any) -> list[QueueStats]:
+    """``GET /api/jobs`` (before v2.4): ``{queue: {jobCounts: {...}, queueStatus: {isActive, isPaused}}}``."""
+    if not isinstance(doc, dict):
+        raise ApiError("GET /api/jobs: unexpected answer (expected an object)")
+    out = []
+    for name, item in doc.items():
+        if isinstance(item, dict):
+            status = item.get("queueStatus")
+            paused = bool(status.get("isPaused")) if isinstance(status, dict) else False
+            out.append(QueueStats(str(name), paused, _counts(item.get("jobCounts"))))
+    return out
+
+
 def _message(body: str) -> str:
     try:
         doc = json.loads(body)
@@ -61,6 +109,8 @@ class ImmichApi:
         if self.base.endswith("/api"):
             self.base = self.base[: -len("/api")]
         self._session: aiohttp.ClientSession | None = None
+        # "queues" (v2.4+) or "jobs" (older), once known.
+        self.queues_endpoint: str | None = None
 
     def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": f"immich-thumbnail-exporter/{__version__}"}
@@ -118,6 +168,24 @@ class ImmichApi:
         if not isinstance(doc, dict):
             raise ApiError("GET /api/server/version: unexpected answer")
         return f"v{doc.get('major')}.{doc.get('minor')}.{doc.get('patch')}"
+
+    async def queues(self) -> list[QueueStats]:
+        """Every queue's job counts and pause state (needs an admin key, permission ``queue.read``).
+
+        Uses ``GET /api/queues`` (v2.4+) and falls back to ``GET /api/jobs`` when the server answers 404,
+        as servers before v2.4 do; the endpoint that worked is remembered."""
+        if self.queues_endpoint != "jobs":
+            try:
+                doc = await self.request("GET", "queues")
+            except ApiNotFound:
+                if self.queues_endpoint == "queues":
+                    raise
+                log.info("%s has no GET /api/queues (Immich before v2.4): using GET /api/jobs", self.base)
+                self.queues_endpoint = "jobs"
+            else:
+                self.queues_endpoint = "queues"
+                return parse_queues(doc)
+        return parse_jobs(await self.request("GET", "jobs"))
 
     async def regenerate_thumbnails(self, asset_ids: Sequence[str]) -> None:
         """Ask Immich to regenerate these assets' thumbnails. Immich answers 204 when it *accepted* the

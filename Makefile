@@ -1,0 +1,42 @@
+# Two entry points, each doing all the set-up on a fresh machine:
+#   make demo   - a post-restore Immich on embedded PostgreSQL + Valkey, and the exporter serving it
+#   make test   - lint, type checks and the whole test suite against real servers
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint system-deps node-deps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(BIN)/immich-thumbnail-exporter demo
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+node-deps: system-deps
+	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check exporter tests dashboards deploy
+	$(BIN)/mypy
+
+test: $(VENV)/.test-installed system-deps node-deps lint
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache .mypy_cache .ruff_cache

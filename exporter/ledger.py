@@ -1,0 +1,334 @@
+"""The remediation ledger: what was asked of Immich, when, how often, and what came of it.
+
+A small SQLite file (standard library, WAL mode) in the state directory, one row per asset. It is what
+lets an interrupted ``regenerate`` or a restarted ``serve`` carry on without losing track and without
+asking again too early:
+
+* a submission is recorded *before* the request is sent (state ``submitting``, attempt counted). If the
+  process dies before the answer, the next run treats the asset as submitted: it is verified later and
+  only resubmitted once its waiting window has passed. A refused or failed request is rolled back.
+* the waiting window after attempt *n* is ``retry_after * 2**(n-1)`` (backoff); after the last attempt's
+  window an asset that is still broken is given up, with the reason.
+* claims run in ``BEGIN IMMEDIATE`` transactions, so ``serve`` and a ``regenerate`` run sharing the
+  state directory never both submit one asset.
+
+Nothing here talks to Immich: the ledger only records.
+
+States: ``submitting`` (claimed, request in flight or interrupted), ``submitted`` (Immich accepted it),
+``still_missing`` (verified broken after its window; may be resubmitted), ``error`` (the request failed;
+may be resubmitted), ``fixed``, ``gave_up``.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+FILENAME = "remediation.sqlite3"
+SCHEMA_VERSION = "1"
+
+AWAITING = ("submitting", "submitted")
+RETRYABLE = ("still_missing", "error")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS asset (
+    asset_id        TEXT PRIMARY KEY,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    kinds           TEXT NOT NULL DEFAULT '',
+    first_submitted REAL,
+    last_submitted  REAL,
+    last_checked    REAL,
+    last_outcome    TEXT,
+    detail          TEXT,
+    gave_up_reason  TEXT,
+    fixed_at        REAL,
+    updated         REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS asset_state ON asset (state, last_submitted);
+"""
+
+_COLUMNS = (
+    "asset_id, state, attempts, kinds, first_submitted, last_submitted, last_checked, last_outcome, detail, "
+    "gave_up_reason, fixed_at"
+)
+
+
+class LedgerError(Exception):
+    """The state directory or its database cannot be used; one line fit for an error message."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    asset_id: str
+    state: str
+    attempts: int
+    kinds: frozenset[str]
+    first_submitted: float | None
+    last_submitted: float | None
+    last_checked: float | None
+    last_outcome: str | None
+    detail: str | None
+    gave_up_reason: str | None
+    fixed_at: float | None
+
+    def window(self, retry_after: float) -> float:
+        """How long to wait after the last attempt before calling it failed (backoff per attempt)."""
+        return window(self.attempts, retry_after)
+
+    def due_at(self, retry_after: float) -> float:
+        """When the last attempt's window ends (now, when nothing was submitted yet)."""
+        if self.last_submitted is None or self.attempts < 1:
+            return 0.0
+        return self.last_submitted + self.window(retry_after)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim changed, so a refused request can be rolled back exactly."""
+
+    asset_id: str
+    prev_state: str | None
+    prev_attempts: int
+    prev_first: float | None
+    prev_last: float | None
+
+
+def window(attempts: int, retry_after: float) -> float:
+    return float(retry_after) * float(1 << max(attempts - 1, 0))
+
+
+def _row(r: Any) -> Entry:
+    kinds = str(r[3] or "")
+    return Entry(
+        asset_id=str(r[0]),
+        state=str(r[1]),
+        attempts=int(r[2]),
+        kinds=frozenset(k for k in kinds.split(",") if k),
+        first_submitted=_float(r[4]),
+        last_submitted=_float(r[5]),
+        last_checked=_float(r[6]),
+        last_outcome=None if r[7] is None else str(r[7]),
+        detail=None if r[8] is None else str(r[8]),
+        gave_up_reason=None if r[9] is None else str(r[9]),
+        fixed_at=_float(r[10]),
+    )
+
+
+def _float(v: Any) -> float | None:
+    if v is None:
+        return None
+    return float(v)
+
+
+def _chunks(items: list[str], n: int = 500) -> Iterator[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class Ledger:
+    def __init__(self, directory: str, *, readonly: bool = False) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, FILENAME)
+        self.readonly = readonly
+        try:
+            if readonly:
+                uri = "file:" + self.path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=5.0, isolation_level=None)
+            else:
+                os.makedirs(directory, mode=0o750, exist_ok=True)
+                self._db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot use state directory {directory}: {exc.strerror or exc} "
+                "(set --state-dir or remediation.state_dir)"
+            ) from None
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open the remediation ledger {self.path}: {exc}") from None
+
+    @classmethod
+    def open_existing(cls, directory: str) -> Ledger | None:
+        """Read-only, for dry runs: None when there is no ledger yet (a dry run creates nothing)."""
+        if not os.path.exists(os.path.join(directory, FILENAME)):
+            return None
+        return cls(directory, readonly=True)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise LedgerError("the ledger is open read-only")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
+
+    # -- readers ---------------------------------------------------------------------------------
+    def get(self, asset_ids: Iterable[str]) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for chunk in _chunks(list(asset_ids)):
+            marks = ",".join("?" * len(chunk))
+            for r in self._db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
+                e = _row(r)
+                out[e.asset_id] = e
+        return out
+
+    def entries(self, states: Iterable[str], limit: int = 10_000) -> list[Entry]:
+        """Entries in these states, oldest submission first."""
+        wanted = list(states)
+        marks = ",".join("?" * len(wanted))
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM asset WHERE state IN ({marks}) ORDER BY last_submitted, asset_id LIMIT ?",
+            [*wanted, limit],
+        )
+        return [_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        return {str(s): int(n) for s, n in self._db.execute("SELECT state, count(*) FROM asset GROUP BY state")}
+
+    # -- writers ---------------------------------------------------------------------------------
+    def claim(
+        self,
+        kinds: Mapping[str, Iterable[str]],
+        now: float,
+        retry_after: float,
+        max_attempts: int,
+        reset: Iterable[str] = (),
+    ) -> list[Claim]:
+        """Record a submission for each asset that may be submitted now; return those claimed.
+
+        An asset may be submitted when the ledger has never seen it, or when its last attempt failed
+        to fix it (or the request failed), attempts remain and its window has passed. Assets in
+        ``reset`` start over (fixed earlier and broken again, or given up and retried on request).
+        Everything else (awaiting verification, given up, fixed) is left alone.
+        """
+        reset_set = set(reset)
+        claimed: list[Claim] = []
+        with self._write() as db:
+            existing = {}
+            for chunk in _chunks(list(kinds)):
+                marks = ",".join("?" * len(chunk))
+                for r in db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
+                    existing[str(r[0])] = _row(r)
+            for asset_id, asset_kinds in kinds.items():
+                e = existing.get(asset_id)
+                wanted = set(asset_kinds)
+                if e is None:
+                    db.execute(
+                        "INSERT INTO asset (asset_id, state, attempts, kinds, first_submitted, last_submitted, "
+                        "last_outcome, updated) VALUES (?, 'submitting', 1, ?, ?, ?, 'submitting', ?)",
+                        (asset_id, ",".join(sorted(wanted)), now, now, now),
+                    )
+                    claimed.append(Claim(asset_id, None, 0, None, None))
+                    continue
+                fresh = asset_id in reset_set and e.state in ("fixed", "gave_up", *RETRYABLE)
+                if fresh:
+                    attempts, first = 0, None
+                elif e.state in RETRYABLE and e.attempts < max_attempts and now >= e.due_at(retry_after):
+                    attempts, first = e.attempts, e.first_submitted
+                    wanted |= e.kinds
+                else:
+                    continue
+                db.execute(
+                    "UPDATE asset SET state = 'submitting', attempts = ?, kinds = ?, first_submitted = ?, "
+                    "last_submitted = ?, last_outcome = 'submitting', gave_up_reason = NULL, fixed_at = NULL, "
+                    "updated = ? WHERE asset_id = ?",
+                    (attempts + 1, ",".join(sorted(wanted)), now if first is None else first, now, now, asset_id),
+                )
+                claimed.append(Claim(asset_id, e.state, e.attempts, e.first_submitted, e.last_submitted))
+        return claimed
+
+    def accepted(self, asset_ids: Iterable[str], now: float) -> None:
+        with self._write() as db:
+            db.executemany(
+                "UPDATE asset SET state = 'submitted', last_outcome = 'accepted', detail = NULL, updated = ? "
+                "WHERE asset_id = ? AND state = 'submitting'",
+                [(now, a) for a in asset_ids],
+            )
+
+    def release(self, claims: Iterable[Claim], outcome: str, detail: str, now: float) -> None:
+        """The request was refused or failed: it does not count as an attempt."""
+        with self._write() as db:
+            for c in claims:
+                state = c.prev_state or "error"
+                db.execute(
+                    "UPDATE asset SET state = ?, attempts = ?, first_submitted = ?, last_submitted = ?, "
+                    "last_outcome = ?, detail = ?, updated = ? WHERE asset_id = ? AND state = 'submitting'",
+                    (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, now, c.asset_id),
+                )
+
+    def record_check(
+        self, asset_id: str, ok: bool, detail: str, now: float, retry_after: float, max_attempts: int
+    ) -> str | None:
+        """Record a verification of a submitted asset.
+
+        Returns ``fixed``, ``still_missing`` (window over, will be resubmitted), ``gave_up`` (window over
+        and no attempts left), ``waiting`` (still broken, window not over) or None when the asset is not
+        awaiting verification (another process got there first).
+        """
+        with self._write() as db:
+            r = db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
+            if r is None:
+                return None
+            e = _row(r)
+            if e.state not in AWAITING:
+                return None
+            if ok:
+                db.execute(
+                    "UPDATE asset SET state = 'fixed', fixed_at = ?, last_checked = ?, last_outcome = 'fixed', "
+                    "detail = ?, updated = ? WHERE asset_id = ?",
+                    (now, now, detail, now, asset_id),
+                )
+                return "fixed"
+            if now < e.due_at(retry_after):
+                db.execute(
+                    "UPDATE asset SET last_checked = ?, detail = ?, updated = ? WHERE asset_id = ?",
+                    (now, detail, now, asset_id),
+                )
+                return "waiting"
+            if e.attempts >= max_attempts:
+                reason = f"{detail} after {e.attempts} attempt(s)"
+                db.execute(
+                    "UPDATE asset SET state = 'gave_up', last_checked = ?, last_outcome = 'gave_up', detail = ?, "
+                    "gave_up_reason = ?, updated = ? WHERE asset_id = ?",
+                    (now, detail, reason, now, asset_id),
+                )
+                return "gave_up"
+            db.execute(
+                "UPDATE asset SET state = 'still_missing', last_checked = ?, last_outcome = 'still_missing', "
+                "detail = ?, updated = ? WHERE asset_id = ?",
+                (now, detail, now, asset_id),
+            )
+            return "still_missing"
+
+    def give_up(self, asset_id: str, reason: str, now: float) -> None:
+        """Stop trying an asset for a reason found outside verification (e.g. its original is gone)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE asset SET state = 'gave_up', last_outcome = 'gave_up', gave_up_reason = ?, detail = ?, "
+                "updated = ? WHERE asset_id = ? AND state NOT IN ('fixed', 'gave_up')",
+                (reason, reason, now, asset_id),
+            )
