@@ -297,5 +297,5 @@ def cmd_regenerate(config: Config, args: argparse.Namespace) -> int:
         from exporter.regenerate import run_command
     except ImportError:
         return _fail(["regenerate is not available in this build"])
-    return run_command(config, args)
+    return int(run_command(config, args))
 

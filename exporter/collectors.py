@@ -99,8 +99,8 @@ class InventoryCollection:
     def __init__(self, config: Config, pg: PostgresSource) -> None:
         self.config = config
         self.pg = pg
-        self.interval = config.intervals.inventory
-        self.timeout = min(config.intervals.inventory, config.database.statement_timeout + 30)
+        self.interval = float(config.intervals.inventory)
+        self.timeout = float(min(config.intervals.inventory, config.database.statement_timeout + 30))
 
     async def collect(self) -> Outcome:
         counts = await run_inventory(self.pg, self.config)
@@ -119,9 +119,9 @@ class FilesCollection:
     def __init__(self, config: Config, pg: PostgresSource, problem_limit: int = 50_000) -> None:
         self.config = config
         self.pg = pg
-        self.interval = config.intervals.files
+        self.interval = float(config.intervals.files)
         # The file check may take long on a big library, but never longer than its own interval.
-        self.timeout = config.intervals.files
+        self.timeout = float(config.intervals.files)
         self.problem_limit = problem_limit
 
     async def collect(self) -> Outcome:

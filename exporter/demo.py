@@ -56,7 +56,8 @@ def _summary(url: str, exp: Expected, jobs: int, dsn: str, media: str) -> str:
 Immich thumbnail exporter demo is running: {url}/
 
   a restored Immich (schema v1.136+, {exp.assets['image']} images and {exp.assets['video']} videos)
-  {missing} broken thumbnail-type files or rows, {exp.orphaned_files} orphaned files, {exp.originals_missing} originals gone
+  {missing} broken thumbnail-type files or rows, {exp.orphaned_files} orphaned files, \
+{exp.originals_missing} originals gone
   {jobs} regeneration jobs waiting in Valkey with no worker (some for assets no longer in the database)
 
 Look at:

@@ -186,10 +186,18 @@ class EmbeddedPostgres(_Process):
             auth = f"{auth}:{password}"
         return f"postgresql://{auth}@127.0.0.1:{self.port}/{database}"
 
-    def _run_as(self) -> dict[str, object]:
-        if self._os_user is None:
-            return {}
-        return {"user": self._os_user.pw_uid, "group": self._os_user.pw_gid, "extra_groups": []}
+    @property
+    def _uid(self) -> int | None:
+        return self._os_user.pw_uid if self._os_user is not None else None
+
+    @property
+    def _gid(self) -> int | None:
+        return self._os_user.pw_gid if self._os_user is not None else None
+
+    @property
+    def _groups(self) -> list[int] | None:
+        # Drop root's supplementary groups along with its uid.
+        return [] if self._os_user is not None else None
 
     def init(self) -> None:
         pgdata = self.datadir / "data"
@@ -210,7 +218,7 @@ class EmbeddedPostgres(_Process):
              "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"],
             check=True,
             capture_output=True,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._uid, group=self._gid, extra_groups=self._groups,
         )
 
     def start(self, timeout: float = 30.0) -> None:
@@ -231,7 +239,7 @@ class EmbeddedPostgres(_Process):
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            **self._run_as(),  # type: ignore[arg-type]
+            user=self._uid, group=self._gid, extra_groups=self._groups,
         )
         logf.close()
         _wait_port(self.port, timeout, self.proc, "postgres", self.log)

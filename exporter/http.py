@@ -102,8 +102,8 @@ def _when(ts: float | None) -> str:
 async def index(request: web.Request) -> web.Response:
     store = request.app[STORE]
     rows = []
-    for name, state in store.sources.items():
-        status = "up" if state.up else f"down: {state.error or 'unknown'}"
+    for name, source in store.sources.items():
+        status = "up" if source.up else f"down: {source.error or 'unknown'}"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(status)}</td></tr>")
     colls = []
     for name in store.collections:

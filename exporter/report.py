@@ -115,16 +115,14 @@ def write_table(result: ScanResult, out: TextIO, max_rows: int | None = None) ->
     w(f"\nProblem assets: {total}\n")
     if not total:
         return
-    shown = 0
     buf = io.StringIO()
     header = ("ASSET", "TYPE", "KIND", "REASON", "ORIGINAL", "PATH")
     buf.write(f"{header[0]:<36}  {header[1]:<5}  {header[2]:<9}  {header[3]:<15}  {header[4]:<8}  {header[5]}\n")
-    for p in result.problems:
+    for shown, p in enumerate(result.problems):
         if max_rows is not None and shown >= max_rows:
             buf.write(f"... {total - shown} more (use --format json or csv for all)\n")
             break
         original = {True: "ok", False: "MISSING", None: "?"}[p.original_exists]
         buf.write(f"{p.asset_id:<36}  {p.asset_type:<5}  {p.kind:<9}  {p.reason:<15}  {original:<8}  "
                   f"{p.path or '-'}\n")
-        shown += 1
     w(buf.getvalue())

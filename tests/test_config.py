@@ -116,7 +116,9 @@ _sections = st.sampled_from(["database", "media", "redis", "immich", "intervals"
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_sections, st.dictionaries(st.text(max_size=20), _values, max_size=5) | _values, max_size=5))
-def test_fuzzed_config_only_raises_config_error(tmp_path_factory: pytest.TempPathFactory, data: dict[str, object]) -> None:
+def test_fuzzed_config_only_raises_config_error(
+    tmp_path_factory: pytest.TempPathFactory, data: dict[str, object]
+) -> None:
     import yaml
 
     path = tmp_path_factory.mktemp("fuzz") / "c.yml"

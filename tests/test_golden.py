@@ -57,7 +57,7 @@ async def test_golden_metrics(immich_factory: Any) -> None:
         await wait_for(lambda: exporter.store.ready, timeout=30)
         status, text, _ = await fetch(f"{url}/metrics")
     assert status == 200
-    lint = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True)
+    lint = _promtool_check(text)
     assert lint.returncode == 0, lint.stdout + lint.stderr
     got = normalise(text)
     if os.environ.get("UPDATE_GOLDEN"):
@@ -70,6 +70,10 @@ async def test_golden_metrics(immich_factory: Any) -> None:
             assert line.split(" ")[2] in DEFS
 
 
+def _promtool_check(text: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+
+
 def test_golden_file_passes_promtool() -> None:
-    lint = subprocess.run([promtool(), "check", "metrics"], input=GOLDEN.read_text(), capture_output=True, text=True)
+    lint = _promtool_check(GOLDEN.read_text())
     assert lint.returncode == 0, lint.stdout + lint.stderr

@@ -87,7 +87,9 @@ async def test_scan_json_exact_counts(immich_factory: Any, era: str) -> None:
 async def test_verify_headers_finds_corrupt_previews(immich_factory: Any, tmp_path: Any) -> None:
     imm: Immich = await immich_factory("v1.136+")
     cfg = tmp_path / "config.yml"
-    cfg.write_text(f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{verify_headers: true}}\n")
+    cfg.write_text(
+        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{verify_headers: true}}\n"
+    )
     res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
     assert res.returncode == 0, res.stderr
     s = json.loads(res.stdout)["summary"]
@@ -97,7 +99,9 @@ async def test_verify_headers_finds_corrupt_previews(immich_factory: Any, tmp_pa
 async def test_check_originals(immich_factory: Any, tmp_path: Any) -> None:
     imm: Immich = await immich_factory("v1.136+")
     cfg = tmp_path / "config.yml"
-    cfg.write_text(f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{check_originals: true}}\n")
+    cfg.write_text(
+        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{check_originals: true}}\n"
+    )
     res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["summary"]["originals_missing"] == imm.expected.originals_missing == 2

@@ -9,6 +9,7 @@ and reports the source down instead of retrying in a storm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Sequence
@@ -133,9 +134,9 @@ class ImmichApi:
                 if resp.status in (401, 403):
                     what = "API key rejected" if resp.status == 401 else "API key lacks the permission for"
                     detail = _message(text)
+                    suffix = f": {detail}" if detail else ""
                     raise ApiAuthError(
-                        f"{what} {method} /api/{path.lstrip('/')} (HTTP {resp.status}{': ' + detail if detail else ''})",
-                        resp.status,
+                        f"{what} {method} /api/{path.lstrip('/')} (HTTP {resp.status}{suffix})", resp.status
                     )
                 if resp.status == 404:
                     raise ApiNotFound(f"{method} /api/{path.lstrip('/')}: not found (HTTP 404)", 404)
@@ -194,8 +195,6 @@ class ImmichApi:
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._session.close(), 2)
-            except TimeoutError:
-                pass
         self._session = None
