@@ -25,13 +25,20 @@ from redis.credentials import CredentialProvider
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
-    ConnectionError as RedisConnectionError,
     NoPermissionError,
     RedisError,
     ResponseError,
 )
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
+
+try:  # redis-py 7+: no "maintenance notifications" handshake (a managed-cloud feature) on our connections
+    from redis.maint_notifications import MaintNotificationsConfig
+except ImportError:  # pragma: no cover - older redis-py
+    MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
 from exporter.config import RedisConfig, redact_url
 from exporter.sources.postgres import SourceError
@@ -151,6 +158,8 @@ class RedisSource:
             "protocol": 2,
             "max_connections": 4,
         }
+        if MaintNotificationsConfig is not None:
+            common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
         if cfg.url:
             url = cfg.url.get()
             kwargs = dict(common)
@@ -169,7 +178,8 @@ class RedisSource:
             try:
                 self._client = self._build()
             except (ValueError, RedisError) as exc:
-                raise SourceError(SOURCE, f"invalid connection settings for {self.target}: {_first_line(exc)}") from None
+                problem = f"invalid connection settings for {self.target}: {_first_line(exc)}"
+                raise SourceError(SOURCE, problem) from None
         return self._client
 
     async def run(self, what: str, fn: Callable[[aioredis.Redis], Awaitable[T]], timeout: float | None = None) -> T:
