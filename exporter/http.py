@@ -78,6 +78,11 @@ async def problems(request: web.Request) -> web.Response:
         return _bad_request("limit and offset must be integers")
     if not 0 < limit <= MAX_PAGE or offset < 0:
         return _bad_request(f"limit must be 1 to {MAX_PAGE}, offset 0 or more")
+    if "files" not in store.collections:
+        return web.json_response(
+            {"error": "the file check is off: set media.root (and leave --collector.files on) to list problems"},
+            status=404,
+        )
     result = store.result("files")
     if result is None:
         return web.json_response({"error": "no file check has finished yet"}, status=503)
