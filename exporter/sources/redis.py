@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -84,6 +86,9 @@ def describe_redis_error(exc: BaseException) -> str:
     if isinstance(exc, RedisConnectionError):
         text = _first_line(exc)
         lowered = text.lower()
+        errno = re.match(r"error (\d+) connecting", lowered)
+        if errno:
+            return os.strerror(int(errno.group(1))).lower()
         if "connection refused" in lowered:
             return "connection refused"
         if "name or service not known" in lowered or "nodename nor servname" in lowered:

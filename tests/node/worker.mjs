@@ -1,0 +1,62 @@
+// A Node BullMQ worker, configured the way Immich configures its own, for tests/test_queues.py.
+//
+// Environment:
+//   REDIS_URL      redis://host:port/db (required)
+//   QUEUE          queue name (default thumbnailGeneration)
+//   PREFIX         key prefix (default immich_bull)
+//   RETURN_VALUE   JSON value every job returns (default "success"); the string "throw" makes jobs fail
+//   WORKER_NAME    optional worker name (BullMQ appends ":w:<name>" to the connection name)
+//   JOB_DELAY_MS   how long each job takes (default 0)
+//
+// Prints "ready" on stdout once the worker's connection is up, "done <jobId>" per finished job, and
+// exits 0 on SIGTERM after closing the worker.
+import { Worker } from 'bullmq';
+
+const url = process.env.REDIS_URL;
+if (!url) {
+  console.error('REDIS_URL is required');
+  process.exit(2);
+}
+const parsed = new URL(url);
+const connection = {
+  host: parsed.hostname,
+  port: Number(parsed.port || 6379),
+  db: Number((parsed.pathname || '/0').slice(1) || 0),
+  password: parsed.password ? decodeURIComponent(parsed.password) : undefined,
+  maxRetriesPerRequest: null,
+};
+const queue = process.env.QUEUE || 'thumbnailGeneration';
+const prefix = process.env.PREFIX || 'immich_bull';
+const raw = process.env.RETURN_VALUE ?? '"success"';
+const delay = Number(process.env.JOB_DELAY_MS || 0);
+
+const opts = { connection, prefix, concurrency: 1 };
+if (process.env.WORKER_NAME) {
+  opts.name = process.env.WORKER_NAME;
+}
+
+const worker = new Worker(
+  queue,
+  async () => {
+    if (delay > 0) {
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+    if (raw === 'throw') {
+      throw new Error('thrown by the test worker');
+    }
+    return JSON.parse(raw);
+  },
+  opts,
+);
+
+worker.on('ready', () => console.log('ready'));
+worker.on('completed', (job) => console.log(`done ${job.id}`));
+worker.on('failed', (job) => console.log(`done ${job?.id}`));
+worker.on('error', (err) => console.error(`worker error: ${err}`));
+
+const stop = async () => {
+  await worker.close();
+  process.exit(0);
+};
+process.on('SIGTERM', stop);
+process.on('SIGINT', stop);
