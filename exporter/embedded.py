@@ -99,6 +99,25 @@ def valkey_binary() -> str:
     )
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc (empty where there is no /proc)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            # The ppid follows the command name, which is in parentheses and may hold spaces.
+            fields = stat[stat.rindex(b")") + 2 :].split()
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
 def _server_user() -> pwd.struct_passwd | None:
     if os.geteuid() != 0:
         return None
@@ -130,12 +149,22 @@ class _Process:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
 
+    def _signal_all(self, sig: int) -> None:
+        """Signal the server, then each of its children: PostgreSQL's backends are processes of their
+        own (each in its own session, so no process group holds them) that answer on their own."""
+        self._signal(sig)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for pid in _children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections stay open but nothing answers."""
-        self._signal(signal.SIGSTOP)
+        """Freeze the server and its children (SIGSTOP): connections stay open but nothing answers."""
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
     def kill(self) -> None:
         self._signal(signal.SIGCONT)
