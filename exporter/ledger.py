@@ -286,16 +286,23 @@ class Ledger:
         """Record a verification of a submitted asset.
 
         Returns ``fixed``, ``still_missing`` (window over, will be resubmitted), ``gave_up`` (window over
-        and no attempts left), ``waiting`` (still broken, window not over) or None when the asset is not
-        awaiting verification (another process got there first).
+        and no attempts left), ``waiting`` (still broken, window not over), ``unchanged`` (already known
+        to be still missing, not resubmitted yet) or None when the ledger does not track it as pending
+        (unknown, fixed or given up, perhaps by another process).
         """
         with self._write() as db:
             r = db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
             if r is None:
                 return None
             e = _row(r)
-            if e.state not in AWAITING:
+            if e.state not in (*AWAITING, "still_missing"):
                 return None
+            if e.state == "still_missing" and not ok:
+                db.execute(
+                    "UPDATE asset SET last_checked = ?, detail = ?, updated = ? WHERE asset_id = ?",
+                    (now, detail, now, asset_id),
+                )
+                return "unchanged"
             if ok:
                 db.execute(
                     "UPDATE asset SET state = 'fixed', fixed_at = ?, last_checked = ?, last_outcome = 'fixed', "
