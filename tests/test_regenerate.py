@@ -1,0 +1,583 @@
+"""``regenerate`` and the ``remediation`` collection against a fake Immich API and a real BullMQ worker.
+
+The fake API answers ``POST /api/assets/jobs`` like Immich (204) and pushes one ``AssetGenerateThumbnails``
+job per asset into the real Valkey with the real ``bullmq`` package (prefix ``immich_bull``, queue
+``thumbnailGeneration``, ``removeOnComplete: true``, ``removeOnFail: false``). A real ``bullmq`` Worker
+plays Immich's thumbnail worker: it looks the asset up in the seeded PostgreSQL database, adds missing
+``asset_file`` rows and writes valid files (webp/jpeg magic bytes). A lazy variant accepts jobs and
+never writes anything, which is what a broken Immich looks like from outside.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from bullmq import Queue, Worker
+
+from exporter import report as scan_report
+from exporter.config import Config, load_config
+from exporter.embedded import EmbeddedValkey
+from exporter.ledger import FILENAME, Ledger
+from exporter.model import ProblemStore
+from exporter.paths import PathMapper
+from exporter.regenerate import Options, RunReport, regenerate
+from exporter.remediation import thumbnail_throughput
+from exporter.scanner import run_scan
+from exporter.seed import ERAS, Plan, jpeg, webp
+from exporter.sources.postgres import PostgresSource
+from tests.conftest import Immich, wait_for
+from tests.helpers import fetch, running_exporter, samples, value
+
+pytestmark = pytest.mark.asyncio
+
+API_KEY = "test-api-key"
+PREFIX = "immich_bull"
+QUEUE = "thumbnailGeneration"
+JOB_OPTS = {"removeOnComplete": True, "removeOnFail": False}
+# Small enough to be quick, large enough for every injected problem.
+PLAN = Plan(assets=60)
+# The singular-table era (asset, asset_file, absolute paths under /data), which the fake worker writes to.
+ERA = next(label for label, era in ERAS.items() if era.assets == "asset" and not era.relative)
+
+
+# -- a fake Immich: its API and its thumbnail worker -------------------------------------------------
+
+
+class FakeImmich:
+    """``POST /api/assets/jobs`` like Immich: 204 and one BullMQ job per asset; records every POST."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.mode = "ok"  # ok, 401, 403, 500
+        self.fail_after: int | None = None  # answer 500 once this many POSTs were accepted
+        self.posts: list[tuple[float, list[str]]] = []
+        self.accepted = 0
+        self.queue = Queue(QUEUE, {"prefix": PREFIX, "connection": redis_url})
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/api/assets/jobs", self.jobs)
+        app.router.add_get("/api/server/ping", self.answer({"res": "pong"}))
+        app.router.add_get("/api/server/version", self.answer({"major": 1, "minor": 137, "patch": 3}))
+        app.router.add_get("/api/queues", self.answer([]))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    @staticmethod
+    def answer(doc: Any) -> Any:
+        async def handler(request: web.Request) -> web.Response:
+            return web.json_response(doc)
+
+        return handler
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await asyncio.wait_for(self._runner.cleanup(), 10)
+        await asyncio.wait_for(self.queue.close(), 10)
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.posts.append((time.time(), list(body.get("assetIds", []))))
+        if request.headers.get("x-api-key") != API_KEY:
+            return web.json_response({"message": "Invalid API key", "statusCode": 401}, status=401)
+        mode = self.mode
+        if self.fail_after is not None and self.accepted >= self.fail_after:
+            mode = "500"
+        if mode == "401":
+            return web.json_response({"message": "Invalid user token", "statusCode": 401}, status=401)
+        if mode == "403":
+            return web.json_response({"message": "Missing required permission: asset.update", "statusCode": 403},
+                                     status=403)
+        if mode == "500":
+            return web.json_response({"message": "Internal server error", "statusCode": 500}, status=500)
+        assert body.get("name") == "regenerate-thumbnail", body
+        for asset_id in body["assetIds"]:
+            await asyncio.wait_for(self.queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
+        self.accepted += 1
+        return web.Response(status=204)
+
+    def submissions(self) -> Counter[str]:
+        return Counter(a for _, ids in self.posts for a in ids)
+
+
+class ThumbnailWorker:
+    """Immich's thumbnail worker, as far as files go. ``writes=False``: accepts jobs, writes nothing."""
+
+    def __init__(self, imm: Immich, redis_url: str, writes: bool = True) -> None:
+        self.imm = imm
+        self.redis_url = redis_url
+        self.writes = writes
+        self.mapper = PathMapper(imm.media, "/data")
+        self.processed: list[str] = []
+        self.pool: asyncpg.Pool | None = None
+        self.worker: Worker | None = None
+
+    async def start(self) -> None:
+        self.pool = await asyncpg.create_pool(self.imm.dsn, min_size=1, max_size=2, timeout=10)
+        self.worker = Worker(QUEUE, self.process, {"prefix": PREFIX, "connection": self.redis_url,
+                                                   "concurrency": 4})
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            await asyncio.wait_for(self.worker.close(), 15)
+        if self.pool is not None:
+            await asyncio.wait_for(self.pool.close(), 10)
+
+    async def process(self, job: Any, token: str) -> str:
+        asset_id = str(job.data["id"])
+        self.processed.append(asset_id)
+        assert self.pool is not None
+        aid = uuid.UUID(asset_id)
+        async with self.pool.acquire() as conn:
+            asset = await conn.fetchrow('SELECT "ownerId"::text AS owner, "originalPath" AS original '
+                                        "FROM asset WHERE id = $1", aid, timeout=10)
+            if asset is None:
+                return "failed"  # Immich: "Thumbnail generation failed for asset <id>: not found"
+            if not self.writes:
+                return "success"
+            original = self.mapper.relative(asset["original"])
+            if original is None or not await asyncio.to_thread(os.path.exists, self.mapper.local(original)):
+                return "failed"  # Immich cannot decode a missing original
+            rows = {r["type"]: r["path"] for r in await conn.fetch(
+                'SELECT type, path FROM asset_file WHERE "assetId" = $1', aid, timeout=10)}
+            folder = f"/data/thumbs/{asset['owner']}/{asset_id[:2]}/{asset_id[2:4]}"
+            for kind, ext in (("thumbnail", "webp"), ("preview", "jpeg")):
+                if kind not in rows:
+                    rows[kind] = f"{folder}/{asset_id}_{kind}.{ext}"
+                    await conn.execute('INSERT INTO asset_file ("assetId", type, path) VALUES ($1, $2, $3)',
+                                       aid, kind, rows[kind], timeout=10)
+        await asyncio.to_thread(self.write, list(rows.values()))
+        return "success"
+
+    def write(self, paths: list[str]) -> None:
+        for path in paths:
+            rel = self.mapper.relative(path)
+            if rel is None:
+                continue
+            local = self.mapper.local(rel)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            if os.path.islink(local):
+                os.unlink(local)
+            with open(local, "wb") as fh:
+                fh.write(webp(300) if path.endswith(".webp") else jpeg(1200))
+
+
+# -- fixtures and helpers --------------------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture
+async def imm(immich_factory: Any) -> Immich:
+    result: Immich = await immich_factory(ERA, PLAN)
+    return result
+
+
+@pytest_asyncio.fixture
+async def fake(valkey: EmbeddedValkey) -> AsyncIterator[FakeImmich]:
+    api = FakeImmich(valkey.url)
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+@contextlib.asynccontextmanager
+async def thumbnail_worker(imm: Immich, valkey: EmbeddedValkey, writes: bool = True) -> AsyncIterator[ThumbnailWorker]:
+    worker = ThumbnailWorker(imm, valkey.url, writes)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+def make_config(imm: Immich, fake: FakeImmich, state_dir: Path, redis_url: str | None = None,
+                **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "database.url": imm.dsn,
+        "media.root": imm.media,
+        "immich.url": fake.url,
+        "immich.api_key": API_KEY,
+        "remediation.state_dir": str(state_dir),
+    }
+    if redis_url:
+        values["redis.url"] = redis_url
+    values.update(overrides)
+    return load_config(None, environ={}, overrides=values)
+
+
+def options(state_dir: Path, **kw: Any) -> Options:
+    base: dict[str, Any] = {"state_dir": str(state_dir), "rate": 50.0, "retry_after": 30.0, "timeout": 30.0}
+    base.update(kw)
+    return Options(**base)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _islink(path: str) -> bool:
+    return os.path.islink(path)
+
+
+async def expected_sets(imm: Immich) -> tuple[set[str], set[str], set[str]]:
+    """(fixable, original missing, unreadable symlink) problem assets, from the database and the disk alone."""
+    problem_ids = set(imm.expected.problem_asset_ids)
+    conn = await asyncpg.connect(imm.dsn, timeout=10)
+    try:
+        assets = await conn.fetch('SELECT id::text, "originalPath" FROM asset WHERE id::text = ANY($1)',
+                                  list(problem_ids), timeout=10)
+        files = await conn.fetch('SELECT "assetId"::text, path FROM asset_file WHERE "assetId"::text = ANY($1)',
+                                 list(problem_ids), timeout=10)
+    finally:
+        await conn.close()
+    no_original = {r[0] for r in assets if not _exists(imm.media + r[1][len("/data"):])}
+    symlinked = {r[0] for r in files if _islink(imm.media + r[1][len("/data"):])}
+    fixable = problem_ids - no_original - symlinked
+    assert len(fixable) >= 10 and len(no_original) == 1 and len(symlinked) == 1
+    return fixable, no_original, symlinked
+
+
+async def problem_assets(imm: Immich) -> set[str]:
+    """Asset ids a fresh full scan (headers verified) still calls broken."""
+    config = load_config(None, environ={}, overrides={
+        "database.url": imm.dsn, "media.root": imm.media, "checks.verify_headers": True})
+    pg = PostgresSource(config.database)
+    store = ProblemStore()
+    try:
+        await asyncio.wait_for(run_scan(pg, config, store), 60)
+        return {p.asset_id for p in store}
+    finally:
+        store.close()
+        await pg.close()
+
+
+def results(report: RunReport) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for row in report.rows.values():
+        out.setdefault(row.result, set()).add(row.asset_id)
+    return out
+
+
+def ledger_rows(state_dir: Path) -> dict[str, sqlite3.Row]:
+    db = sqlite3.connect(state_dir / FILENAME)
+    db.row_factory = sqlite3.Row
+    try:
+        return {r["asset_id"]: r for r in db.execute("SELECT * FROM asset")}
+    finally:
+        db.close()
+
+
+async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    base.update(env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter", *args, env=base,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+# -- the ledger on its own -------------------------------------------------------------------------------
+
+
+async def test_ledger_survives_restart_and_backs_off(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "nested"
+    ledger = Ledger(str(state))
+    assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    t0 = 1_000_000.0
+    claims = ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0, retry_after=10, max_attempts=3)
+    assert [c.asset_id for c in claims] == ["a", "b"]
+    ledger.accepted(["a"], t0)
+    # "b" was claimed and then the process died before the answer: it stays "submitting".
+    ledger.close()
+
+    ledger = Ledger(str(state))  # a restart
+    assert ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0 + 1, 10, 3) == []  # nothing twice
+    assert ledger.record_check("a", False, "preview file_missing", t0 + 5, 10, 3) == "waiting"
+    assert ledger.record_check("a", False, "preview file_missing", t0 + 10, 10, 3) == "still_missing"
+    assert ledger.record_check("b", True, "all files present", t0 + 10, 10, 3) == "fixed"
+    (_again,) = ledger.claim({"a": {"thumbnail"}}, t0 + 11, 10, 3)
+    ledger.accepted(["a"], t0 + 11)
+    a = ledger.get(["a"])["a"]
+    assert (a.state, a.attempts, a.kinds, a.first_submitted) == ("submitted", 2, {"preview", "thumbnail"}, t0)
+    # The second window is twice as long; then the third attempt, then giving up after its window (40s).
+    assert ledger.record_check("a", False, "x", t0 + 11 + 19, 10, 3) == "waiting"
+    assert ledger.record_check("a", False, "x", t0 + 11 + 20, 10, 3) == "still_missing"
+    claims = ledger.claim({"a": {"preview"}}, t0 + 40, 10, 3)
+    # A refused request does not count as an attempt.
+    ledger.release(claims, "rejected", "HTTP 403", t0 + 40)
+    a = ledger.get(["a"])["a"]
+    assert (a.state, a.attempts, a.last_submitted, a.last_outcome) == ("still_missing", 2, t0 + 11, "rejected")
+    ledger.claim({"a": {"preview"}}, t0 + 41, 10, 3)
+    ledger.accepted(["a"], t0 + 41)
+    assert ledger.record_check("a", False, "preview file_missing", t0 + 41 + 40, 10, 3) == "gave_up"
+    a = ledger.get(["a"])["a"]
+    assert a.gave_up_reason == "preview file_missing after 3 attempt(s)"
+    assert ledger.claim({"a": {"preview"}}, t0 + 1000, 10, 3) == []
+    assert [c.asset_id for c in ledger.claim({"a": {"preview"}}, t0 + 1000, 10, 3, reset=["a"])] == ["a"]
+    assert ledger.get(["a"])["a"].attempts == 1
+    ledger.close()
+
+
+# -- regenerate --------------------------------------------------------------------------------------------
+
+
+async def test_dry_run_submits_nothing(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+    fixable, no_original, symlinked = await expected_sets(imm)
+    state = tmp_path / "state"
+    code, out, err = await cli(
+        "regenerate", "--media.root", imm.media, "--state-dir", str(state), "--format", "json",
+        env={"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "IMMICH_API_KEY": API_KEY, "REDIS_URL": valkey.url},
+    )
+    assert code == 0, err
+    assert "Traceback" not in err
+    doc = json.loads(out)
+    assert doc["mode"] == "dry_run"
+    rows = {r["asset_id"]: r for r in doc["assets"]}
+    assert {a for a, r in rows.items() if r["result"] == "would_submit"} == fixable
+    assert {a for a, r in rows.items() if r["result"] == "skipped"} == no_original | symlinked
+    assert fake.posts == []
+    assert not state.exists()  # a dry run creates nothing
+    code, out, err = await cli(
+        "regenerate", "--media.root", imm.media, "--state-dir", str(state), "--kind", "preview",
+        env={"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "IMMICH_API_KEY": API_KEY},
+    )
+    assert code == 0, err
+    assert "dry run, nothing submitted" in out
+    assert "would submit" in out
+    assert fake.posts == []
+
+
+async def test_skip_reasons(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+    fixable, no_original, symlinked = await expected_sets(imm)
+    queued = sorted(fixable)[0]
+    # Immich already has a job for this asset and no worker has taken it yet.
+    await fake.queue.add("AssetGenerateThumbnails", {"id": queued}, JOB_OPTS)
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    report = await regenerate(config, options(tmp_path, apply=True))
+    by = results(report)
+    assert report.rows[queued].result == "skipped"
+    assert "already waiting in the thumbnail queue" in report.rows[queued].detail
+    (lost,) = no_original
+    assert report.rows[lost].result == "skipped"
+    assert "original file is missing" in report.rows[lost].detail
+    (link,) = symlinked
+    assert report.rows[link].result == "skipped"
+    assert "cannot read the file" in report.rows[link].detail
+    assert by["submitted"] == fixable - {queued}
+    assert fake.submissions() == Counter({a: 1 for a in fixable - {queued}})
+    assert report.exit_code() == 0
+
+    missing_asset, bad_id = str(uuid.uuid4()), "not-a-uuid"
+    report = await regenerate(config, options(tmp_path, assets=(missing_asset, bad_id, lost)))
+    assert report.rows[missing_asset].result == "skipped"
+    assert report.rows[missing_asset].detail == "asset not in the database"
+    assert report.rows[bad_id].result == "skipped"
+    assert report.rows[bad_id].detail == "not a valid asset id"
+    assert report.rows[lost].result == "skipped"
+    assert set(report.rows) == {missing_asset, bad_id, lost}
+
+
+async def test_apply_wait_fixes_and_verifies(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, no_original, symlinked = await expected_sets(imm)
+    assert await problem_assets(imm) == fixable | no_original | symlinked
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    async with thumbnail_worker(imm, valkey):
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True, batch_size=4, retry_after=20))
+    by = results(report)
+    assert by["fixed"] == fixable
+    assert report.exit_code() == 0
+    # One request per batch of four, each asset asked for exactly once.
+    assert len(fake.posts) == -(-len(fixable) // 4)
+    assert all(len(ids) <= 4 for _, ids in fake.posts)
+    assert fake.submissions() == Counter({a: 1 for a in fixable})
+    assert report.requests["accepted"] == len(fake.posts)
+    # Independently of the exporter's own verification: only what regeneration cannot fix is left.
+    assert await problem_assets(imm) == no_original | symlinked
+    rows = ledger_rows(tmp_path)
+    assert {a for a, r in rows.items() if r["state"] == "fixed"} == fixable
+    assert all(rows[a]["attempts"] == 1 and rows[a]["fixed_at"] >= rows[a]["first_submitted"] for a in fixable)
+
+    # The post-restore review can now estimate from the queue's observed finish rate.
+    throughput = await thumbnail_throughput(config.redis)
+    assert throughput.completed >= len(fixable) and throughput.rate is not None and throughput.rate > 0
+    review = scan_report.regeneration_estimate(10, throughput)
+    assert review["rate_per_second"] > 0 and review["seconds"] is not None and review["seconds"] >= 0
+    assert review["basis"].startswith(f"{throughput.completed} thumbnail jobs finished")
+
+
+async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, _, _ = await expected_sets(imm)
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    async with thumbnail_worker(imm, valkey, writes=False) as worker:
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=0.6, max_attempts=2))
+    by = results(report)
+    assert by["gave_up"] == fixable
+    assert "fixed" not in by
+    assert report.exit_code() == 1
+    assert fake.submissions() == Counter({a: 2 for a in fixable})
+    assert len(fake.posts) == 2
+    assert fake.posts[1][0] - fake.posts[0][0] >= 0.6  # not resubmitted before its window was over
+    assert Counter(worker.processed) == Counter({a: 2 for a in fixable})
+    for a in fixable:
+        assert "after 2 attempt(s)" in report.rows[a].detail
+    rows = ledger_rows(tmp_path)
+    assert {rows[a]["state"] for a in fixable} == {"gave_up"}
+    assert all("after 2 attempt(s)" in rows[a]["gave_up_reason"] for a in fixable)
+    # A later run does not start over on its own, and says why.
+    report = await regenerate(config, options(tmp_path, apply=True))
+    assert results(report)["gave_up"] == fixable
+    assert len(fake.posts) == 2
+    assert report.exit_code() == 1
+
+
+async def test_interrupted_run_resumes_from_the_ledger(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, _, _ = await expected_sets(imm)
+    # Redis is left out of the configuration: only the ledger can prevent a second request.
+    config = make_config(imm, fake, tmp_path)
+    opts = options(tmp_path, apply=True, wait=True, retry_after=30, timeout=60)
+    task = asyncio.create_task(regenerate(config, opts))
+    await wait_for(lambda: len(fake.posts) == 1, timeout=30)
+    await wait_for(lambda: {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}, timeout=10)
+    task.cancel()  # Ctrl-C while waiting for Immich
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert set(ledger_rows(tmp_path)) == fixable
+
+    # Right after the restart: nothing is asked again before its window is over.
+    report = await regenerate(config, options(tmp_path, apply=True, retry_after=30))
+    assert results(report)["waiting"] == fixable
+    assert len(fake.posts) == 1
+    assert report.exit_code() == 0
+
+    # Immich's worker comes back and works through the jobs queued before the interruption.
+    async with thumbnail_worker(imm, valkey):
+        report = await regenerate(config, opts)
+    assert results(report)["fixed"] == fixable
+    assert report.exit_code() == 0
+    assert len(fake.posts) == 1
+    assert fake.submissions() == Counter({a: 1 for a in fixable})
+    assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"fixed"}
+    assert {r["attempts"] for r in ledger_rows(tmp_path).values()} == {1}
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("401", "API key rejected POST /api/assets/jobs (HTTP 401: Invalid user token)"),
+    ("403", "API key lacks the permission for POST /api/assets/jobs (HTTP 403: Missing required permission"),
+    ("500", "POST /api/assets/jobs: HTTP 500: Internal server error"),
+])
+async def test_api_errors_are_reported_and_nothing_is_marked_fixed(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path, mode: str, message: str
+) -> None:
+    fixable, no_original, symlinked = await expected_sets(imm)
+    fake.mode = mode
+    async with thumbnail_worker(imm, valkey) as worker:
+        code, out, err = await cli(
+            "regenerate", "--apply", "--wait", "--timeout", "5s", "--media.root", imm.media,
+            "--state-dir", str(tmp_path), "--format", "json",
+            env={"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "IMMICH_API_KEY": API_KEY, "REDIS_URL": valkey.url},
+        )
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    doc = json.loads(out)
+    rows = {r["asset_id"]: r for r in doc["assets"]}
+    assert {a for a, r in rows.items() if r["result"] == "not_submitted"} == fixable
+    assert not [r for r in doc["assets"] if r["result"] in ("fixed", "submitted")]
+    assert doc["summary"]["requests"]["accepted"] == 0
+    # 5xx is retried a few times, a refusal is not.
+    assert len(fake.posts) == (4 if mode == "500" else 1)
+    assert worker.processed == []
+    ledger = ledger_rows(tmp_path)
+    assert {r["attempts"] for r in ledger.values()} == {0}
+    assert {r["state"] for r in ledger.values()} == {"error"}
+    assert {r["last_outcome"] for r in ledger.values()} == {"error" if mode == "500" else "rejected"}
+    assert await problem_assets(imm) == fixable | no_original | symlinked
+
+
+async def test_api_failing_midway_reports_only_real_fixes(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, no_original, symlinked = await expected_sets(imm)
+    fake.fail_after = 1  # the first batch is accepted, then Immich breaks
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    async with thumbnail_worker(imm, valkey):
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True, batch_size=5))
+    by = results(report)
+    first = set(fake.posts[0][1])
+    assert len(first) == 5
+    assert by["fixed"] == first
+    assert by["not_submitted"] == fixable - first
+    assert report.exit_code() == 2
+    assert any("HTTP 500" in e for e in report.errors)
+    assert await problem_assets(imm) == (fixable - first) | no_original | symlinked
+
+
+# -- serve: the remediation collection ---------------------------------------------------------------------
+
+
+async def test_remediation_collection_moves_the_counters(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, _, _ = await expected_sets(imm)
+    overrides = {
+        "database.url": imm.dsn, "media.root": imm.media, "immich.url": fake.url, "immich.api_key": API_KEY,
+        "redis.url": valkey.url, "remediation.enabled": True, "remediation.interval": "300ms",
+        "remediation.verify_after": "1s", "remediation.requests_per_second": 20,
+        "remediation.state_dir": str(tmp_path), "intervals.queues": "1s",
+        # Without header checks the corrupt previews look fine to serve's scan, and are left alone.
+        "checks.verify_headers": True,
+    }
+    async with thumbnail_worker(imm, valkey), running_exporter(overrides) as (exporter, base):
+
+        async def counters() -> dict[str, float | None] | None:
+            _status, text, _ = await fetch(f"{base}/metrics")
+            parsed = samples(text)
+            got = {
+                "accepted": value(parsed, "immich_regeneration_requests_total", result="accepted"),
+                "rejected": value(parsed, "immich_regeneration_requests_total", result="rejected"),
+                "fixed": value(parsed, "immich_regeneration_verified_total", result="fixed"),
+                "gave_up": value(parsed, "immich_regeneration_verified_total", result="gave_up"),
+            }
+            return got if got["fixed"] == len(fixable) else None
+
+        got = await wait_for(counters, timeout=60, interval=0.3)
+        assert got["accepted"] is not None and got["accepted"] >= 1
+        assert got["rejected"] == 0 and got["gave_up"] == 0
+        await asyncio.sleep(1.0)  # a few more rounds: nothing is asked twice
+        assert fake.submissions() == Counter({a: 1 for a in fixable})
+        result = exporter.store.result("remediation")
+        assert result is not None and result.success, result
+        assert result.detail["ledger"] == {"fixed": len(fixable)}
+    assert not await problem_assets(imm) & fixable
