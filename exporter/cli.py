@@ -227,14 +227,16 @@ def cmd_scan(config: Config, args: argparse.Namespace) -> int:
         progress.done()
         return _fail([str(exc)])
     progress.done()
+    # The thumbnail queue's recent finish rate, for the review's time estimate (None without Redis).
+    throughput = report.observe_queue(config) if args.format != "csv" else None
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         if args.format == "json":
-            report.write_json(result, out)
+            report.write_json(result, out, throughput)
         elif args.format == "csv":
             report.write_csv(result.problems, out)
         else:
-            report.write_table(result, out, args.max_rows)
+            report.write_table(result, out, args.max_rows, throughput)
     finally:
         if args.output:
             out.close()

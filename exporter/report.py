@@ -6,12 +6,17 @@ import csv
 import io
 import json
 import time
-from collections.abc import Iterable
-from typing import Any, TextIO
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TextIO
 
 from exporter.inventory import RECORD_KINDS
-from exporter.model import KINDS, REASONS, Problem
+from exporter.model import KINDS, REASONS, Problem, ProblemStore
 from exporter.scanner import ScanResult
+
+if TYPE_CHECKING:
+    from exporter.config import Config
+    from exporter.remediation import Throughput
 
 PROBLEM_FIELDS = (
     "asset_id", "owner_id", "asset_type", "kind", "reason", "path", "original_path", "original_exists",
@@ -26,7 +31,103 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def summary(result: ScanResult) -> dict[str, Any]:
+def regeneration_review(problems: ProblemStore | Sequence[Problem]) -> dict[str, Any]:
+    """What regeneration can and cannot fix, by reason, in problems and in assets.
+
+    An asset whose original is gone cannot be fixed in any of its kinds; ``file_unreadable`` means the
+    exporter cannot read the file (permissions, a symlink out of the media folder), which regeneration
+    does not change. Everything else is fixable by asking Immich to regenerate the asset: one job per asset.
+    """
+    # Iterated twice (a ProblemStore re-reads its spill file): never all problems in memory at once.
+    lost = {p.asset_id for p in problems if p.original_exists is False}
+    can: Counter[str] = Counter()
+    original_missing: Counter[str] = Counter()
+    unreadable: Counter[str] = Counter()
+    assets_can: set[str] = set()
+    assets_unreadable: set[str] = set()
+    unchecked = 0
+    for p in problems:
+        if p.asset_id in lost:
+            original_missing[p.reason] += 1
+        elif p.reason == "file_unreadable":
+            unreadable[p.reason] += 1
+            assets_unreadable.add(p.asset_id)
+        else:
+            can[p.reason] += 1
+            assets_can.add(p.asset_id)
+            if p.original_exists is None:
+                unchecked += 1
+    return {
+        "can_fix": {r: can[r] for r in REASONS if can[r]},
+        "cannot_fix": {
+            "original_missing": {r: original_missing[r] for r in REASONS if original_missing[r]},
+            "unreadable_by_exporter": {r: unreadable[r] for r in REASONS if unreadable[r]},
+        },
+        "assets": {
+            "can_fix": len(assets_can),
+            "original_missing": len(lost),
+            "unreadable_by_exporter": len(assets_unreadable - assets_can),
+        },
+        # no_record problems: the scan does not look at their originals, so a few may still be lost.
+        "can_fix_original_not_checked": unchecked,
+    }
+
+
+def regeneration_estimate(jobs: int, throughput: Throughput | str | None) -> dict[str, Any]:
+    """How long regenerating ``jobs`` assets should take at the thumbnail queue's observed finish rate.
+
+    ``throughput`` is None when Redis is not configured, a string when it could not be read.
+    """
+    out: dict[str, Any] = {"jobs": jobs, "backlog": None, "rate_per_second": None, "seconds": None}
+    if throughput is None:
+        out["basis"] = "unknown: Redis is not configured, so the thumbnail queue's finish rate is not known"
+        return out
+    if isinstance(throughput, str):
+        out["basis"] = f"unknown: {throughput}"
+        return out
+    out["backlog"] = throughput.backlog
+    rate = throughput.rate
+    if rate is None:
+        out["basis"] = ("unknown: fewer than two thumbnail jobs finished in the queue's recent events "
+                        f"({throughput.completed} seen)")
+        return out
+    out["rate_per_second"] = round(rate, 3)
+    out["seconds"] = round((jobs + throughput.backlog) / rate, 1)
+    age = throughput.last_completed_age
+    out["basis"] = (
+        f"{throughput.completed} thumbnail jobs finished over {throughput.window_seconds:.0f}s"
+        + (f", the last {age:.0f}s ago" if age is not None else "")
+        + f"; {throughput.backlog} job(s) already queued ahead"
+    )
+    return out
+
+
+def observe_queue(config: Config) -> Throughput | str | None:
+    """The thumbnail queue's recent finish rate for the review; None when Redis is not configured."""
+    if not config.redis.enabled:
+        return None
+    import asyncio
+
+    from exporter.remediation import thumbnail_throughput
+    from exporter.sources.postgres import SourceError
+
+    try:
+        return asyncio.run(thumbnail_throughput(config.redis))
+    except SourceError as exc:
+        return str(exc)
+
+
+def human_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def summary(result: ScanResult, throughput: Throughput | str | None = None) -> dict[str, Any]:
     counts, stats = result.counts, result.stats
     missing: dict[str, dict[str, int]] = {k: {} for k in KINDS}
     for kind in RECORD_KINDS:
@@ -55,6 +156,9 @@ def summary(result: ScanResult) -> dict[str, Any]:
         "problems": result.problems.total,
         "regeneration": {"can_fix": fixable, "cannot_fix_original_missing": unfixable},
     }
+    review = regeneration_review(result.problems)
+    out["regeneration"].update(review)
+    out["regeneration"]["estimate"] = regeneration_estimate(review["assets"]["can_fix"], throughput)
     if stats is not None:
         out["files"] = {k: stats.files[k] for k in KINDS}
         out["bytes"] = {k: stats.bytes[k] for k in KINDS}
@@ -66,10 +170,38 @@ def summary(result: ScanResult) -> dict[str, Any]:
     return out
 
 
-def write_json(result: ScanResult, out: TextIO) -> None:
-    doc = {"summary": summary(result), "problems": [p.to_dict() for p in result.problems]}
+def write_json(result: ScanResult, out: TextIO, throughput: Throughput | str | None = None) -> None:
+    doc = {"summary": summary(result, throughput), "problems": [p.to_dict() for p in result.problems]}
     json.dump(doc, out, indent=2)
     out.write("\n")
+
+
+def write_review(regen: dict[str, Any], out: TextIO) -> None:
+    """The post-restore capacity review: what regeneration can fix, what not, and how long it would take."""
+    w = out.write
+
+    def by_reason(counts: dict[str, int]) -> str:
+        return ", ".join(f"{r} {n}" for r, n in counts.items()) or "none"
+
+    assets = regen["assets"]
+    w("\nPost-restore review:\n")
+    w(f"  Regeneration can fix {assets['can_fix']} asset(s) ({by_reason(regen['can_fix'])})\n")
+    lost = regen["cannot_fix"]["original_missing"]
+    if assets["original_missing"]:
+        w(f"  Cannot fix {assets['original_missing']} asset(s) whose original is missing ({by_reason(lost)}): "
+          "restore the originals from a backup\n")
+    if assets["unreadable_by_exporter"]:
+        w(f"  {assets['unreadable_by_exporter']} asset(s) unreadable by the exporter "
+          f"({by_reason(regen['cannot_fix']['unreadable_by_exporter'])}): check permissions and symlinks\n")
+    if regen["can_fix_original_not_checked"]:
+        w(f"  {regen['can_fix_original_not_checked']} fixable problem(s) have no row at all; their originals "
+          "were not checked (regenerate checks them first)\n")
+    est = regen["estimate"]
+    if est["seconds"] is None:
+        w(f"  Time to regenerate: {est['basis']}\n")
+    else:
+        w(f"  Time to regenerate: about {human_duration(est['seconds'])} ({est['jobs']} job(s) at "
+          f"{est['rate_per_second']:g} jobs/s; {est['basis']})\n")
 
 
 def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
@@ -80,8 +212,10 @@ def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
         writer.writerow(["" if d[f] is None else d[f] for f in PROBLEM_FIELDS])
 
 
-def write_table(result: ScanResult, out: TextIO, max_rows: int | None = None) -> None:
-    s = summary(result)
+def write_table(
+    result: ScanResult, out: TextIO, max_rows: int | None = None, throughput: Throughput | str | None = None
+) -> None:
+    s = summary(result, throughput)
     w = out.write
     version = s["immich_version"] or "unknown version"
     w(f"Immich thumbnail scan, {s['scanned_at']} ({version}, schema {s['schema']}), "
@@ -111,6 +245,7 @@ def write_table(result: ScanResult, out: TextIO, max_rows: int | None = None) ->
     regen = s["regeneration"]
     w(f"Regeneration can fix {regen['can_fix']} problem(s); {regen['cannot_fix_original_missing']} have no "
       "original file and need a restore from backup\n")
+    write_review(s["regeneration"], out)
     total = result.problems.total
     w(f"\nProblem assets: {total}\n")
     if not total:

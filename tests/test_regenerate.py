@@ -581,3 +581,43 @@ async def test_remediation_collection_moves_the_counters(
         assert result is not None and result.success, result
         assert result.detail["ledger"] == {"fixed": len(fixable)}
     assert not await problem_assets(imm) & fixable
+
+
+# -- scan: the post-restore review ------------------------------------------------------------------------
+
+
+async def test_scan_review_by_reason_and_time_estimate(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey
+) -> None:
+    _, no_original, symlinked = await expected_sets(imm)
+    env = {"DB_URL": imm.dsn}
+    code, out, err = await cli("scan", "--format", "json", "--media.root", imm.media, env=env)
+    assert code == 0, err
+    doc = json.loads(out)
+    regen = doc["summary"]["regeneration"]
+    problems = doc["problems"]
+    fixable = {p["asset_id"] for p in problems} - no_original - symlinked
+    assert regen["assets"] == {"can_fix": len(fixable), "original_missing": 1, "unreadable_by_exporter": 1}
+    assert regen["cannot_fix"] == {"original_missing": {"file_missing": 1},
+                                   "unreadable_by_exporter": {"file_unreadable": 1}}
+    assert sum(regen["can_fix"].values()) == len(problems) - 2
+    assert regen["can_fix"]["no_record"] == 3
+    assert regen["can_fix_original_not_checked"] == 0  # the scan checks problem assets' originals
+    # The existing keys keep their meaning.
+    assert regen["can_fix"] != regen["cannot_fix_original_missing"] == 1
+    assert regen["estimate"]["seconds"] is None
+    assert regen["estimate"]["basis"].startswith("unknown: Redis is not configured")
+
+    # Immich's worker finished some thumbnail jobs: the review estimates from their rate.
+    async with thumbnail_worker(imm, valkey, writes=False) as worker:
+        for asset_id in sorted(fixable)[:6]:
+            await fake.queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS)
+            await asyncio.sleep(0.05)
+        await wait_for(lambda: len(worker.processed) == 6)
+    env["REDIS_URL"] = valkey.url
+    code, out, err = await cli("scan", "--media.root", imm.media, env=env)
+    assert code == 0, err
+    assert "Post-restore review:" in out
+    assert f"Regeneration can fix {len(fixable)} asset(s) (no_record 3, file_missing" in out
+    assert "Cannot fix 1 asset(s) whose original is missing (file_missing 1)" in out
+    assert "Time to regenerate: about" in out and "6 thumbnail jobs finished over" in out
