@@ -67,6 +67,7 @@ ACTIVE_SAMPLE = 100  # active jobs checked for locks (stalled) and the oldest ac
 JOB_FIELDS = ("timestamp", "processedOn", "finishedOn", "name", "data")
 API_SLOW_POLL = 300.0  # API re-check after an auth error, and auth check while Redis serves the data
 VERSION_INTERVAL = 300.0
+ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreSQL's pool is busy
 NOT_CHECKED = "not checked yet"
 
 # Per-asset jobs: their ``data.id`` is an asset id. Person and face jobs (``PersonGenerateThumbnail``,
@@ -173,6 +174,7 @@ class QueueCollection:
         self._discovered_once = False
         self._baseline_complete = False
         self._client_list_refused = False
+        self._last_orphans: tuple[float, dict[str, int]] | None = None
         self._redis_state: bool | str | None = None
         # Immich API bookkeeping
         self._api_state: bool | str = NOT_CHECKED
@@ -217,7 +219,8 @@ class QueueCollection:
                         errors.append(f"postgres: {pg_state}")
             self._redis_state = sources["redis"]
         if self.api is not None:
-            api_parts, api_state = await self._collect_api(depth=not redis_ok, deadline=deadline + 0.5)
+            api_deadline = min(deadline + 0.5, start + self.timeout - 0.05)
+            api_parts, api_state = await self._collect_api(depth=not redis_ok, deadline=api_deadline)
             sources["immich_api"] = api_state
             parts.extend(api_parts)
             if self._api_version:
@@ -253,14 +256,8 @@ class QueueCollection:
             Part(frozenset({"redis"}), tuple(fams), dynamic=_AgeFamilies(oldest)),
             Part(frozenset({"redis"}), tuple(self.events.families())),
         ]
-        pg_state: bool | str | None = None
-        orphaned = await self._orphans(samples, deadline)
-        if isinstance(orphaned, str):
-            pg_state = orphaned
-        else:
-            if orphaned is not None:
-                pg_state = True
-            counts = orphaned or {}
+        orphaned, pg_state = await self._orphans(samples, deadline)
+        if orphaned is not None:
             truncated = any(samples[q].truncated for q in queues)
             suffix = (
                 f" Sampled: at most {self.config.redis.orphan_sample} waiting or active jobs per queue are "
@@ -268,7 +265,7 @@ class QueueCollection:
             )
             parts.append(Part(
                 frozenset({"redis", "postgres"}),
-                (gauge("immich_queue_orphaned_jobs", [((q,), float(counts.get(q, 0))) for q in queues],
+                (gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
                        help_suffix=suffix),),
             ))
         detail = {
@@ -432,33 +429,52 @@ class QueueCollection:
                 counts[queue] = counts.get(queue, 0) + 1
         return counts
 
-    async def _orphans(self, samples: dict[str, QueueSample], deadline: float) -> dict[str, int] | str | None:
-        """Orphaned jobs per queue; None when no sampled job names an asset (PostgreSQL not asked); an
-        error line when PostgreSQL could not answer."""
-        wanted = {asset for s in samples.values() for _, asset in s.asset_jobs}
-        if not wanted:
-            return None
-        try:
-            present = await asyncio.wait_for(self._assets_present(sorted(wanted)), _left(deadline))
-        except SourceError as exc:
-            return str(exc)
-        except SchemaError as exc:
-            return f"unsupported schema: {exc}"
-        except TimeoutError:
-            await self.pg.reset()
-            return "no answer to the orphaned-jobs query in time"
-        except Exception as exc:  # asyncpg errors: a query problem, reported as the source's
-            return f"orphaned-jobs query failed: {describe_error(exc)}"
-        return {q: sum(1 for _, asset in s.asset_jobs if asset not in present) for q, s in samples.items()}
+    async def _orphans(
+        self, samples: dict[str, QueueSample], deadline: float
+    ) -> tuple[dict[str, int] | None, bool | str | None]:
+        """Orphaned jobs per queue, and the PostgreSQL state to report (None: not asked this round).
 
-    async def _assets_present(self, asset_ids: list[str]) -> set[str]:
+        PostgreSQL's pool is shared with the inventory and file checks, which may hold every connection
+        for minutes. A busy pool is not an outage: the round then reuses the counts of the last check
+        (if at most ``ORPHAN_MAX_AGE`` old) and reports nothing about PostgreSQL; its probe does that."""
+        queues = list(samples)
+        wanted = sorted({asset for s in samples.values() for _, asset in s.asset_jobs})
+        if not wanted:
+            counts = dict.fromkeys(queues, 0)
+            self._last_orphans = (time.monotonic(), counts)
+            return counts, None
+        try:
+            pool = await asyncio.wait_for(self.pg.pool(), _left(deadline))
+            if pool.get_size() >= self.pg.config.pool_size and pool.get_idle_size() == 0:
+                return self._previous_orphans(queues, "every PostgreSQL connection is busy"), None
+            limit = min(float(self.config.database.statement_timeout), max(0.2, _left(deadline) - 0.3))
+            present = await asyncio.wait_for(self._assets_present(wanted, limit), _left(deadline))
+        except SourceError as exc:
+            return None, str(exc)
+        except SchemaError as exc:
+            return None, f"unsupported schema: {exc}"
+        except TimeoutError:
+            return self._previous_orphans(queues, "the orphaned-jobs query did not finish in time"), None
+        except Exception as exc:  # asyncpg errors (permissions, ...): a problem of that source
+            return None, f"orphaned-jobs query failed: {describe_error(exc)}"
+        counts = {q: sum(1 for _, asset in s.asset_jobs if asset not in present) for q, s in samples.items()}
+        self._last_orphans = (time.monotonic(), counts)
+        return counts, True
+
+    def _previous_orphans(self, queues: list[str], why: str) -> dict[str, int] | None:
+        last = self._last_orphans
+        if last is None or time.monotonic() - last[0] > ORPHAN_MAX_AGE:
+            log.debug("orphaned jobs not checked this round: %s", why)
+            return None
+        log.debug("orphaned jobs not checked this round (%s): showing the last check's counts", why)
+        return {q: last[1].get(q, 0) for q in queues}
+
+    async def _assets_present(self, asset_ids: list[str], timeout: float) -> set[str]:
         schema = await self.pg.schema()
         table = schema.assets.replace('"', '""')
         async with self.pg.connection() as conn:
             rows = await conn.fetch(
-                f'SELECT id::text AS id FROM "{table}" WHERE id = ANY($1::uuid[])',
-                asset_ids,
-                timeout=self.config.database.statement_timeout,
+                f'SELECT id::text AS id FROM "{table}" WHERE id = ANY($1::uuid[])', asset_ids, timeout=timeout
             )
         return {str(r["id"]) for r in rows}
 

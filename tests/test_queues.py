@@ -332,6 +332,28 @@ async def test_trimmed_stream_counts_lost_events(valkey: EmbeddedValkey, immich_
 
 
 @pytest.mark.asyncio
+async def test_recreated_stream_is_followed_from_its_start(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    config = make_config(valkey, immich_db)
+    client = raw(valkey)
+    async with collection(config) as col, bull_queue(valkey) as queue:
+        await add_jobs(queue, new_ids(4))
+        await collect_ok(col)
+        await add_jobs(queue, new_ids(3))
+        assert accepted(flat(await collect_ok(col))) == 3
+        # Redis loses everything (restart without persistence, FLUSHALL); Immich queues new jobs.
+        client.flushall()
+        await add_jobs(queue, new_ids(2))
+        s = flat(await collect_ok(col))
+        assert accepted(s) == 5
+        assert value(s, "immich_exporter_queue_events_lost_total", queue=QUEUE) == 0
+        client.flushall()
+        s = flat(await collect_ok(col))  # a round sees the stream gone ...
+        await add_jobs(queue, new_ids(1))  # ... and the new one from its first entry
+        s = flat(await collect_ok(col))
+        assert accepted(s) == 6
+
+
+@pytest.mark.asyncio
 async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: Immich) -> None:
     config = make_config(valkey, immich_db)
     client = raw(valkey)
@@ -434,6 +456,26 @@ async def test_orphaned_jobs(valkey: EmbeddedValkey, immich_factory: Callable[..
         assert "Sampled" in helps(outcome)["immich_queue_orphaned_jobs"]
         orphaned = value(flat(outcome), "immich_queue_orphaned_jobs", queue=QUEUE)
         assert orphaned is not None and orphaned <= 2
+
+
+@pytest.mark.asyncio
+async def test_busy_database_is_not_an_outage(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    config = make_config(valkey, immich_db)
+    async with collection(config) as col, bull_queue(valkey) as queue:
+        await add_jobs(queue, new_ids(2) + immich_db.expected.asset_ids[:1])
+        outcome = await collect_ok(col)
+        assert value(flat(outcome), "immich_queue_orphaned_jobs", queue=QUEUE) == 2
+        # The file check holds every pooled connection for its whole scan.
+        async with col.pg.connection(), col.pg.connection():
+            outcome = await collect_ok(col)
+            assert "postgres" not in outcome.sources
+            assert outcome.error is None
+            assert value(flat(outcome), "immich_queue_orphaned_jobs", queue=QUEUE) == 2  # the last check's
+            col._last_orphans = (time.monotonic() - 3600, {QUEUE: 2})
+            outcome = await collect_ok(col)
+            assert value(flat(outcome), "immich_queue_orphaned_jobs", queue=QUEUE) is None  # too old to show
+        outcome = await collect_ok(col)
+        assert outcome.sources["postgres"] is True
 
 
 @pytest.mark.asyncio
@@ -640,6 +682,8 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
             await wait_for(lambda: redis_up(1.0), 20, 0.2)
             await wait_for(lambda: _has_waiting(scrape(base), 3), 20, 0.2)
             assert await _exporter_connections(valkey) <= 4
+            # The restarted server lost its streams; the new one is followed from its start.
+            await wait_for(lambda: _accepted_is(scrape(base), 3), 10, 0.2)
             assert len(asyncio.all_tasks()) <= tasks_before + 2
             s = await scrape(base)
             assert value(s, "immich_exporter_collection_success", collection="queues") == 1
@@ -647,6 +691,10 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
         if not valkey.running:
             valkey.start()
     assert slowest < 1.0, f"/metrics took {slowest:.2f}s at worst"
+
+
+async def _accepted_is(pending: Any, n: int) -> bool:
+    return accepted(await pending) == n
 
 
 async def _has_waiting(pending: Any, n: int) -> bool:
