@@ -31,7 +31,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -287,6 +287,27 @@ class Candidate:
     kinds: set[str]
     problems: str
     reset: bool = False
+    owner: str | None = None
+
+
+def by_owner(candidates: Sequence[Candidate], size: int) -> list[list[Candidate]]:
+    """Batches that never mix owners: Immich refuses a whole request when one asset is not the key's."""
+    groups: dict[str | None, list[Candidate]] = {}
+    for c in candidates:
+        groups.setdefault(c.owner, []).append(c)
+    return [chunk for group in groups.values() for chunk in _chunks(group, size)]
+
+
+def _auth_hint(exc: ApiError) -> str:
+    if exc.status == 401:
+        return ": check immich.api_key (IMMICH_API_KEY)"
+    if exc.status == 403:
+        return ": the API key needs the job.create permission (or all permissions)"
+    return ""
+
+
+OTHER_OWNER = ("owned by another Immich user: Immich lets an API key regenerate only its own user's assets "
+               "(run again with that user's key)")
 
 
 class Regenerator:
@@ -419,16 +440,17 @@ class Regenerator:
             text = "; ".join(REASON_TEXT.get(r, f"{r} is not submitted (name it with --reason)") for r in reasons)
             report.set(Row(a, "skipped", problems, attempts=attempts, detail=text))
             return None
+        owner = chk.owner_id
         if entry is None:
-            return Candidate(a, kinds, problems)
+            return Candidate(a, kinds, problems, owner=owner)
         if entry.state == "gave_up":
             if not opts.retry_gave_up:
                 report.set(Row(a, "gave_up", problems, tuple(sorted(entry.kinds)), attempts,
                                f"{entry.gave_up_reason or 'gave up'} (earlier run; --retry-gave-up to try again)"))
                 return None
-            return Candidate(a, kinds, problems, reset=True)
+            return Candidate(a, kinds, problems, reset=True, owner=owner)
         if entry.state == "fixed":
-            return Candidate(a, kinds, problems, reset=True)  # fixed once, broken again
+            return Candidate(a, kinds, problems, reset=True, owner=owner)  # fixed once, broken again
         if entry.state in AWAITING:
             outcome = self._verify(a, entry, chk, now)
             if outcome == "gave_up":
@@ -436,7 +458,7 @@ class Regenerator:
             if outcome == "waiting":
                 self._track_waiting(a, entry, problems, now)
                 return None
-            return Candidate(a, kinds | set(entry.kinds), problems)
+            return Candidate(a, kinds | set(entry.kinds), problems, owner=owner)
         # still_missing or error: resubmit once the window has passed and attempts remain.
         if entry.state in RETRYABLE and now < entry.due_at(opts.retry_after):
             self._track_waiting(a, entry, problems, now)
@@ -446,7 +468,7 @@ class Regenerator:
             self._give_up(entry, reason, now, force=True)
             report.set(Row(a, "gave_up", problems, tuple(sorted(entry.kinds)), entry.attempts, reason))
             return None
-        return Candidate(a, kinds | set(entry.kinds), problems)
+        return Candidate(a, kinds | set(entry.kinds), problems, owner=owner)
 
     def _verify(self, a: str, entry: Entry, chk: AssetCheck, now: float) -> str:
         """An asset submitted earlier and broken now: waiting, or its window is over."""
@@ -497,26 +519,56 @@ class Regenerator:
                                 detail=f"{REASON_TEXT['queued']} ({state})"))
         return out
 
+    async def skip_other_owners(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Leave out assets the API key's user does not own: Immich would refuse the whole request."""
+        if not candidates or not self.config.immich.enabled:
+            return candidates
+        api = self.api or ImmichApi(self.config.immich)
+        try:
+            owner = await asyncio.wait_for(api.me(), float(self.config.immich.timeout) + 5)
+        except (ApiError, TimeoutError) as exc:
+            why = str(exc) if isinstance(exc, ApiError) else "no answer in time"
+            self.report.notes.append(
+                f"cannot tell which Immich user the API key belongs to ({why}): Immich refuses a request "
+                "naming another user's assets, so requests are sent one owner at a time"
+            )
+            return candidates
+        finally:
+            if api is not self.api:
+                await api.close()
+        out = []
+        for c in candidates:
+            if c.owner is None or c.owner == owner:
+                out.append(c)
+            else:
+                self.report.set(Row(c.asset_id, "skipped", c.problems, tuple(sorted(c.kinds)), detail=OTHER_OWNER))
+        return out
+
     # -- submission --------------------------------------------------------------------------------
     async def submit(self, candidates: list[Candidate]) -> bool:
-        """Submit in batches under the rate limit; False when the API stopped the run."""
+        """Submit in batches under the rate limit; False when the API stopped the run.
+
+        A refused batch (400: e.g. an asset the key may not touch) does not stop the others; a rejected
+        key (401/403) or an API that keeps failing (5xx, network, after retries) stops the run.
+        """
         assert self.api is not None and self.ledger is not None
         opts = self.opts
-        batches = list(_chunks(candidates, opts.batch_size))
+        batches = by_owner(candidates, opts.batch_size)
         for n, batch in enumerate(batches, 1):
             outcome = await self._submit_one(batch)
             if outcome.error is not None:
-                message = str(outcome.error)
-                if isinstance(outcome.error, ApiAuthError):
-                    message += ": fix immich.api_key (it needs the asset.update permission); nothing was submitted"
+                stop = outcome.result == "error" or isinstance(outcome.error, ApiAuthError)
+                message = str(outcome.error) + _auth_hint(outcome.error)
                 if message not in self.report.errors:
                     self.report.errors.append(message)
-                for rest in batches[n - 1 :]:
+                for rest in batches[n - 1 :] if stop else [batch]:
                     for c in rest:
                         if c.asset_id not in self.tracked:
                             self.report.set(Row(c.asset_id, "not_submitted", c.problems, tuple(sorted(c.kinds)),
                                                 detail=f"request {outcome.result}: {outcome.error}"))
-                return False
+                if stop:
+                    return False
+                continue
             log.info("regeneration request %d of %d: %d asset(s) accepted", n, len(batches), len(outcome.submitted))
             entries = self.ledger.get(outcome.submitted)
             by_id = {c.asset_id: c for c in batch}
@@ -592,7 +644,7 @@ class Regenerator:
                                         f"still {detail} after {attempts} attempt(s)"))
                     del self.tracked[a]
                 elif outcome in ("still_missing", "unchanged"):
-                    resubmit.append(Candidate(a, set(kinds), detail))
+                    resubmit.append(Candidate(a, set(kinds), detail, owner=chk.owner_id))
                 else:
                     self.report.set(Row(a, "waiting", detail, tuple(sorted(kinds)), attempts,
                                         f"checked {detail}; waiting for Immich"))
@@ -629,6 +681,7 @@ class Regenerator:
             self.ledger = Ledger.open_existing(opts.state_dir)
         candidates = await self.select()
         candidates = await self.skip_queued(candidates)
+        candidates = await self.skip_other_owners(candidates)
         if opts.limit is not None and len(candidates) > opts.limit:
             self.report.notes.append(
                 f"{len(candidates) - opts.limit} more asset(s) to submit left for a later run (--limit {opts.limit})"
@@ -732,6 +785,8 @@ class RemediationCollection:
         self._problems: list[Problem] = []
         self._problems_at = 0.0  # when the scan behind self._problems started
         self._scanned_at = float("-inf")
+        self._owner: str | None = None
+        self._owner_next = 0.0
 
     def bind_store(self, store: Any) -> None:
         """Read problems from the files collection's results instead of scanning again."""
@@ -810,8 +865,7 @@ class RemediationCollection:
                 break
         checks = await self.checker.check([*pending_ids, *fresh])
         sources["postgres"] = True
-        candidates: dict[str, set[str]] = {}
-        reset: list[str] = []
+        candidates: list[Candidate] = []
         for e in pending:
             chk = checks[e.asset_id]
             if not chk.exists or chk.original_exists is False:
@@ -825,7 +879,7 @@ class RemediationCollection:
             if outcome in ("fixed", "still_missing", "gave_up"):
                 self.verified[outcome] += 1
             if outcome in ("still_missing", "unchanged") and e.attempts < rem.max_attempts:
-                candidates[e.asset_id] = set(ek)
+                candidates.append(Candidate(e.asset_id, set(ek), chk.describe(ek), owner=chk.owner_id))
         for a in fresh:
             chk = checks[a]
             if not chk.exists or not chk.eligible or chk.original_exists is False:
@@ -833,16 +887,22 @@ class RemediationCollection:
             broken = {k for k, r, _ in chk.broken(kinds) if r in reasons}
             if not broken:
                 continue
-            candidates[a] = broken
             e = entries.get(a)
-            if e is not None and e.state == "fixed":
-                reset.append(a)
+            reset = e is not None and e.state == "fixed"
+            candidates.append(Candidate(a, broken, chk.describe(kinds), reset=reset, owner=chk.owner_id))
+        queued = other_owner = 0
         if candidates and self.config.redis.enabled:
             view = await queued_assets(self.config.redis)
             sources["redis"] = True
-            candidates = {a: k for a, k in candidates.items() if a not in view.assets}
-        chosen = dict(list(candidates.items())[: rem.max_per_round])
-        submitted, error = await self._submit(chosen, reset, sources)
+            before = len(candidates)
+            candidates = [c for c in candidates if c.asset_id not in view.assets]
+            queued = before - len(candidates)
+        owner = await self._key_owner() if candidates else None
+        if owner is not None:
+            before = len(candidates)
+            candidates = [c for c in candidates if c.owner in (None, owner)]
+            other_owner = before - len(candidates)
+        submitted, error = await self._submit(candidates[: rem.max_per_round], sources)
         if "immich_api" not in sources:
             try:
                 await asyncio.wait_for(self.api.ping(), float(self.config.immich.timeout) + 5)
@@ -852,24 +912,36 @@ class RemediationCollection:
             except TimeoutError:
                 sources["immich_api"] = "did not answer in time"
         detail.update(
-            pending=len(pending), candidates=len(candidates), submitted=submitted, ledger=ledger.counts(),
+            pending=len(pending), candidates=len(candidates), submitted=submitted, already_queued=queued,
+            other_owner=other_owner, ledger=ledger.counts(),
             problems_from="files collection" if self._store is not None else "own scan",
         )
         return error
 
-    async def _submit(
-        self, chosen: dict[str, set[str]], reset: Iterable[str], sources: dict[str, bool | str]
-    ) -> tuple[int, str | None]:
+    async def _key_owner(self) -> str | None:
+        """The API key's user, asked once an hour; None when the key may not read it."""
+        if time.monotonic() < self._owner_next:
+            return self._owner
+        self._owner_next = time.monotonic() + 3600.0
+        try:
+            self._owner = await asyncio.wait_for(self.api.me(), float(self.config.immich.timeout) + 5)
+        except (ApiError, TimeoutError) as exc:
+            log.info("cannot tell which Immich user the API key belongs to (%s): requests go one owner at a time",
+                     exc)
+            self._owner = None
+        return self._owner
+
+    async def _submit(self, chosen: list[Candidate], sources: dict[str, bool | str]) -> tuple[int, str | None]:
         assert self.ledger is not None
         rem = self.config.remediation
-        items = list(chosen.items())
-        reset_set = set(reset)
         submitted = 0
-        for i in range(0, len(items), rem.batch_size):
-            batch = dict(items[i : i + rem.batch_size])
+        error: str | None = None
+        for batch in by_owner(chosen, rem.batch_size):
             await self.limiter.acquire()
-            outcome = await submit_batch(self.api, self.ledger, batch, retry_after=rem.verify_after,
-                                         max_attempts=rem.max_attempts, reset=reset_set & set(batch))
+            outcome = await submit_batch(
+                self.api, self.ledger, {c.asset_id: c.kinds for c in batch}, retry_after=rem.verify_after,
+                max_attempts=rem.max_attempts, reset=[c.asset_id for c in batch if c.reset],
+            )
             if outcome.result == "none":
                 continue
             self.requests[outcome.result] += 1
@@ -877,13 +949,14 @@ class RemediationCollection:
                 submitted += len(outcome.submitted)
                 sources["immich_api"] = True
                 continue
+            error = f"immich_api: {outcome.error}{_auth_hint(outcome.error)}"
+            if outcome.result == "rejected" and not isinstance(outcome.error, ApiAuthError):
+                sources["immich_api"] = True  # 400 for this batch: the others may still go through
+                continue
             # 403 says the key lacks a permission: the API itself is up, the collection failed.
-            if outcome.error.status == 403:
-                sources["immich_api"] = True
-            else:
-                sources["immich_api"] = str(outcome.error)
-            return submitted, f"immich_api: {outcome.error}"
-        return submitted, None
+            sources["immich_api"] = True if outcome.error.status == 403 else str(outcome.error)
+            break
+        return submitted, error
 
     async def close(self) -> None:
         await self.api.close()

@@ -65,6 +65,12 @@ class FakeImmich:
         self.redis_url = redis_url
         self.mode = "ok"  # ok, 401, 403, 500
         self.fail_after: int | None = None  # answer 500 once this many POSTs were accepted
+        # The user the API key belongs to. Like Immich, POST /api/assets/jobs then refuses (400) a request
+        # naming any asset that user does not own (``owners``). None: ownership is not checked.
+        self.key_user: str | None = None
+        self.owners: dict[str, str] = {}
+        # False: GET /api/users/me answers 403, as for a key without the user.read permission.
+        self.me_allowed = True
         self.posts: list[tuple[float, list[str]]] = []
         self.accepted = 0
         self.queue = Queue(QUEUE, {"prefix": PREFIX, "connection": redis_url})
@@ -77,6 +83,7 @@ class FakeImmich:
         app.router.add_get("/api/server/ping", self.answer({"res": "pong"}))
         app.router.add_get("/api/server/version", self.answer({"major": 1, "minor": 137, "patch": 3}))
         app.router.add_get("/api/queues", self.answer([]))
+        app.router.add_get("/api/users/me", self.me)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -90,6 +97,12 @@ class FakeImmich:
             return web.json_response(doc)
 
         return handler
+
+    async def me(self, request: web.Request) -> web.Response:
+        if self.key_user is None or not self.me_allowed:
+            return web.json_response({"message": "Missing required permission: user.read", "statusCode": 403},
+                                     status=403)
+        return web.json_response({"id": self.key_user, "email": "admin@example.com", "isAdmin": True})
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -112,6 +125,9 @@ class FakeImmich:
         if mode == "500":
             return web.json_response({"message": "Internal server error", "statusCode": 500}, status=500)
         assert body.get("name") == "regenerate-thumbnail", body
+        if self.key_user is not None and any(self.owners.get(a) != self.key_user for a in body["assetIds"]):
+            return web.json_response({"message": "Not found or no asset.update access", "statusCode": 400},
+                                     status=400)
         for asset_id in body["assetIds"]:
             await asyncio.wait_for(self.queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
         self.accepted += 1
@@ -257,6 +273,14 @@ async def expected_sets(imm: Immich) -> tuple[set[str], set[str], set[str]]:
     fixable = problem_ids - no_original - symlinked
     assert len(fixable) >= 10 and len(no_original) == 1 and len(symlinked) == 1
     return fixable, no_original, symlinked
+
+
+async def owners_of(imm: Immich) -> dict[str, str]:
+    conn = await asyncpg.connect(imm.dsn, timeout=10)
+    try:
+        return {r[0]: r[1] for r in await conn.fetch('SELECT id::text, "ownerId"::text FROM asset', timeout=10)}
+    finally:
+        await conn.close()
 
 
 async def problem_assets(imm: Immich) -> set[str]:
@@ -413,9 +437,12 @@ async def test_apply_wait_fixes_and_verifies(
     by = results(report)
     assert by["fixed"] == fixable
     assert report.exit_code() == 0
-    # One request per batch of four, each asset asked for exactly once.
-    assert len(fake.posts) == -(-len(fixable) // 4)
-    assert all(len(ids) <= 4 for _, ids in fake.posts)
+    # Batches of at most four, never mixing owners (Immich refuses a request naming another user's
+    # asset); each asset asked for exactly once.
+    owners = await owners_of(imm)
+    per_owner = Counter(owners[a] for a in fixable)
+    assert len(fake.posts) == sum(-(-n // 4) for n in per_owner.values())
+    assert all(len(ids) <= 4 and len({owners[a] for a in ids}) == 1 for _, ids in fake.posts)
     assert fake.submissions() == Counter({a: 1 for a in fixable})
     assert report.requests["accepted"] == len(fake.posts)
     # Independently of the exporter's own verification: only what regeneration cannot fix is left.
@@ -444,8 +471,13 @@ async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
     assert "fixed" not in by
     assert report.exit_code() == 1
     assert fake.submissions() == Counter({a: 2 for a in fixable})
-    assert len(fake.posts) == 2
-    assert fake.posts[1][0] - fake.posts[0][0] >= 0.6  # not resubmitted before its window was over
+    owners = await owners_of(imm)
+    assert len(fake.posts) == 2 * len({owners[a] for a in fixable})  # one request per owner and attempt
+    times: dict[str, list[float]] = {}
+    for at, ids in fake.posts:
+        for a in ids:
+            times.setdefault(a, []).append(at)
+    assert all(t[1] - t[0] >= 0.6 for t in times.values())  # never resubmitted before its window was over
     assert Counter(worker.processed) == Counter({a: 2 for a in fixable})
     for a in fixable:
         assert "after 2 attempt(s)" in report.rows[a].detail
@@ -453,9 +485,10 @@ async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
     assert {rows[a]["state"] for a in fixable} == {"gave_up"}
     assert all("after 2 attempt(s)" in rows[a]["gave_up_reason"] for a in fixable)
     # A later run does not start over on its own, and says why.
+    posts = len(fake.posts)
     report = await regenerate(config, options(tmp_path, apply=True))
     assert results(report)["gave_up"] == fixable
-    assert len(fake.posts) == 2
+    assert len(fake.posts) == posts
     assert report.exit_code() == 1
 
 
@@ -467,17 +500,18 @@ async def test_interrupted_run_resumes_from_the_ledger(
     config = make_config(imm, fake, tmp_path)
     opts = options(tmp_path, apply=True, wait=True, retry_after=30, timeout=60)
     task = asyncio.create_task(regenerate(config, opts))
-    await wait_for(lambda: len(fake.posts) == 1, timeout=30)
+    await wait_for(lambda: set(fake.submissions()) == fixable, timeout=30)
     await wait_for(lambda: {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}, timeout=10)
     task.cancel()  # Ctrl-C while waiting for Immich
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(task, 10)
     assert set(ledger_rows(tmp_path)) == fixable
+    posts = len(fake.posts)
 
     # Right after the restart: nothing is asked again before its window is over.
     report = await regenerate(config, options(tmp_path, apply=True, retry_after=30))
     assert results(report)["waiting"] == fixable
-    assert len(fake.posts) == 1
+    assert len(fake.posts) == posts
     assert report.exit_code() == 0
 
     # Immich's worker comes back and works through the jobs queued before the interruption.
@@ -485,7 +519,7 @@ async def test_interrupted_run_resumes_from_the_ledger(
         report = await regenerate(config, opts)
     assert results(report)["fixed"] == fixable
     assert report.exit_code() == 0
-    assert len(fake.posts) == 1
+    assert len(fake.posts) == posts
     assert fake.submissions() == Counter({a: 1 for a in fixable})
     assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"fixed"}
     assert {r["attempts"] for r in ledger_rows(tmp_path).values()} == {1}
@@ -621,3 +655,36 @@ async def test_scan_review_by_reason_and_time_estimate(
     assert f"Regeneration can fix {len(fixable)} asset(s) (no_record 3, file_missing" in out
     assert "Cannot fix 1 asset(s) whose original is missing (file_missing 1)" in out
     assert "Time to regenerate: about" in out and "6 thumbnail jobs finished over" in out
+
+
+async def test_only_the_key_users_assets_are_submitted(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, _, _ = await expected_sets(imm)
+    fake.owners = await owners_of(imm)
+    fake.key_user = fake.owners[sorted(fixable)[0]]
+    mine = {a for a in fixable if fake.owners[a] == fake.key_user}
+    assert 0 < len(mine) < len(fixable)
+    config = make_config(imm, fake, tmp_path, valkey.url)
+
+    # A key that may not say whose it is: requests go one owner at a time; Immich refuses the other
+    # owner's request, which stops neither the key user's request nor its verification.
+    fake.me_allowed = False
+    async with thumbnail_worker(imm, valkey):
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True))
+    by = results(report)
+    assert by["fixed"] == mine
+    assert by["not_submitted"] == fixable - mine
+    assert len(fake.posts) == 2 and {frozenset(ids) for _, ids in fake.posts} == {frozenset(mine),
+                                                                                  frozenset(fixable - mine)}
+    assert report.exit_code() == 2
+    assert report.errors == ["POST /api/assets/jobs: HTTP 400: Not found or no asset.update access"]
+    assert any("cannot tell which Immich user the API key belongs to" in n for n in report.notes)
+
+    # A key that says whose it is: the other user's assets are skipped with the reason, nothing is sent.
+    fake.me_allowed = True
+    report = await regenerate(config, options(tmp_path, apply=True, wait=True))
+    assert results(report) == {"skipped": (fixable - mine) | {a for a in report.rows if a not in fixable}}
+    assert all("owned by another Immich user" in report.rows[a].detail for a in fixable - mine)
+    assert len(fake.posts) == 2
+    assert report.exit_code() == 0

@@ -193,6 +193,16 @@ class ImmichApi:
         request: that says nothing about whether a worker will ever process it."""
         await self.request("POST", "assets/jobs", {"name": "regenerate-thumbnail", "assetIds": list(asset_ids)})
 
+    async def me(self) -> str:
+        """The id of the user the API key belongs to (``GET /api/users/me``, permission ``user.read``).
+
+        Immich lets a key regenerate only its own user's assets: ``POST /api/assets/jobs`` checks
+        ``asset.update`` access, which is ownership, for every id, admin or not."""
+        doc = await self.request("GET", "users/me")
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            raise ApiError("GET /api/users/me: unexpected answer")
+        return str(doc["id"])
+
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             with contextlib.suppress(TimeoutError):
