@@ -24,7 +24,7 @@ from prometheus_client.core import Metric
 
 from exporter.collectors import Outcome
 from exporter.config import Config, load_config
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey
+from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
 from exporter.queues import QueueCollection, check_connections, is_asset_job, worker_queue
 from exporter.sources.postgres import PostgresSource
 from tests.conftest import ROOT, Immich, make_immich, wait_for
@@ -595,6 +595,14 @@ async def test_acl_user_password_file_and_client_list_refused(
             # The first round after the kill may only find its connection closed; the next reconnects.
             assert states[-1] is True, states
 
+            # REDIS_URL naming the user, the password from REDIS_PASSWORD_FILE.
+            url_config = load_config(None, environ={
+                "REDIS_URL": f"redis://{user}@127.0.0.1:{valkey.port}/0", "REDIS_PASSWORD_FILE": str(secret),
+                "DB_URL": immich_db.dsn,
+            }, overrides={"intervals.queues": "2s"})
+            async with collection(url_config) as by_url:
+                assert jobs(flat(await collect_ok(by_url)), "waiting") == 1
+
             secret.write_text("wrong\n")
             admin.execute_command("CLIENT", "KILL", "USER", user)
             states = [(await col.collect()).sources["redis"] for _ in range(2)]
@@ -627,6 +635,37 @@ async def test_unreachable_and_frozen_redis(valkey: EmbeddedValkey, immich_db: I
         finally:
             valkey.resume()
         await wait_for(lambda: _redis_up(col), 10, 0.2)
+
+
+@pytest.fixture
+def socket_valkey(tmp_path: Path) -> Iterator[Path]:
+    """A Valkey listening on a unix socket only (REDIS_SOCKET)."""
+    sock = tmp_path / "valkey.sock"
+    server = subprocess.Popen(
+        [valkey_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield sock
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_unix_socket(immich_db: Immich, socket_valkey: Path) -> None:
+    config = load_config(None, environ={"REDIS_SOCKET": str(socket_valkey), "REDIS_DBINDEX": "2",
+                                        "DB_URL": immich_db.dsn})
+    client = redis.Redis(unix_socket_path=str(socket_valkey), db=2)
+    client.hset(f"{PREFIX}:{QUEUE}:meta", "opts.maxLenEvents", "10000")
+    client.lpush(f"{PREFIX}:{QUEUE}:wait", "1", "2")
+    async with collection(config) as col:
+        outcome = await collect_ok(col)
+        assert jobs(flat(outcome), "waiting") == 2
 
 
 async def _redis_up(col: QueueCollection) -> bool:

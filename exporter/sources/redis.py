@@ -19,7 +19,7 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
@@ -55,13 +55,14 @@ T = TypeVar("T")
 class _SecretCredentials(CredentialProvider):
     """Reads the password on every new connection, so a rotated password file takes effect at once."""
 
-    def __init__(self, config: RedisConfig) -> None:
+    def __init__(self, config: RedisConfig, username: str | None) -> None:
         self.config = config
+        self.username = username
 
     def get_credentials(self) -> tuple[str] | tuple[str, str]:
         password = self.config.password.get() if self.config.password else ""
-        if self.config.username:
-            return (self.config.username, password)
+        if self.username:
+            return (self.username, password)
         return (password,)
 
     async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
@@ -168,12 +169,17 @@ class RedisSource:
         if cfg.url:
             url = cfg.url.get()
             kwargs = dict(common)
-            if cfg.password and not urlsplit(url).password:
-                kwargs["credential_provider"] = _SecretCredentials(cfg)
+            parts = urlsplit(url)
+            if cfg.password and not parts.password:
+                # REDIS_URL without a password plus REDIS_PASSWORD(_FILE): the password file is read on
+                # every connection; the URL's user name, if any, goes with it.
+                username = unquote(parts.username) if parts.username else cfg.username
+                url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+                kwargs["credential_provider"] = _SecretCredentials(cfg, username)
             return aioredis.Redis.from_url(url, **kwargs)
         kwargs = dict(common)
         if cfg.password or cfg.username:
-            kwargs["credential_provider"] = _SecretCredentials(cfg)
+            kwargs["credential_provider"] = _SecretCredentials(cfg, cfg.username)
         if cfg.socket:
             return aioredis.Redis(unix_socket_path=cfg.socket, db=cfg.db, **kwargs)
         return aioredis.Redis(host=cfg.host or "localhost", port=cfg.port, db=cfg.db, **kwargs)
