@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,11 +178,22 @@ class Ledger:
             raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        try:
             self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            return list(self._db.execute(sql, params))
         except sqlite3.Error as exc:
             raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
 
@@ -191,7 +202,7 @@ class Ledger:
         out: dict[str, Entry] = {}
         for chunk in _chunks(list(asset_ids)):
             marks = ",".join("?" * len(chunk))
-            for r in self._db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
+            for r in self._query(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
                 e = _row(r)
                 out[e.asset_id] = e
         return out
@@ -200,14 +211,14 @@ class Ledger:
         """Entries in these states, oldest submission first."""
         wanted = list(states)
         marks = ",".join("?" * len(wanted))
-        rows = self._db.execute(
+        rows = self._query(
             f"SELECT {_COLUMNS} FROM asset WHERE state IN ({marks}) ORDER BY last_submitted, asset_id LIMIT ?",
             [*wanted, limit],
         )
         return [_row(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
-        return {str(s): int(n) for s, n in self._db.execute("SELECT state, count(*) FROM asset GROUP BY state")}
+        return {str(s): int(n) for s, n in self._query("SELECT state, count(*) FROM asset GROUP BY state", ())}
 
     # -- writers ---------------------------------------------------------------------------------
     def claim(

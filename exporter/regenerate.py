@@ -132,21 +132,25 @@ class Options:
     @classmethod
     def from_args(cls, config: Config, args: argparse.Namespace) -> Options:
         rem = config.remediation
+        def flag(name: str, default: Any) -> Any:
+            given = getattr(args, name, None)
+            return default if given is None else given
+
         opts = cls(
-            apply=bool(getattr(args, "apply", False)),
+            apply=bool(flag("apply", False)),
             kinds=tuple(dict.fromkeys(args.kind)) if getattr(args, "kind", None) else KINDS,
             reasons=tuple(dict.fromkeys(args.reason)) if getattr(args, "reason", None) else None,
             assets=tuple(dict.fromkeys(args.asset)) if getattr(args, "asset", None) else (),
-            limit=getattr(args, "limit", None),
-            batch_size=getattr(args, "batch_size", None) or rem.batch_size,
-            rate=getattr(args, "rate", None) or rem.requests_per_second,
-            wait=bool(getattr(args, "wait", False)),
-            timeout=getattr(args, "timeout", None),
-            max_attempts=getattr(args, "max_attempts", None) or rem.max_attempts,
-            retry_after=getattr(args, "retry_after", None) or float(rem.verify_after),
-            retry_gave_up=bool(getattr(args, "retry_gave_up", False)),
-            state_dir=getattr(args, "state_dir", None) or rem.state_dir,
-            format=getattr(args, "format", "table") or "table",
+            limit=flag("limit", None),
+            batch_size=flag("batch_size", rem.batch_size),
+            rate=flag("rate", rem.requests_per_second),
+            wait=bool(flag("wait", False)),
+            timeout=flag("timeout", None),
+            max_attempts=flag("max_attempts", rem.max_attempts),
+            retry_after=float(flag("retry_after", rem.verify_after)),
+            retry_gave_up=bool(flag("retry_gave_up", False)),
+            state_dir=flag("state_dir", rem.state_dir),
+            format=flag("format", "table"),
         )
         problems = []
         if opts.limit is not None and opts.limit < 1:
@@ -336,8 +340,13 @@ class Regenerator:
         # Headers are always checked here: a corrupt preview is as broken as a missing one.
         config = dataclasses.replace(self.config, checks=dataclasses.replace(self.config.checks, verify_headers=True))
         store = ProblemStore()
+        deadline = float(self.config.intervals.files)
         try:
-            result = await run_scan(self.pg, config, store)
+            try:
+                # The same deadline as serve's file check: a scan that never ends is an outage, not a result.
+                result = await asyncio.wait_for(run_scan(self.pg, config, store), deadline)
+            except TimeoutError:
+                raise Failure(f"the scan did not finish within intervals.files ({deadline:.0f}s)") from None
             select_reasons = set(self.opts.reasons or REASONS)
             kinds = set(self.opts.kinds)
             wanted = set(self.opts.assets)

@@ -30,15 +30,17 @@ from aiohttp import web
 from bullmq import Queue, Worker
 
 from exporter import report as scan_report
+from exporter.collectors import FilesCollection
 from exporter.config import Config, load_config
 from exporter.embedded import EmbeddedValkey
 from exporter.ledger import FILENAME, Ledger
 from exporter.model import ProblemStore
 from exporter.paths import PathMapper
-from exporter.regenerate import Options, RunReport, regenerate
+from exporter.regenerate import Options, RemediationCollection, RunReport, regenerate
 from exporter.remediation import thumbnail_throughput
 from exporter.scanner import run_scan
 from exporter.seed import ERAS, Plan, jpeg, webp
+from exporter.snapshot import Result, Store
 from exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
@@ -688,3 +690,49 @@ async def test_only_the_key_users_assets_are_submitted(
     assert all("owned by another Immich user" in report.rows[a].detail for a in fixable - mine)
     assert len(fake.posts) == 2
     assert report.exit_code() == 0
+
+
+async def test_remediation_reads_problems_from_the_files_result(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """Bound to the exporter's store, a round takes the files collection's problems instead of scanning."""
+    fixable, _, _ = await expected_sets(imm)
+    config = make_config(imm, fake, tmp_path, valkey.url, **{
+        "remediation.enabled": True, "remediation.verify_after": "1s", "remediation.requests_per_second": 50,
+        "checks.verify_headers": True,
+    })
+    pg = PostgresSource(config.database)
+    files = FilesCollection(config, pg)
+    collection = RemediationCollection(config, pg)
+    store = Store(["files", "remediation"], ["postgres", "filesystem", "immich_api", "redis"])
+    collection.bind_store(store)
+    try:
+        outcome = await asyncio.wait_for(collection.collect(), 30)
+        assert outcome.detail["candidates"] == 0 and fake.posts == []  # no files result yet: no scan of its own
+        assert outcome.error is None
+        files_outcome = await asyncio.wait_for(files.collect(), 60)
+        store.publish(Result("files", True, 0.1, time.time(), files_outcome.parts, None, files_outcome.detail))
+        async with thumbnail_worker(imm, valkey):
+            outcome = await asyncio.wait_for(collection.collect(), 30)
+            assert outcome.detail["problems_from"] == "files collection"
+            assert outcome.detail["submitted"] == len(fixable)
+            assert set(fake.submissions()) == fixable
+
+            async def all_fixed() -> bool:
+                await asyncio.wait_for(collection.collect(), 30)
+                return collection.verified["fixed"] == len(fixable)
+
+            await wait_for(all_fixed, timeout=30, interval=0.2)
+        # The files result still lists the old problems; the ledger knows better: nothing is asked twice.
+        outcome = await asyncio.wait_for(collection.collect(), 30)
+        assert outcome.detail["submitted"] == 0
+        assert fake.submissions() == Counter({a: 1 for a in fixable})
+        (part,) = outcome.parts
+        assert part.needs == {"immich_api", "postgres"}
+        values = {(s.name, s.labels["result"]): s.value for fam in part.families for s in fam.samples}
+        assert values[("immich_regeneration_requests_total", "accepted")] == collection.requests["accepted"] >= 1
+        assert values[("immich_regeneration_verified_total", "fixed")] == len(fixable)
+        assert values[("immich_regeneration_verified_total", "still_missing")] == 0
+    finally:
+        await collection.close()
+        await pg.close()
