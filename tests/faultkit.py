@@ -1,0 +1,196 @@
+"""Tools for the reliability tests: a dedicated PostgreSQL, a scraper that times every request while
+faults happen, process-resource counts, and whole-server freezes.
+
+``EmbeddedPostgres.pause()`` freezes the postmaster and each backend (separate processes), which is what
+``docker pause`` does to a database container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from exporter.embedded import EmbeddedPostgres, _Process
+from exporter.sources.postgres import APPLICATION_NAME
+from tests.helpers import samples
+
+
+def dedicated_postgres(password_auth: bool = False) -> EmbeddedPostgres:
+    """A PostgreSQL of our own (we stop, kill and freeze it). With ``password_auth``, every role but
+    ``postgres`` must give its password (scram-sha-256), so rotation can really be tested."""
+    pg = EmbeddedPostgres()
+    pg.init()
+    if password_auth:
+        hba = pg.datadir / "data" / "pg_hba.conf"
+        hba.write_text(
+            "local all postgres trust\n"
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+        )
+    pg.start()
+    return pg
+
+
+def freeze(server: _Process) -> None:
+    """SIGSTOP the server and every backend of it, as ``docker pause`` would."""
+    server.pause()
+
+
+def thaw(server: _Process) -> None:
+    server.resume()
+
+
+async def exporter_connections(pg: EmbeddedPostgres, database: str | None = None) -> int:
+    """Sessions the exporter holds on this server (pg_stat_activity, by application_name)."""
+    conn = await asyncpg.connect(pg.dsn, timeout=5)
+    try:
+        query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        args: list[Any] = [APPLICATION_NAME]
+        if database is not None:
+            query += " AND datname = $2"
+            args.append(database)
+        return int(await conn.fetchval(query, *args, timeout=5))
+    finally:
+        await conn.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Resources:
+    tasks: int
+    threads: int
+    fds: int
+    rss: int
+
+    @classmethod
+    def now(cls) -> Resources:
+        return cls(len(asyncio.all_tasks()), threading.active_count(), fd_count(), rss_bytes())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Watch:
+    """Scrapes ``/metrics`` back to back while a fault happens; records latency and what it said."""
+
+    url: str
+    budget: float = 1.0
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
+    max_tasks: int = 0
+    max_threads: int = 0
+    _stop: bool = False
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self._stop:
+                t0 = time.monotonic()
+                try:
+                    async with session.get(self.url + "/metrics") as resp:
+                        text = await resp.text()
+                        status = resp.status
+                except Exception as exc:  # a scrape that fails is a finding, not a test crash
+                    self.failures.append(f"{type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.05)
+                    continue
+                took = time.monotonic() - t0
+                self.latencies.append(took)
+                if status != 200:
+                    self.failures.append(f"HTTP {status}")
+                else:
+                    self.last = samples(text)
+                self.max_tasks = max(self.max_tasks, len(asyncio.all_tasks()))
+                self.max_threads = max(self.max_threads, threading.active_count())
+                await asyncio.sleep(0.05)
+
+    def up(self, source: str) -> float | None:
+        return self.last.get(("immich_exporter_source_up", (("source", source),)))
+
+    def has(self, name: str) -> bool:
+        return any(key[0] == name for key in self.last)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 0.99)
+
+    def check(self) -> None:
+        assert not self.failures, self.failures[:5]
+        assert self.latencies, "no scrape finished"
+        slow = [t for t in self.latencies if t >= self.budget]
+        assert not slow, f"{len(slow)} of {len(self.latencies)} scrapes took {self.budget}s or more: {slow[:5]}"
+
+    def summary(self) -> str:
+        return (f"{len(self.latencies)} scrapes, p50 {percentile(self.latencies, 0.5) * 1000:.1f} ms, "
+                f"p99 {self.p99 * 1000:.1f} ms, max {max(self.latencies, default=0) * 1000:.1f} ms")
+
+
+@contextlib.asynccontextmanager
+async def watching(url: str, budget: float = 1.0) -> AsyncIterator[Watch]:
+    watch = Watch(url, budget)
+    task = asyncio.create_task(watch.run(), name="test-watch")
+    try:
+        yield watch
+    finally:
+        watch._stop = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 15)
+
+
+async def until(predicate: Any, timeout: float, interval: float = 0.05) -> float:
+    """Poll until ``predicate()`` is truthy; return the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def moved_away(path: str) -> Iterator[str]:
+    """Rename ``path`` aside for the duration (an unmounted volume), and put it back."""
+    aside = path + ".away"
+    os.rename(path, aside)
+    try:
+        yield aside
+    finally:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        if os.path.exists(aside):
+            os.rename(aside, path)
+
+
+def write_report(name: str, lines: list[str]) -> None:
+    """Figures for the issue note, next to pytest's cache (never asserted on)."""
+    out = Path(__file__).resolve().parent.parent / ".pytest_cache" / "reliability"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.txt").write_text("\n".join(lines) + "\n")

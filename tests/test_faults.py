@@ -1,0 +1,499 @@
+"""Faults under a running exporter, with real processes: PostgreSQL stopped, killed and frozen (also in
+the middle of a file check), the media folder unmounted in the middle of a scan, Immich's API hanging.
+
+In every case ``/metrics`` keeps answering within its budget (each scrape is timed), ``source_up`` tells
+the truth, series that only a dead source fed disappear, no collection piles up behind a hung one, the
+exporter never holds more PostgreSQL sessions than its pool, and it recovers by itself within one
+interval of the backend returning. Intervals are short here only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer as AiohttpServer
+
+import exporter.scanner
+from exporter.embedded import EmbeddedPostgres, EmbeddedValkey
+from exporter.seed import Plan
+from exporter.server import Exporter
+from tests.conftest import Immich, make_immich
+from tests.faultkit import (
+    Resources,
+    Watch,
+    dedicated_postgres,
+    exporter_connections,
+    freeze,
+    thaw,
+    until,
+    watching,
+    write_report,
+)
+from tests.helpers import running_exporter
+
+pytestmark = pytest.mark.asyncio
+
+POOL = 2
+INTERVALS = {"inventory": 2.0, "files": 3.0, "queues": 1.0}  # queues sets the probe interval: 1s
+# Detection: one probe interval plus the connect timeout. Recovery: a probe interval plus one round.
+DETECT = INTERVALS["queues"] + 2.0 + 3.0
+RECOVER = max(INTERVALS.values()) + 2.0
+REPORT: list[str] = []
+
+
+@pytest.fixture(scope="module")
+def fault_pg() -> Iterator[EmbeddedPostgres]:
+    pg = dedicated_postgres()
+    try:
+        yield pg
+    finally:
+        pg.resume()
+        pg.cleanup()
+        write_report("faults", REPORT)
+
+
+@pytest_asyncio.fixture
+async def imm(fault_pg: EmbeddedPostgres) -> AsyncIterator[Immich]:
+    if not fault_pg.running:
+        fault_pg.start()
+    made = await make_immich(fault_pg, "v1.136+")
+    yield made
+    shutil.rmtree(made.media, ignore_errors=True)
+
+
+def overrides(imm: Immich, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "media.root": imm.media,
+        "intervals.inventory": f"{INTERVALS['inventory']}s",
+        "intervals.files": f"{INTERVALS['files']}s",
+        "intervals.queues": f"{INTERVALS['queues']}s",
+        "database.pool_size": POOL,
+        "database.connect_timeout": "2s",
+        "database.statement_timeout": "10s",
+    }
+    out.update(extra)
+    return out
+
+
+def healthy(w: Watch) -> bool:
+    return (w.up("postgres") == 1 and w.up("filesystem") == 1
+            and w.has("immich_assets") and w.has("immich_thumbnail_files"))
+
+
+async def settle(ex: Exporter, w: Watch, imm: Immich) -> Resources:
+    """Wait until everything is up and both collections have published; return the resource baseline."""
+    await until(lambda: healthy(w), 30)
+    await until(lambda: ex.store.result("files") is not None and ex.store.result("files").success, 30)
+    await asyncio.sleep(0.5)
+    return Resources.now()
+
+
+async def assert_bounded_connections(imm: Immich) -> int:
+    """The exporter's sessions on this server, once the server is answering: never above its pool."""
+    async def ok() -> bool:
+        return await exporter_connections(imm.postgres, imm.database) <= POOL
+
+    await until(ok, 15, 0.2)
+    return await exporter_connections(imm.postgres, imm.database)
+
+
+def no_pile_up(w: Watch, base: Resources) -> None:
+    # One loop per collection and one probe loop exist whatever happens; a hung backend may hold one
+    # extra task (a cancelled query's clean-up) and the executor's threads are capped.
+    assert w.max_tasks <= base.tasks + 6, (w.max_tasks, base.tasks)
+    assert w.max_threads <= base.threads + 6, (w.max_threads, base.threads)
+
+
+async def outage(
+    imm: Immich, fault: Callable[[], None], restore: Callable[[], None], label: str, hold: float = 4.0
+) -> None:
+    """Run the exporter, apply ``fault``, check what it shows, ``restore``, check it recovers."""
+    async with running_exporter(overrides(imm), env=imm.env()) as (ex, url), watching(url) as w:
+        base = await settle(ex, w, imm)
+        fault()
+        t_fault = time.monotonic()
+        detected = await until(lambda: w.up("postgres") == 0, DETECT)
+        # Everything fed by PostgreSQL is gone; the media folder is still known to be fine.
+        await until(lambda: not w.has("immich_assets") and not w.has("immich_thumbnail_files"), DETECT)
+        assert w.up("filesystem") == 1
+        assert w.has("immich_exporter_build_info")
+        # Stay down a while: retries with backoff, nothing piles up, scrapes stay fast.
+        while time.monotonic() - t_fault < hold:
+            assert w.up("postgres") == 0 and not w.has("immich_assets")
+            await asyncio.sleep(0.1)
+        restore()
+        recovered = await until(lambda: healthy(w), RECOVER)
+        conns = await assert_bounded_connections(imm)
+        w.check()
+        no_pile_up(w, base)
+        REPORT.append(
+            f"{label}: down detected in {detected:.2f}s, recovered {recovered:.2f}s after the backend "
+            f"returned; {w.summary()}; tasks {base.tasks}->{w.max_tasks} max, threads {base.threads}->"
+            f"{w.max_threads} max; exporter sessions after recovery {conns} (pool {POOL})"
+        )
+
+
+async def test_postgres_stopped_and_restarted(imm: Immich) -> None:
+    await outage(imm, imm.postgres.stop, imm.postgres.start, "postgres stopped")
+
+
+async def test_postgres_killed_and_restarted(imm: Immich) -> None:
+    await outage(imm, imm.postgres.kill, imm.postgres.start, "postgres SIGKILL")
+
+
+async def test_postgres_frozen(imm: Immich) -> None:
+    await outage(imm, lambda: freeze(imm.postgres), lambda: thaw(imm.postgres), "postgres frozen", hold=6.0)
+
+
+# -- in the middle of a file check --------------------------------------------------------------------
+
+
+def hook_reconcile(monkeypatch: pytest.MonkeyPatch, after_rows: int, action: Callable[[], None]) -> dict[str, int]:
+    """Make the files collection call ``action`` once, in the middle of its merge (after a few batches)."""
+    real = exporter.scanner.reconcile
+    state = {"fired": 0, "scans": 0, "armed": 0}
+
+    async def reconcile(*args: Any, **kwargs: Any) -> None:
+        state["scans"] += 1
+        outer = kwargs.pop("progress", None)
+
+        def progress(stats: Any) -> None:
+            if state["armed"] and not state["fired"] and stats.rows >= after_rows:
+                state["fired"] = 1
+                action()
+            if outer is not None:
+                outer(stats)
+
+        await real(*args, progress=progress, **kwargs)
+
+    monkeypatch.setattr(exporter.scanner, "reconcile", reconcile)
+    return state
+
+
+@pytest.fixture(scope="module")
+def big(fault_pg: EmbeddedPostgres) -> Iterator[Immich]:
+    """A library big enough that its file check takes many cursor batches (shared: tests put back what
+    they move)."""
+    if not fault_pg.running:
+        fault_pg.start()
+    made = asyncio.run(make_immich(fault_pg, "v1.136+", Plan(assets=800)))
+    yield made
+    shutil.rmtree(made.media, ignore_errors=True)
+
+
+@pytest.fixture
+def running_pg(big: Immich) -> Immich:
+    if not big.postgres.running:
+        big.postgres.start()
+    return big
+
+
+async def test_postgres_frozen_in_the_middle_of_a_file_check(
+    running_pg: Immich, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = running_pg
+    state = hook_reconcile(monkeypatch, 500, lambda: freeze(big.postgres))
+    extra = {"database.fetch_size": 100, "intervals.files": "4s"}
+    async with running_exporter(overrides(big, **extra), env=big.env()) as (ex, url), watching(url) as w:
+        base = await settle(ex, w, big)
+        state["armed"] = 1
+        await until(lambda: state["fired"], 30)
+        t_fault = time.monotonic()
+        detected = await until(lambda: w.up("postgres") == 0, DETECT)
+        await until(lambda: not w.has("immich_assets") and not w.has("immich_thumbnail_files"), DETECT)
+        # The interrupted scan never published: its deadline ended it, and nothing from it is shown.
+        await until(lambda: not ex.store.result("files").success, 10)
+        files = ex.store.result("files")
+        assert files is not None and files.error
+        while time.monotonic() - t_fault < 6:
+            assert not w.has("immich_thumbnail_files")
+            await asyncio.sleep(0.1)
+        thaw(big.postgres)
+        recovered = await until(lambda: healthy(w), RECOVER + 4)
+        conns = await assert_bounded_connections(big)
+        w.check()
+        no_pile_up(w, base)
+        REPORT.append(
+            f"postgres frozen mid file check (after 500 rows): down in {detected:.2f}s, files error "
+            f"{files.error!r}, recovered {recovered:.2f}s after thaw; {w.summary()}; sessions {conns}"
+        )
+
+
+def put_back(aside: str, path: str) -> None:
+    """Undo a move (when a test failed half way)."""
+    if os.path.isdir(aside):
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        os.rename(aside, path)
+
+
+async def test_media_root_unmounted_in_the_middle_of_a_scan(
+    running_pg: Immich, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = running_pg
+    root = big.media
+    aside = root + ".unmounted"
+
+    def unmount() -> None:
+        # What an unmounted volume looks like: the mount point is there, empty.
+        os.rename(root, aside)
+        os.mkdir(root)
+
+    def remount() -> None:
+        os.rmdir(root)
+        os.rename(aside, root)
+
+    state = hook_reconcile(monkeypatch, 500, unmount)
+    extra = {"database.fetch_size": 100, "intervals.files": "4s"}
+    try:
+        async with running_exporter(overrides(big, **extra), env=big.env()) as (ex, url), watching(url) as w:
+            base = await settle(ex, w, big)
+            done = ex.store.result("files")
+            state["armed"] = 1
+            await until(lambda: state["fired"], 30)
+            await until(lambda: ex.store.result("files") is not done, 10)
+            files = ex.store.result("files")
+            assert files is not None and not files.success
+            # The check at the end of the scan sees the folder is not the one it started on: discarded.
+            assert files.error and files.error.startswith("filesystem:"), files.error
+            assert "does not exist" in files.error or "changed during the scan" in files.error, files.error
+            detected = await until(lambda: w.up("filesystem") == 0, DETECT)
+            assert not w.has("immich_thumbnail_files") and not w.has("immich_thumbnail_orphaned_files")
+            # The database is fine: its own series stay.
+            assert w.up("postgres") == 1 and w.has("immich_assets")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5:
+                assert w.up("filesystem") == 0 and not w.has("immich_thumbnail_files")
+                await asyncio.sleep(0.1)
+            remount()
+            recovered = await until(lambda: healthy(w), RECOVER + 4)
+            w.check()
+            no_pile_up(w, base)
+            REPORT.append(
+                f"media root unmounted mid scan: scan discarded ({files.error!r}), filesystem down in "
+                f"{detected:.2f}s, recovered {recovered:.2f}s after remount; {w.summary()}"
+            )
+    finally:
+        put_back(aside, root)
+
+
+@pytest.mark.parametrize("how", ["gone", "replaced"])
+async def test_thumbs_folder_gone_or_replaced_in_the_middle_of_a_scan(
+    running_pg: Immich, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    big = running_pg
+    thumbs = os.path.join(big.media, "thumbs")
+    aside = thumbs + ".away"
+
+    def fault() -> None:
+        os.rename(thumbs, aside)
+        if how == "replaced":
+            os.mkdir(thumbs)  # another (empty) volume mounted in its place
+
+    state = hook_reconcile(monkeypatch, 500, fault)
+    extra = {"database.fetch_size": 100, "intervals.files": "4s"}
+    try:
+        async with running_exporter(overrides(big, **extra), env=big.env()) as (ex, url), watching(url) as w:
+            await settle(ex, w, big)
+            done = ex.store.result("files")
+            state["armed"] = 1
+            await until(lambda: state["fired"], 30)
+            await until(lambda: ex.store.result("files") is not done, 10)
+            files = ex.store.result("files")
+            # The half-walked scan is discarded, never published as "everything after this is missing".
+            assert files is not None and not files.success and not files.parts, files
+            want = "does not exist" if how == "gone" else "changed during the scan"
+            assert want in (files.error or ""), files.error
+            if how == "gone":
+                await until(lambda: w.up("filesystem") == 0, DETECT)
+                assert not w.has("immich_thumbnail_files")
+            put_back(aside, thumbs)
+            recovered = await until(lambda: healthy(w) and ex.store.result("files").success, RECOVER + 4)
+            w.check()
+            REPORT.append(f"thumbs/ {how} mid scan: {files.error!r}; recovered {recovered:.2f}s; {w.summary()}")
+    finally:
+        put_back(aside, thumbs)
+
+
+# -- Redis frozen, Immich's API hanging ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fault_valkey() -> Iterator[EmbeddedValkey]:
+    server = EmbeddedValkey()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.resume()
+        server.cleanup()
+
+
+async def add_waiting_jobs(valkey: EmbeddedValkey, n: int) -> None:
+    """An empty Valkey, then ``n`` jobs waiting in thumbnailGeneration (no worker)."""
+    import redis.asyncio as aioredis
+    from bullmq import Queue
+
+    client = aioredis.Redis.from_url(valkey.url)
+    await client.flushall()
+    await client.aclose()
+
+    queue = Queue("thumbnailGeneration", {"connection": valkey.url, "prefix": "immich_bull"})
+    try:
+        for _ in range(n):
+            await queue.add("AssetGenerateThumbnails", {"id": str(uuid.uuid4())}, {"removeOnComplete": True})
+    finally:
+        await queue.close()
+
+
+async def redis_connections(valkey: EmbeddedValkey) -> int:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(valkey.url, decode_responses=True, socket_timeout=5)
+    try:
+        return sum(1 for c in await client.client_list() if c.get("name") == "immich-thumbnail-exporter")
+    finally:
+        await client.aclose()
+
+
+def queue_jobs(w: Watch) -> float | None:
+    return w.last.get(("immich_queue_jobs", (("queue", "thumbnailGeneration"), ("state", "waiting"))))
+
+
+async def test_redis_frozen(imm: Immich, fault_valkey: EmbeddedValkey) -> None:
+    await add_waiting_jobs(fault_valkey, 3)
+    flags = overrides(imm, **{"redis.timeout": "1s"})
+    env = {**imm.env(), "REDIS_URL": fault_valkey.url}
+    async with running_exporter(flags, env=env) as (ex, url), watching(url) as w:
+        base = await settle(ex, w, imm)
+        await until(lambda: w.up("redis") == 1 and queue_jobs(w) == 3, 20)
+        base = Resources.now()
+        freeze(fault_valkey)
+        try:
+            detected = await until(lambda: w.up("redis") == 0, DETECT)
+            await until(lambda: queue_jobs(w) is None, DETECT)
+            # PostgreSQL and the media folder are fine: their series stay.
+            assert w.up("postgres") == 1 and w.has("immich_assets") and w.has("immich_thumbnail_files")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 6:
+                assert w.up("redis") == 0 and queue_jobs(w) is None
+                await asyncio.sleep(0.1)
+        finally:
+            thaw(fault_valkey)
+        recovered = await until(lambda: w.up("redis") == 1 and queue_jobs(w) == 3, RECOVER)
+        await until(lambda: redis_connections(fault_valkey), 10)  # answering again
+        conns = 0
+
+        async def bounded() -> bool:
+            nonlocal conns
+            conns = await redis_connections(fault_valkey)
+            return conns <= 4
+
+        await until(bounded, 15, 0.2)
+        w.check()
+        no_pile_up(w, base)
+        REPORT.append(
+            f"redis frozen: down in {detected:.2f}s, recovered {recovered:.2f}s after thaw; {w.summary()}; "
+            f"tasks {base.tasks}->{w.max_tasks} max, threads {base.threads}->{w.max_threads} max; "
+            f"redis connections after recovery {conns} (client max 4)"
+        )
+
+
+class HangingImmich:
+    """An Immich API that accepts connections and requests, then never answers (until ``hang`` is off)."""
+
+    def __init__(self) -> None:
+        self.hang = True
+        self._release = asyncio.Event()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.requests = 0
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.server = AiohttpServer(app, host="127.0.0.1", port=0)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/")).rstrip("/")
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hang:
+                await self._release.wait()
+        finally:
+            self.in_flight -= 1
+        if request.path == "/api/server/ping":
+            return web.json_response({"res": "pong"})
+        if request.path == "/api/server/version":
+            return web.json_response({"major": 2, "minor": 4, "patch": 1})
+        if request.path == "/api/queues":
+            return web.json_response([{"name": "thumbnailGeneration", "isPaused": False, "statistics": {
+                "active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 7, "paused": 0}}])
+        return web.json_response({"message": "not found"}, status=404)
+
+    def answer(self) -> None:
+        self.hang = False
+        self._release.set()
+
+
+@pytest_asyncio.fixture
+async def hanging_immich() -> AsyncIterator[HangingImmich]:
+    fake = HangingImmich()
+    await fake.server.start_server()
+    try:
+        yield fake
+    finally:
+        fake.answer()
+        await fake.server.close()
+
+
+@pytest.mark.parametrize("with_redis", [False, True], ids=["api-only", "api-and-redis"])
+async def test_immich_api_hanging(
+    imm: Immich, fault_valkey: EmbeddedValkey, hanging_immich: HangingImmich, with_redis: bool
+) -> None:
+    if with_redis:
+        await add_waiting_jobs(fault_valkey, 2)
+    flags = overrides(imm, **{"immich.timeout": "2s", "redis.timeout": "1s", "intervals.queues": "2s"})
+    env = {**imm.env(), "IMMICH_URL": hanging_immich.url, "IMMICH_API_KEY": "k"}
+    if with_redis:
+        env["REDIS_URL"] = fault_valkey.url
+    async with running_exporter(flags, env=env) as (ex, url), watching(url) as w:
+        await until(lambda: w.up("postgres") == 1 and w.has("immich_assets"), 30)
+        base = Resources.now()
+        await until(lambda: ex.store.result("queues") is not None, 10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 8:
+            result = ex.store.result("queues")
+            assert result is not None and result.duration < 2.0, result
+            await asyncio.sleep(0.2)
+        assert w.up("immich_api") == 0
+        if with_redis:
+            # Redis gives the queue series; the hung API takes nothing away from them.
+            assert w.up("redis") == 1 and queue_jobs(w) == 2
+        else:
+            assert not w.has("immich_queue_jobs")
+        # Nothing piles up behind the hung requests: the client's connection cap holds.
+        assert hanging_immich.max_in_flight <= 4, hanging_immich.max_in_flight
+        no_pile_up(w, base)
+        hanging_immich.answer()
+        recovered = await until(lambda: w.up("immich_api") == 1, RECOVER)
+        if not with_redis:  # the API's own queue counts are back
+            await until(lambda: queue_jobs(w) == 7, RECOVER)
+        w.check()
+        REPORT.append(
+            f"immich API hanging ({'with' if with_redis else 'without'} redis): {hanging_immich.requests} "
+            f"requests, at most {hanging_immich.max_in_flight} in flight; recovered {recovered:.2f}s; "
+            f"{w.summary()}"
+        )
