@@ -58,8 +58,8 @@ def regeneration_review(problems: ProblemStore | Sequence[Problem]) -> dict[str,
             if p.original_exists is None:
                 unchecked += 1
     return {
-        "can_fix": {r: can[r] for r in REASONS if can[r]},
-        "cannot_fix": {
+        "can_fix_by_reason": {r: can[r] for r in REASONS if can[r]},
+        "cannot_fix_by_reason": {
             "original_missing": {r: original_missing[r] for r in REASONS if original_missing[r]},
             "unreadable_by_exporter": {r: unreadable[r] for r in REASONS if unreadable[r]},
         },
@@ -185,14 +185,15 @@ def write_review(regen: dict[str, Any], out: TextIO) -> None:
 
     assets = regen["assets"]
     w("\nPost-restore review:\n")
-    w(f"  Regeneration can fix {assets['can_fix']} asset(s) ({by_reason(regen['can_fix'])})\n")
-    lost = regen["cannot_fix"]["original_missing"]
+    w(f"  Regeneration can fix {assets['can_fix']} asset(s) ({by_reason(regen['can_fix_by_reason'])})\n")
+    cannot = regen["cannot_fix_by_reason"]
+    lost = cannot["original_missing"]
     if assets["original_missing"]:
         w(f"  Cannot fix {assets['original_missing']} asset(s) whose original is missing ({by_reason(lost)}): "
           "restore the originals from a backup\n")
     if assets["unreadable_by_exporter"]:
         w(f"  {assets['unreadable_by_exporter']} asset(s) unreadable by the exporter "
-          f"({by_reason(regen['cannot_fix']['unreadable_by_exporter'])}): check permissions and symlinks\n")
+          f"({by_reason(cannot['unreadable_by_exporter'])}): check permissions and symlinks\n")
     if regen["can_fix_original_not_checked"]:
         w(f"  {regen['can_fix_original_not_checked']} fixable problem(s) have no row at all; their originals "
           "were not checked (regenerate checks them first)\n")

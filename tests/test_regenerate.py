@@ -634,13 +634,13 @@ async def test_scan_review_by_reason_and_time_estimate(
     problems = doc["problems"]
     fixable = {p["asset_id"] for p in problems} - no_original - symlinked
     assert regen["assets"] == {"can_fix": len(fixable), "original_missing": 1, "unreadable_by_exporter": 1}
-    assert regen["cannot_fix"] == {"original_missing": {"file_missing": 1},
-                                   "unreadable_by_exporter": {"file_unreadable": 1}}
-    assert sum(regen["can_fix"].values()) == len(problems) - 2
-    assert regen["can_fix"]["no_record"] == 3
+    assert regen["cannot_fix_by_reason"] == {"original_missing": {"file_missing": 1},
+                                             "unreadable_by_exporter": {"file_unreadable": 1}}
+    assert sum(regen["can_fix_by_reason"].values()) == len(problems) - 2
+    assert regen["can_fix_by_reason"]["no_record"] == 3
     assert regen["can_fix_original_not_checked"] == 0  # the scan checks problem assets' originals
-    # The existing keys keep their meaning.
-    assert regen["can_fix"] != regen["cannot_fix_original_missing"] == 1
+    # The keys from before keep their meaning: problems, counting unreadable ones as fixable.
+    assert regen["can_fix"] == len(problems) - 1 and regen["cannot_fix_original_missing"] == 1
     assert regen["estimate"]["seconds"] is None
     assert regen["estimate"]["basis"].startswith("unknown: Redis is not configured")
 
@@ -654,6 +654,7 @@ async def test_scan_review_by_reason_and_time_estimate(
     code, out, err = await cli("scan", "--media.root", imm.media, env=env)
     assert code == 0, err
     assert "Post-restore review:" in out
+    assert f"Regeneration can fix {len(problems) - 1} problem(s); 1 have no original file" in out
     assert f"Regeneration can fix {len(fixable)} asset(s) (no_record 3, file_missing" in out
     assert "Cannot fix 1 asset(s) whose original is missing (file_missing 1)" in out
     assert "Time to regenerate: about" in out and "6 thumbnail jobs finished over" in out
