@@ -487,13 +487,16 @@ class QueueCollection:
         assert self.api is not None
         api = self.api
         now = time.monotonic()
-        limit = max(0.5, min(float(self.config.immich.timeout), deadline - now))
+
+        def limit() -> float:
+            return max(0.2, min(float(self.config.immich.timeout), deadline - time.monotonic()))
+
         if self._api_auth_error is not None and now < self._api_next_poll:
             return [], self._api_auth_error
         if now >= self._api_next_version:
             self._api_next_version = now + VERSION_INTERVAL
             try:
-                version = await asyncio.wait_for(api.version(), limit)
+                version = await asyncio.wait_for(api.version(), limit())
                 if version != self._api_version:
                     log.info("Immich server version (from its API): %s", version)
                 self._api_version = version
@@ -503,12 +506,12 @@ class QueueCollection:
         try:
             if depth or now >= self._api_next_auth_check or self._api_auth_error is not None:
                 # The queue endpoint needs an admin key: it also proves the key still works.
-                stats = await asyncio.wait_for(api.queues(), limit)
+                stats = await asyncio.wait_for(api.queues(), limit())
                 self._api_next_auth_check = now + API_SLOW_POLL
                 if depth:
                     parts.append(self._api_part(stats))
             else:
-                await asyncio.wait_for(api.ping(), limit)
+                await asyncio.wait_for(api.ping(), limit())
         except ApiAuthError as exc:
             if self._api_auth_error is None:
                 log.error("Immich API: %s; asking again every %.0fs", exc, API_SLOW_POLL)
@@ -517,7 +520,7 @@ class QueueCollection:
             self._api_state = str(exc)
             return [], str(exc)
         except (ApiError, TimeoutError) as exc:
-            message = str(exc) if isinstance(exc, ApiError) else f"{api.base}: no answer within {limit:.1f}s"
+            message = str(exc) if isinstance(exc, ApiError) else f"{api.base}: no answer in time"
             if self._api_state != message:
                 log.warning("Immich API not usable: %s", message)
             self._api_state = message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ class FakeImmich:
         self.era = era
         self.hits: Counter[str] = Counter()
         self.keys = {ADMIN_KEY: "admin", LIMITED_KEY: "user"}
+        self.delay = 0.0  # seconds every queue answer takes
         app = web.Application()
         app.router.add_get("/api/server/ping", self.ping)
         app.router.add_get("/api/server/version", self.version)
@@ -81,6 +83,7 @@ class FakeImmich:
 
     async def queues(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
+        await asyncio.sleep(self.delay)
         denied = self._auth(request)
         if denied is not None:
             return denied
@@ -90,6 +93,7 @@ class FakeImmich:
 
     async def jobs(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
+        await asyncio.sleep(self.delay)
         denied = self._auth(request)
         if denied is not None:
             return denied
@@ -242,6 +246,26 @@ async def test_bad_key_is_logged_once_and_polled_slowly(
         assert outcome.sources["immich_api"] is True
         assert any("works again" in r.getMessage() for r in caplog.records)
         _same_labels(flat(outcome))
+    finally:
+        await col.close()
+
+
+@pytest.mark.asyncio
+async def test_slow_api_does_not_hold_the_round(immich: FakeImmich) -> None:
+    immich.delay = 30.0
+    config = load_config(None, environ={"DB_URL": NO_DB, "IMMICH_URL": immich.url, "IMMICH_API_KEY": ADMIN_KEY},
+                         overrides={"intervals.queues": "3s", "immich.timeout": "1s"})
+    col = await api_collection(config)
+    try:
+        for _ in range(2):
+            t0 = time.monotonic()
+            outcome = await col.collect()
+            assert time.monotonic() - t0 < col.timeout + 0.5
+            assert isinstance(outcome.sources["immich_api"], str)
+            assert outcome.parts == ()
+        immich.delay = 0.0
+        outcome = await col.collect()
+        assert outcome.sources["immich_api"] is True
     finally:
         await col.close()
 
