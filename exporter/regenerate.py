@@ -620,48 +620,67 @@ class Regenerator:
         deadline = loop.time() + opts.deadline_seconds
         while self.tracked and loop.time() < deadline:
             await asyncio.sleep(max(0.0, min(opts.poll_interval, deadline - loop.time())))
-            checks = await self.checker.check(list(self.tracked))
-            now = time.time()
-            entries = self.ledger.get(list(self.tracked))
-            resubmit: list[Candidate] = []
-            for a, kinds in list(self.tracked.items()):
-                chk, entry = checks[a], entries.get(a)
-                attempts = entry.attempts if entry else 0
-                if not chk.exists or chk.original_exists is False:
-                    reason = REASON_TEXT["not_in_database"] if not chk.exists else "original file is missing"
-                    self.ledger.give_up(a, reason, now)
-                    self.report.set(Row(a, "gave_up", chk.describe(kinds), tuple(sorted(kinds)), attempts, reason))
-                    del self.tracked[a]
-                    continue
-                ok = not chk.broken(kinds)
-                detail = chk.describe(kinds)
-                outcome = self.ledger.record_check(a, ok, detail, now, opts.retry_after, opts.max_attempts)
-                if outcome is None:  # settled elsewhere (another process): report what the ledger says
-                    fresh = self.ledger.get([a]).get(a)
-                    if fresh is not None and fresh.state in ("fixed", "gave_up"):
-                        self.report.set(Row(a, fresh.state, detail, tuple(sorted(kinds)), fresh.attempts,
-                                            fresh.gave_up_reason or "settled by another process"))
-                        del self.tracked[a]
-                    continue
-                if outcome == "fixed":
-                    since = now - (entry.last_submitted or now) if entry else 0.0
-                    self.report.set(Row(a, "fixed", "", tuple(sorted(kinds)), attempts,
-                                        f"verified {_ago(since)} after the last request"))
-                    del self.tracked[a]
-                elif outcome == "gave_up":
-                    self.report.set(Row(a, "gave_up", detail, tuple(sorted(kinds)), attempts,
-                                        f"still {detail} after {attempts} attempt(s)"))
-                    del self.tracked[a]
-                elif outcome in ("still_missing", "unchanged"):
-                    resubmit.append(Candidate(a, set(kinds), detail, owner=chk.owner_id))
-                else:
-                    self.report.set(Row(a, "waiting", detail, tuple(sorted(kinds)), attempts,
-                                        f"checked {detail}; waiting for Immich"))
-            if resubmit:
-                resubmit = await self._not_queued(resubmit)
-                if resubmit and not await self.submit(resubmit):
+            try:
+                if not await self._poll():
                     break
+            except (SourceError, SchemaError) as exc:
+                # Lost the database or Redis while waiting: report what is known, as still broken.
+                line = _source_line(exc)
+                if line not in self.report.errors:
+                    self.report.errors.append(line)
+                break
+        self._finish_wait()
+
+    async def _poll(self) -> bool:
+        """One verification pass; False when the API stopped the run."""
+        assert self.ledger is not None
+        opts = self.opts
+        checks = await self.checker.check(list(self.tracked))
         now = time.time()
+        entries = self.ledger.get(list(self.tracked))
+        resubmit: list[Candidate] = []
+        for a, kinds in list(self.tracked.items()):
+            chk, entry = checks[a], entries.get(a)
+            attempts = entry.attempts if entry else 0
+            if not chk.exists or chk.original_exists is False:
+                reason = REASON_TEXT["not_in_database"] if not chk.exists else "original file is missing"
+                self.ledger.give_up(a, reason, now)
+                self.report.set(Row(a, "gave_up", chk.describe(kinds), tuple(sorted(kinds)), attempts, reason))
+                del self.tracked[a]
+                continue
+            ok = not chk.broken(kinds)
+            detail = chk.describe(kinds)
+            outcome = self.ledger.record_check(a, ok, detail, now, opts.retry_after, opts.max_attempts)
+            if outcome is None:  # settled elsewhere (another process): report what the ledger says
+                fresh = self.ledger.get([a]).get(a)
+                if fresh is not None and fresh.state in ("fixed", "gave_up"):
+                    self.report.set(Row(a, fresh.state, detail, tuple(sorted(kinds)), fresh.attempts,
+                                        fresh.gave_up_reason or "settled by another process"))
+                    del self.tracked[a]
+                continue
+            if outcome == "fixed":
+                since = now - (entry.last_submitted or now) if entry else 0.0
+                self.report.set(Row(a, "fixed", "", tuple(sorted(kinds)), attempts,
+                                    f"verified {_ago(since)} after the last request"))
+                del self.tracked[a]
+            elif outcome == "gave_up":
+                self.report.set(Row(a, "gave_up", detail, tuple(sorted(kinds)), attempts,
+                                    f"still {detail} after {attempts} attempt(s)"))
+                del self.tracked[a]
+            elif outcome in ("still_missing", "unchanged"):
+                resubmit.append(Candidate(a, set(kinds), detail, owner=chk.owner_id))
+            else:
+                self.report.set(Row(a, "waiting", detail, tuple(sorted(kinds)), attempts,
+                                    f"checked {detail}; waiting for Immich"))
+        if resubmit:
+            resubmit = await self._not_queued(resubmit)
+            if resubmit and not await self.submit(resubmit):
+                return False
+        return True
+
+    def _finish_wait(self) -> None:
+        assert self.ledger is not None
+        opts = self.opts
         entries = self.ledger.get(list(self.tracked))
         for a, kinds in self.tracked.items():
             entry = entries.get(a)
@@ -670,7 +689,7 @@ class Regenerator:
             problems = row.problems if row else ""
             if row is not None and row.result == "not_submitted":
                 continue
-            detail = (f"still {entry.detail or problems or 'broken'} at the deadline (attempt {attempts} of "
+            detail = (f"still {entry.detail or problems or 'broken'} when the run ended (attempt {attempts} of "
                       f"{opts.max_attempts}); the ledger keeps track: run again later") if entry else "still broken"
             self.report.set(Row(a, "still_broken", problems, tuple(sorted(kinds)), attempts, detail))
 

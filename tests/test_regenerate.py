@@ -494,6 +494,19 @@ async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
     assert report.exit_code() == 1
 
 
+async def test_deadline_leaves_assets_still_broken_and_tracked(
+    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    fixable, _, _ = await expected_sets(imm)
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    async with thumbnail_worker(imm, valkey, writes=False):
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=30, timeout=1.5))
+    assert results(report)["still_broken"] == fixable
+    assert report.exit_code() == 1
+    assert all("when the run ended (attempt 1 of 3)" in report.rows[a].detail for a in fixable)
+    assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}
+
+
 async def test_interrupted_run_resumes_from_the_ledger(
     imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
