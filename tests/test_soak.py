@@ -1,0 +1,185 @@
+"""Load and soak: 100 concurrent scrapers for a minute while the collections run thousands of rounds.
+
+The exporter runs in this process; the scrapers run in another (``tests/loadgen.py``), on loopback, so
+their sockets are not counted as ours. After a warm-up, memory (RSS), file descriptors, asyncio tasks,
+threads, PostgreSQL sessions and Redis connections must stay flat within a tolerance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from exporter.embedded import EmbeddedValkey
+from exporter.seed import Plan
+from exporter.server import Exporter
+from tests.conftest import ROOT, Immich
+from tests.faultkit import Resources, exporter_connections, until, write_report
+from tests.helpers import fetch, running_exporter
+from tests.test_faults import redis_connections
+
+pytestmark = pytest.mark.asyncio
+
+SCRAPERS = 100
+SECONDS = 60.0
+WARM_UP = 15.0
+POOL = 2
+# Growth allowed after the warm-up. RSS: the allocator keeps what the busiest moment needed, and
+# 100 in-flight renders are not all equally big; a leak of one object per round would be far more.
+RSS_SLACK = 24 * 1024 * 1024
+FD_SLACK = 4
+TASK_SLACK = 6
+THREAD_SLACK = 2
+ROUNDS_SECONDS = 30.0
+ROUNDS_MAX = 6000
+ROUNDS_WARM_UP = 100  # cycles (one round of each collection) before the baseline, then a sample each
+ROUNDS_RSS_SLACK = 8 * 1024 * 1024
+REPORT: list[str] = []
+
+
+@dataclass(frozen=True)
+class Sample:
+    t: float
+    res: Resources
+    pg: int
+    redis: int
+
+
+async def test_scrapers_and_rounds_without_growth(immich_factory: Any, valkey: EmbeddedValkey) -> None:
+    from bullmq import Queue
+
+    imm: Immich = await immich_factory("v1.136+", Plan(assets=60))
+    queue = Queue("thumbnailGeneration", {"connection": valkey.url, "prefix": "immich_bull"})
+    for _ in range(3):
+        await queue.add("AssetGenerateThumbnails", {"id": str(uuid.uuid4())}, {"removeOnComplete": True})
+    await queue.close()
+    flags = {
+        "media.root": imm.media,
+        "database.pool_size": POOL,
+        # The background loops run once at start; this test drives the rounds itself.
+        "intervals.inventory": "1h", "intervals.files": "1h", "intervals.queues": "1h",
+    }
+    env = {**imm.env(), "REDIS_URL": valkey.url}
+    async with running_exporter(flags, env=env) as (ex, url):
+        status, _, _ = await fetch(url + "/metrics")
+        assert status == 200
+        idle = Resources.now()
+        load, series = await _under_load(ex, imm, valkey, url)
+        # The scrapers are gone: their sockets and handler tasks must be too.
+        await until(lambda: Resources.now().fds <= idle.fds and Resources.now().tasks <= idle.tasks, 15)
+        after_load = Resources.now()
+        rounds, soak = await _rounds(ex, imm, valkey)
+    _check_load(load, series, idle, after_load)
+    _check_rounds(rounds, soak)
+
+
+async def _sample(imm: Immich, valkey: EmbeddedValkey, t0: float) -> Sample:
+    return Sample(time.monotonic() - t0, Resources.now(), await exporter_connections(imm.postgres, imm.database),
+                  await redis_connections(valkey))
+
+
+async def _under_load(
+    ex: Exporter, imm: Immich, valkey: EmbeddedValkey, url: str
+) -> tuple[dict[str, Any], list[Sample]]:
+    """100 scrapers for a minute; the collections keep running rounds meanwhile."""
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "tests" / "loadgen.py"), url + "/metrics", str(SCRAPERS), str(SECONDS),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    series: list[Sample] = []
+    t0 = time.monotonic()
+    next_sample = 0.0
+    failures: list[str] = []
+    waiting = asyncio.ensure_future(load.communicate())
+    while not waiting.done():
+        for collection in ex.runner.collections:
+            result = await ex.runner.run_once(collection)
+            if not result.success and len(failures) < 5:
+                failures.append(f"{collection.name}: {result.error}")
+        if time.monotonic() - t0 >= next_sample:
+            next_sample = time.monotonic() - t0 + 2.0
+            series.append(await _sample(imm, valkey, t0))
+    out, err = await waiting
+    assert load.returncode == 0, err.decode()[-2000:]
+    assert not failures, failures
+    return json.loads(out), series
+
+
+async def _rounds(ex: Exporter, imm: Immich, valkey: EmbeddedValkey) -> tuple[dict[str, int], list[Sample]]:
+    """Collection rounds back to back: thousands of them."""
+    rounds = {c.name: 0 for c in ex.runner.collections}
+    series: list[Sample] = []
+    t0 = time.monotonic()
+    cycles = 0
+    while time.monotonic() - t0 < ROUNDS_SECONDS and sum(rounds.values()) < ROUNDS_MAX:
+        for collection in ex.runner.collections:
+            result = await ex.runner.run_once(collection)
+            assert result.success, result.error
+            rounds[collection.name] += 1
+        cycles += 1
+        if cycles % ROUNDS_WARM_UP == 0:
+            series.append(await _sample(imm, valkey, t0))
+    series.append(await _sample(imm, valkey, t0))
+    return rounds, series
+
+
+def _fmt(series: list[Sample]) -> str:
+    return "; ".join(
+        f"{s.t:.0f}s {s.res.rss / 2**20:.1f}MiB {s.res.fds}fd {s.res.tasks}t {s.res.threads}th {s.pg}pg {s.redis}r"
+        for s in series
+    )
+
+
+def _check_load(stats: dict[str, Any], series: list[Sample], idle: Resources, after: Resources) -> None:
+    warm = [s for s in series if s.t >= WARM_UP]
+    assert len(warm) >= 5, series
+    base, peak_rss = warm[0].res.rss, max(s.res.rss for s in warm)
+    lines = [
+        f"{SCRAPERS} scrapers for {SECONDS:.0f}s: {stats['requests']} scrapes "
+        f"({stats['requests'] / SECONDS:.0f}/s), {stats['errors']} errors, p50 {stats['p50'] * 1000:.1f} ms, "
+        f"p99 {stats['p99'] * 1000:.1f} ms, max {stats['max'] * 1000:.1f} ms",
+        f"rss after warm-up {base / 2**20:.1f} MiB, peak {peak_rss / 2**20:.1f} MiB; idle before {idle}, "
+        f"after the scrapers left {after}",
+        f"postgres sessions max {max(s.pg for s in series)} (pool {POOL}), redis connections max "
+        f"{max(s.redis for s in series)}",
+        "samples: " + _fmt(series),
+    ]
+    REPORT.extend(lines)
+    write_report("soak", REPORT)
+    assert stats["errors"] == 0, stats["first_errors"]
+    assert set(stats["statuses"]) == {"200"}, stats["statuses"]
+    assert stats["p99"] < 1.0, stats
+    assert peak_rss - base <= RSS_SLACK, lines
+    # While scraped: one socket and at most a couple of tasks per scraper, and nothing more over time.
+    assert max(s.res.fds for s in warm) <= idle.fds + SCRAPERS + FD_SLACK, lines
+    assert max(s.res.tasks for s in warm) <= idle.tasks + 2 * SCRAPERS + TASK_SLACK, lines
+    assert max(s.res.threads for s in warm) <= warm[0].res.threads + THREAD_SLACK, lines
+    assert max(s.pg for s in series) <= POOL, lines
+    assert max(s.redis for s in series) <= 4, lines
+
+
+def _check_rounds(rounds: dict[str, int], series: list[Sample]) -> None:
+    base, end = series[0], series[-1]
+    lines = [
+        "rounds: " + ", ".join(f"{k} {v}" for k, v in rounds.items()) + f" ({sum(rounds.values())} in all) "
+        f"in {end.t:.0f}s",
+        f"after {ROUNDS_WARM_UP} cycles -> end: rss {base.res.rss / 2**20:.1f} -> {end.res.rss / 2**20:.1f} MiB, "
+        f"fds {base.res.fds} -> {end.res.fds}, tasks {base.res.tasks} -> {end.res.tasks}, threads "
+        f"{base.res.threads} -> {end.res.threads}, pg {base.pg} -> {end.pg}, redis {base.redis} -> {end.redis}",
+        "samples: " + _fmt(series),
+    ]
+    REPORT.extend(lines)
+    write_report("soak", REPORT)
+    assert sum(rounds.values()) >= 2000, lines
+    assert end.res.rss - base.res.rss <= ROUNDS_RSS_SLACK, lines
+    assert max(s.res.fds for s in series) <= base.res.fds + 2, lines
+    assert max(s.res.tasks for s in series) <= base.res.tasks + 2, lines
+    assert max(s.res.threads for s in series) <= base.res.threads + THREAD_SLACK, lines
+    assert max(s.pg for s in series) <= POOL and max(s.redis for s in series) <= 4, lines
