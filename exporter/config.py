@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
@@ -499,19 +499,38 @@ def validate(config: Config) -> list[str]:
     return errors
 
 
+_SECRET_PARAMS = ("password", "sslpassword", "pass", "passwd", "secret", "token", "api_key", "apikey")
+_KEYWORD_SECRET = re.compile(r"(?i)\b((?:ssl)?password|pass|passwd)(\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
 def redact_url(url: str) -> str:
-    """Hide the password in a URL (``postgres://user:***@host/db``)."""
+    """Hide the password in a URL (``postgres://user:***@host/db``), also when it is a query parameter
+    (``?password=...``, which libpq and asyncpg accept), and in a keyword/value connection string
+    (``host=db password=...``)."""
+    if "://" not in url:
+        # Not a URL: maybe a libpq keyword/value string. Hide every password=... in it.
+        return _KEYWORD_SECRET.sub(lambda m: f"{m.group(1)}{m.group(2)}***", url)
     try:
         parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = quote(parts.username or "", safe="")
+            host = parts.hostname or ""
+            if parts.port is not None:
+                host = f"{host}:{parts.port}"
+            netloc = f"{user}:***@{host}"
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    query = parts.query
+    if query:
+        pairs = query.split("&")
+        query = "&".join(
+            f"{p.partition('=')[0]}=***" if p.partition("=")[0].lower() in _SECRET_PARAMS else p for p in pairs
+        )
+    out = f"{parts.scheme}://{netloc}{parts.path}"
+    if query:
+        out += f"?{query}"
+    return out + ("#***" if parts.fragment else "")
 
 
 def describe(config: Config) -> dict[str, Any]:

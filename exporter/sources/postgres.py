@@ -66,9 +66,14 @@ class PostgresSource:
         """Where we connect, for logs: never includes the password."""
         if self.config.url:
             try:
-                return redact_url(self.config.url.get())
+                url = self.config.url.get()
             except Exception:
                 return "<database.url>"
+            if not url.lower().startswith(("postgresql://", "postgres://")):
+                # Not a URL asyncpg takes (a keyword string, or a password pasted into DB_URL): its text
+                # may hold a secret anywhere, so none of it is shown.
+                return "<database.url: not a postgresql:// URL>"
+            return redact_url(url)
         return f"{self.config.user}@{self.config.host}:{self.config.port}/{self.config.name}"
 
     def _connect_kwargs(self) -> dict[str, Any]:
