@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from exporter.collectors import Collection, Outcome
 from exporter.scanner import probe_filesystem
 from exporter.snapshot import Result, Store
-from exporter.sources.postgres import PostgresSource, SourceError, describe_error
+from exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,10 @@ class Runner:
             outcome = await asyncio.wait_for(collection.collect(), collection.timeout)
             sources.update(outcome.sources)
             error = outcome.error
+        except QueryError as exc:
+            # The server answered but failed the query (a missing GRANT, statement_timeout): the round
+            # failed, the source is not down (the probe says whether it is).
+            error = f"{exc.source}: {exc}"
         except SourceError as exc:
             error = f"{exc.source}: {exc}"
             sources[exc.source] = str(exc)

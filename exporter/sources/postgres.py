@@ -32,6 +32,15 @@ class SourceError(Exception):
         super().__init__(message)
 
 
+class QueryError(SourceError):
+    """The server is there but refused or failed a query (permission denied, statement_timeout, a table
+    that is not there): one line, no traceback. Not an outage: the probe keeps ``source_up`` truthful."""
+
+
+# The server ended the session (pg_terminate_backend, a restart, a crash): like a lost connection.
+_SESSION_ENDED = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for an exception from a backend, without a traceback and without secrets."""
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
@@ -41,7 +50,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return f"database does not exist: {exc}"
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return f"permission denied: {exc}"
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return text if text.startswith("permission denied") else f"permission denied: {text}"
     if isinstance(exc, asyncpg.QueryCanceledError):
         return "query cancelled by statement_timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -130,12 +140,16 @@ class PostgresSource:
             raise SourceError(self.name, f"cannot connect to {self.target}: {describe_error(exc)}") from None
         try:
             yield conn
-        except (asyncpg.PostgresConnectionError, ConnectionError, OSError, asyncpg.InterfaceError) as exc:
+        except (
+            asyncpg.PostgresConnectionError, ConnectionError, OSError, asyncpg.InterfaceError, *_SESSION_ENDED
+        ) as exc:
             # The connection is unusable: drop the pool so the next round reconnects from scratch.
             with contextlib.suppress(Exception):
                 conn.terminate()
             await self.reset()
             raise SourceError(self.name, f"lost connection to {self.target}: {describe_error(exc)}") from None
+        except asyncpg.PostgresError as exc:
+            raise QueryError(self.name, describe_error(exc)) from None
         except TimeoutError:
             # A timed-out query leaves the connection in an unknown state: never give it back.
             with contextlib.suppress(Exception):
