@@ -13,19 +13,34 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import logging
+import os
 import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
 import uuid
+import warnings
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import asyncpg
+import bcrypt
 import pytest
+import redis
+import yarl
 
-from exporter.embedded import EmbeddedPostgres
+from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from exporter.seed import ERAS
 from exporter.sources.postgres import APPLICATION_NAME
-from tests.conftest import make_immich
+from tests.conftest import Immich, make_immich
 from tests.faultkit import dedicated_postgres, until
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
 
@@ -39,7 +54,10 @@ READ_TABLES = {
 }
 
 # The README's Redis ACL line, verbatim apart from the password.
-REDIS_ACL = "on >{password} ~* resetchannels -@all +@read +@connection +multi +exec +info +client|list"
+REDIS_ACL = (
+    "on >{password} ~* resetchannels -@all +@read +ping +hello +auth +select +client|setname +client|setinfo "
+    "+client|list +info +multi +exec"
+)
 
 
 @pytest.fixture(scope="module")
@@ -197,5 +215,367 @@ async def test_missing_grant_is_one_clear_line(sec_pg: EmbeddedPostgres, caplog:
             _, page, _ = await fetch(url + "/")
             assert "permission denied for table asset_job_status" in page
         assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    finally:
+        shutil.rmtree(imm.media, ignore_errors=True)
+
+
+# -- Redis: an ACL user with read commands only -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sec_valkey() -> Iterator[EmbeddedValkey]:
+    server = EmbeddedValkey()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+async def _add_jobs(url: str, n: int) -> None:
+    from bullmq import Queue
+
+    queue = Queue("thumbnailGeneration", {"connection": url, "prefix": "immich_bull"})
+    try:
+        for _ in range(n):
+            await queue.add("AssetGenerateThumbnails", {"id": str(uuid.uuid4())}, {"removeOnComplete": True})
+    finally:
+        await queue.close()
+
+
+def _write_commands(admin: redis.Redis) -> set[str]:
+    admin.set_response_callback("COMMAND", lambda response, **_: response)  # the raw list of names
+    return {str(c).lower() for c in admin.execute_command("COMMAND", "LIST", "FILTERBY", "ACLCAT", "write")}
+
+
+@pytest.mark.asyncio
+async def test_least_privilege_serve_postgres_role_and_redis_acl_user(
+    sec_pg: EmbeddedPostgres, sec_valkey: EmbeddedValkey
+) -> None:
+    """The whole exporter with a SELECT-only role and a read-only Redis ACL user: every series, no write."""
+    imm = await make_immich(sec_pg, "v1.136+")
+    admin = redis.Redis.from_url(sec_valkey.url, decode_responses=True)
+    try:
+        admin.flushall()
+        admin.execute_command("ACL", "LOG", "RESET")
+        admin.execute_command("ACL", "SETUSER", "exporter", *REDIS_ACL.format(password="acl-pw").split())
+        dsn = grant_read_only(sec_pg, imm.database, f"ro_{uuid.uuid4().hex[:8]}", "ro-pw", "v1.136+")
+        await _add_jobs(sec_valkey.url, 3)
+        admin.config_resetstat()
+        env = {"DB_URL": dsn, "REDIS_URL": f"redis://exporter:acl-pw@127.0.0.1:{sec_valkey.port}/0"}
+        flags = {"media.root": imm.media, "intervals.queues": "1s"}
+        async with running_exporter(flags, env=env) as (_, url):
+            async def scrape() -> dict[Any, float]:
+                return samples((await fetch(url + "/metrics"))[1])
+
+            async def waiting_is(n: int) -> bool:
+                s = await scrape()
+                return value(s, "immich_queue_jobs", queue="thumbnailGeneration", state="waiting") == n
+
+            await until(lambda: waiting_is(3), 20)
+            await asyncio.sleep(2.5)  # a few more rounds
+            s = await scrape()
+            assert value(s, "immich_exporter_source_up", source="redis") == 1
+            assert value(s, "immich_queue_workers", queue="thumbnailGeneration") == 0  # CLIENT LIST allowed
+            assert value(s, "immich_queue_orphaned_jobs", queue="thumbnailGeneration") == 3  # via PostgreSQL
+            stats = admin.info("commandstats")
+            # Only the exporter talked to the server since the statistics were reset (and this INFO).
+            used = {name.removeprefix("cmdstat_") for name in stats}
+            writes = _write_commands(admin)
+            assert not {c for c in used if c in writes or c.split("|")[0] in writes}, used
+            assert not any(int(v.get("rejected_calls", 0)) for v in stats.values()), stats
+
+            await _add_jobs(sec_valkey.url, 2)  # events the exporter must read with XRANGE
+            await until(lambda: waiting_is(5), 20)
+            await until(lambda: _accepted(scrape(), 2), 20)
+        assert admin.acl_log() == [], admin.acl_log()
+        # The user really cannot write.
+        as_exporter = redis.Redis(host="127.0.0.1", port=sec_valkey.port, username="exporter", password="acl-pw")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            as_exporter.set("immich_bull:x", "1")
+        as_exporter.close()
+    finally:
+        admin.execute_command("ACL", "DELUSER", "exporter")
+        admin.close()
+        shutil.rmtree(imm.media, ignore_errors=True)
+
+
+async def _accepted(pending: Any, n: int) -> bool:
+    s = await pending
+    return sum(v for (name, labels), v in s.items()
+               if name == "immich_jobs_accepted_total" and ("queue", "thumbnailGeneration") in labels) == n
+
+
+# -- --web.config.file on the real Exporter: TLS 1.2+ and bcrypt basic auth ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", "server.key", "-out", "server.crt", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        cwd=d, check=True, capture_output=True,
+    )
+    return d
+
+
+def client_tls(cafile: Path, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    if maximum is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1: that is the point
+            ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+            ctx.maximum_version = maximum
+        with contextlib.suppress(ssl.SSLError):
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def _get(url: str, ctx: ssl.SSLContext | bool, auth: dict[str, str] | None = None,
+               method: str = "GET") -> tuple[int, str, dict[str, str]]:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+        method, yarl.URL(url, encoded=True), ssl=ctx, headers=auth or {}
+    ) as resp:
+        return resp.status, await resp.text(), dict(resp.headers)
+
+
+@pytest.mark.asyncio
+async def test_tls_and_basic_auth_on_the_exporter(immich_factory: Any, tls_files: Path) -> None:
+    imm = await immich_factory("v1.136+")
+    web_yml = tls_files / "web.yml"
+    hashed = bcrypt.hashpw(b"correct horse", bcrypt.gensalt(10)).decode()
+    web_yml.write_text(
+        "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  min_version: TLS12\n"
+        f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+    )
+    ctx = client_tls(tls_files / "server.crt")
+    good = basic("prometheus", "correct horse")
+    async with running_exporter({"media.root": imm.media}, env=imm.env(), web_config_file=str(web_yml)) as (ex, url):
+        assert url.startswith("https://")
+        await until(lambda: ex.store.ready and ex.store.result("files") is not None, 30)
+        # /healthz is open: probes need no password.
+        assert (await _get(f"{url}/healthz", ctx))[0] == 200
+        for path in ("/metrics", "/problems", "/", "/readyz"):
+            status, _, headers = await _get(url + path, ctx)
+            assert status == 401 and headers.get("WWW-Authenticate", "").startswith("Basic"), (path, status)
+            for wrong in (basic("prometheus", "wrong"), basic("nobody", "correct horse"),
+                          basic("prometheus", ""), {"Authorization": "Basic !!!"}, {"Authorization": "Bearer x"}):
+                assert (await _get(url + path, ctx, wrong))[0] == 401, (path, wrong)
+            status, body, _ = await _get(url + path, ctx, good)
+            assert status == 200, (path, status, body[:200])
+        assert (await _get(f"{url}/metrics", ctx, method="HEAD"))[0] == 401
+        status, body, _ = await _get(f"{url}/metrics", ctx, good)
+        assert "immich_assets" in body
+        # No path trick reaches a protected page through the open one.
+        for trick in ("/healthz/../metrics", "/healthz/%2e%2e/metrics", "/healthz%2F..%2Fmetrics", "//metrics",
+                      "/metrics/", "/./metrics", "/healthz/../problems", "/%6detrics"):
+            status, body, _ = await _get(url + trick, ctx)
+            assert status in (401, 404), (trick, status)
+            assert "immich_" not in body and "asset_id" not in body, trick
+        # TLS 1.2 and 1.3 are accepted; TLS 1.1 is refused; plain HTTP gets nothing.
+        assert (await _get(f"{url}/healthz", client_tls(tls_files / "server.crt", ssl.TLSVersion.TLSv1_2)))[0] == 200
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, OSError)):
+            await _get(f"{url}/healthz", client_tls(tls_files / "server.crt", ssl.TLSVersion.TLSv1_1))
+        plain = url.replace("https://", "http://")
+        try:
+            status, body, _ = await _get(f"{plain}/metrics", False)
+        except (aiohttp.ClientError, OSError):
+            pass
+        else:
+            assert status != 200 and "immich_" not in body
+        # And an unverified client cannot be fooled into thinking it reached something else: the
+        # certificate is the one configured.
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await _get(f"{url}/healthz", ssl.create_default_context())
+
+
+# -- secrets: never shown; rotated without a restart ---------------------------------------------------
+
+PG_SECRET, REDIS_SECRET, API_SECRET = "pg-S3cret-1a", "redis-S3cret-2b", "api-S3cret-3c"
+WRONG = ("pg-Wr0ng-4d", "redis-Wr0ng-5e", "api-Wr0ng-6f")
+
+
+class KeyedImmich:
+    """A minimal Immich API that checks the API key and records which keys it was sent."""
+
+    def __init__(self, key: str) -> None:
+        from aiohttp import web
+        from aiohttp.test_utils import TestServer
+
+        self.key = key
+        self.seen: set[str] = set()
+        app = web.Application()
+
+        async def handler(request: web.Request) -> web.Response:
+            sent = request.headers.get("x-api-key", "")
+            self.seen.add(sent)
+            if request.path == "/api/server/ping":
+                return web.json_response({"res": "pong"})
+            if request.path == "/api/server/version":
+                return web.json_response({"major": 2, "minor": 4, "patch": 1})
+            if sent != self.key:
+                return web.json_response({"message": "Invalid API key"}, status=401)
+            return web.json_response([{"name": "thumbnailGeneration", "isPaused": False, "statistics": {
+                "active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 0, "paused": 0}}])
+
+        app.router.add_route("*", "/{tail:.*}", handler)
+        self.server = TestServer(app, host="127.0.0.1", port=0)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/")).rstrip("/")
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run the CLI without blocking the loop (the fake Immich answers from it); stdout + stderr."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter", *args, env={**base, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    return int(proc.returncode or 0), out.decode(errors="replace")
+
+
+async def _serve_and_read(env: dict[str, str], imm: Immich, tmp_path: Path, want_up: bool) -> str:
+    """``serve --log.level debug`` in a child process; everything it printed and served."""
+    port = free_port()
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("intervals: {queues: 1s, inventory: 2s, files: 2s}\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "exporter", "serve", "--config.file", str(cfg), "--log.level", "debug",
+        "--media.root", imm.media, "--web.listen-address", f"127.0.0.1:{port}",
+        env={**base, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    served: list[str] = []
+    try:
+        async def state() -> bool:
+            try:
+                s = samples((await fetch(url + "/metrics"))[1])
+            except (aiohttp.ClientError, OSError):
+                return False
+            ups = [value(s, "immich_exporter_source_up", source=src) for src in ("postgres", "redis", "immich_api")]
+            return all(u == (1 if want_up else 0) for u in ups) and value(
+                s, "immich_exporter_collection_success", collection="files") is not None
+
+        await until(state, 40, 0.3)
+        await asyncio.sleep(2.5)  # more rounds: retries, debug lines
+        for path in ("/", "/metrics", "/problems", "/readyz", "/healthz", "/problems?kind=bogus"):
+            status, body, headers = await fetch(url + path)
+            served.append(f"{path} {status} {headers} {body}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return out.decode(errors="replace") + "\n".join(served)
+
+
+@pytest.mark.asyncio
+async def test_secrets_never_shown(sec_pg: EmbeddedPostgres, tmp_path: Path) -> None:
+    imm = await make_immich(sec_pg, "v1.136+")
+    valkey = EmbeddedValkey(password=REDIS_SECRET)
+    valkey.start()
+    immich = KeyedImmich(API_SECRET)
+    await immich.server.start_server()
+    role = f"sec_{uuid.uuid4().hex[:8]}"
+    grant_read_only(sec_pg, imm.database, role, PG_SECRET, "v1.136+")
+    try:
+        def env(pg_pw: str, redis_pw: str, api_key: str) -> dict[str, str]:
+            return {
+                "DB_URL": sec_pg.dsn_for(imm.database, role, pg_pw),
+                "REDIS_HOSTNAME": "127.0.0.1", "REDIS_PORT": str(valkey.port), "REDIS_PASSWORD": redis_pw,
+                "IMMICH_URL": immich.url, "IMMICH_API_KEY": api_key,
+            }
+
+        good, bad = env(PG_SECRET, REDIS_SECRET, API_SECRET), env(*WRONG)
+        outputs = {
+            "serve": await _serve_and_read(good, imm, tmp_path, want_up=True),
+            "serve, wrong secrets": await _serve_and_read(bad, imm, tmp_path, want_up=False),
+        }
+        for name, e in (("good", good), ("wrong", bad)):
+            code, out = await _cli("check-config", "--log.level", "debug", "--media.root", imm.media, env=e)
+            assert code == (0 if name == "good" else 2), out
+            outputs[f"check-config ({name})"] = out
+            code, out = await _cli("scan", "--log.level", "debug", "--no-progress", "--media.root", imm.media, env=e)
+            outputs[f"scan ({name})"] = out
+        (tmp_path / "outputs.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in outputs.items()))
+        # The secrets were really used (and the wrong ones really tried) ...
+        assert API_SECRET in immich.seen and WRONG[2] in immich.seen
+        assert "password authentication failed" in outputs["serve, wrong secrets"]
+        assert "level=debug" in outputs["serve"] and "configuration ok" in outputs["check-config (good)"]
+        # ... and never shown anywhere.
+        for name, text in outputs.items():
+            for secret in (PG_SECRET, REDIS_SECRET, API_SECRET, *WRONG):
+                assert secret not in text, f"{secret} shown by {name}"
+            assert "Traceback" not in text, (name, text[-3000:])
+    finally:
+        await immich.server.close()
+        valkey.cleanup()
+        shutil.rmtree(imm.media, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["password_file", "url_file"])
+@pytest.mark.asyncio
+async def test_password_rotation_without_restart(sec_pg: EmbeddedPostgres, tmp_path: Path, how: str) -> None:
+    """Change the role's password and the file under a running exporter, kill its sessions: it recovers."""
+    imm = await make_immich(sec_pg, "v1.136+")
+    role = f"rot_{uuid.uuid4().hex[:8]}"
+    grant_read_only(sec_pg, imm.database, role, "first-pw", "v1.136+")
+    secret = tmp_path / "secret"
+
+    def write(password: str) -> None:
+        text = password if how == "password_file" else sec_pg.dsn_for(imm.database, role, password)
+        secret.write_text(text + "\n")
+
+    write("first-pw")
+    if how == "password_file":
+        env = {"DB_HOSTNAME": "127.0.0.1", "DB_PORT": str(sec_pg.port), "DB_USERNAME": role,
+               "DB_DATABASE_NAME": imm.database, "DB_PASSWORD_FILE": str(secret)}
+    else:
+        env = {"DB_URL_FILE": str(secret)}
+    flags = {"media.root": imm.media, "intervals.queues": "1s", "intervals.inventory": "2s"}
+
+    def kill_sessions() -> None:
+        sec_pg.psql(imm.database, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}';")
+
+    try:
+        async with running_exporter(flags, env=env) as (ex, url):
+            def pg_state() -> tuple[bool, str | None]:
+                st = ex.store.sources["postgres"]
+                return st.up, st.error
+
+            def fresh_inventory(after: float) -> bool:
+                r = ex.store.result("inventory")
+                return bool(pg_state()[0] and r and r.success and r.finished_at > after)
+
+            await until(lambda: fresh_inventory(0), 20)
+            # The password changes on the server; the file still has the old one.
+            sec_pg.psql("postgres", f"ALTER ROLE \"{role}\" PASSWORD 'second-pw';")
+            kill_sessions()
+            await until(lambda: not pg_state()[0], 15)
+            await until(lambda: "password authentication failed" in (pg_state()[1] or ""), 15)
+            _, page, _ = await fetch(url + "/")
+            assert "password authentication failed" in page and "second-pw" not in page and "first-pw" not in page
+            # The operator updates the file: no restart, it reconnects with the new password.
+            write("second-pw")
+            t0 = time.time()
+            took = await until(lambda: fresh_inventory(t0), 2 + 2 + 5)
+            _, text, _ = await fetch(url + "/metrics")
+            assert value(samples(text), "immich_assets", asset_type="image") == imm.expected.assets["image"]
+            # Killed again mid-life: it reconnects by itself with the (current) file.
+            t1 = time.time()
+            kill_sessions()
+            await until(lambda: fresh_inventory(t1), 15)
+        print(f"rotation ({how}): recovered {took:.2f}s after the file was updated")
     finally:
         shutil.rmtree(imm.media, ignore_errors=True)
