@@ -140,7 +140,8 @@ class Reconciler:
         self._cur: tuple[bytes, int, int] | None = None
         self._started = False
         self._unreadable: bytes | None = None
-        self._last: tuple[bytes, int, str | None] | None = None
+        # The last path judged, with what the disk said about it (size, flag).
+        self._last: tuple[bytes, int, int] | None = None
         self._other_dir: bytes | None = None
         self._other_names: dict[bytes, int] = {}
         self._root_real = os.path.realpath(mapper.root_bytes)
@@ -195,8 +196,8 @@ class Reconciler:
                 continue
             last = self._last
             if last is not None and last[0] == rel_b:
-                # Two rows naming one file: judge it once more from what we already saw.
-                self._judge(row, rel_b, last[1], FILE if last[2] is None else UNREADABLE_FILE)
+                # Two rows naming one file: judge it once more from what the disk said.
+                self._judge(row, rel_b, last[1], last[2])
                 continue
             cur = self._cur
             while cur is not None and cur[0] < rel_b:
@@ -226,8 +227,8 @@ class Reconciler:
     def _judge(self, row: Any, rel_b: bytes, size: int, flag: int) -> None:
         """Record one database row against what the disk said: size -1 means not found."""
         kind = row[1]
+        self._last = (rel_b, size, flag)
         if kind == "person":
-            self._last = (rel_b, size, None)
             return
         stats = self.stats
         eligible = row[6]
@@ -237,17 +238,17 @@ class Reconciler:
         elif flag == UNREADABLE_FILE:
             reason = "file_unreadable"
         else:
+            target: bytes | None = None
             if flag == SYMLINK:
-                size, reason = self._follow(rel_b)
+                size, reason, target = self._follow(rel_b)
             if reason is None:
                 if size == 0:
                     reason = "file_empty"
                 elif self.verify_headers:
-                    reason = self._check_header(rel_b)
-            if reason != "file_unreadable":
+                    reason = self._check_header(rel_b, target)
+            if reason not in ("file_unreadable", "file_missing"):  # file_missing: a dangling symlink
                 stats.files[kind] += 1
                 stats.bytes[kind] += max(size, 0)
-        self._last = (rel_b, size, reason if reason == "file_unreadable" else None)
         if reason is not None and eligible:
             stats.missing[(kind, reason)] += 1
             stats.problems_total += 1
@@ -264,21 +265,27 @@ class Reconciler:
                 )
             )
 
-    def _follow(self, rel_b: bytes) -> tuple[int, str | None]:
-        """A symlink in thumbs/: follow it only when its target stays inside the media root."""
-        target = os.path.realpath(self.mapper.root_bytes + b"/" + rel_b)
-        if not (target == self._root_real or target.startswith(self._root_real.rstrip(b"/") + b"/")):
-            warn_once(log, f"symlink:{rel_b!r}", "not following symlink %r: it points outside the media root", rel_b)
-            return 0, "file_unreadable"
-        try:
-            return os.stat(target).st_size, None
-        except OSError:
-            return 0, "file_missing"
+    def _inside(self, real: bytes) -> bool:
+        return real == self._root_real or real.startswith(self._root_real.rstrip(b"/") + b"/")
 
-    def _check_header(self, rel_b: bytes) -> str | None:
+    def _follow(self, rel_b: bytes) -> tuple[int, str | None, bytes | None]:
+        """A symlink: follow it only when its target stays inside the media root; return the size, a
+        reason when it cannot be followed, and the resolved target."""
+        target = os.path.realpath(self.mapper.root_bytes + b"/" + rel_b)
+        if not self._inside(target):
+            warn_once(log, f"symlink:{rel_b!r}", "not following symlink %r: it points outside the media root", rel_b)
+            return 0, "file_unreadable", None
+        try:
+            return os.stat(target).st_size, None, target
+        except OSError:
+            return 0, "file_missing", None
+
+    def _check_header(self, rel_b: bytes, target: bytes | None = None) -> str | None:
+        """Compare the first bytes with the extension; ``target`` is a symlink's resolved (checked) target."""
         ext = rel_b.rsplit(b".", 1)[-1].decode("ascii", "replace").lower() if b"." in rel_b else ""
         try:
-            fd = os.open(self.mapper.root_bytes + b"/" + rel_b, os.O_RDONLY | os.O_NOFOLLOW)
+            path = target if target is not None else self.mapper.root_bytes + b"/" + rel_b
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 head = os.read(fd, 16)
             finally:
@@ -297,23 +304,32 @@ class Reconciler:
         if directory != self._other_dir:
             self._other_dir = directory
             self._other_names = {}
-            try:
-                with os.scandir(self.mapper.root_bytes + b"/" + directory) as it:
-                    for entry in it:
-                        if not entry.is_dir(follow_symlinks=False):
-                            try:
-                                self._other_names[entry.name] = entry.stat(follow_symlinks=False).st_size
-                            except OSError:
-                                self._other_names[entry.name] = -2
-            except FileNotFoundError:
-                pass
-            except OSError:
+            folder = self.mapper.root_bytes + b"/" + directory
+            # Unlike thumbs/, this folder is not walked: one of its parents may be a link out of the root.
+            if not self._inside(os.path.realpath(folder)):
+                warn_once(log, f"dir:{directory!r}", "not following %r: it leads outside the media root", directory)
                 self._other_names = {b"": -3}
+            else:
+                try:
+                    with os.scandir(folder) as it:
+                        for entry in it:
+                            if not entry.is_dir(follow_symlinks=False):
+                                try:
+                                    size = entry.stat(follow_symlinks=False).st_size
+                                    self._other_names[entry.name] = -4 if entry.is_symlink() else size
+                                except OSError:
+                                    self._other_names[entry.name] = -2
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    self._other_names = {b"": -3}
         size = self._other_names.get(name, -1)
         if self._other_names.get(b"") == -3:
             self._judge(row, rel_b, -1, UNREADABLE_DIR)
         elif size == -2:
             self._judge(row, rel_b, 0, UNREADABLE_FILE)
+        elif size == -4:
+            self._judge(row, rel_b, 0, SYMLINK)  # followed only if it stays inside the root
         else:
             self._judge(row, rel_b, size, FILE)
 
@@ -327,13 +343,23 @@ def original_exists(mapper: PathMapper, original: str | None) -> bool | None:
     rel = mapper.relative(original)
     if rel is None:
         return None
+    local = mapper.local(rel)
+    if not _inside_root(os.path.realpath(mapper.root_bytes), os.path.dirname(local)):
+        return None  # its folder is a link out of the media root: not looked at
     try:
-        os.lstat(mapper.local(rel))
+        os.lstat(local)
     except FileNotFoundError:
         return False
     except OSError:
         return None
     return True
+
+
+def _inside_root(root_real: bytes, folder: bytes) -> bool:
+    """True when ``folder`` resolves (symlinks followed) to the media root (``root_real``, resolved) or
+    somewhere inside it."""
+    real = os.path.realpath(folder)
+    return real == root_real or real.startswith(root_real.rstrip(b"/") + b"/")
 
 
 def files_sql(schema: Schema) -> str:
@@ -410,11 +436,13 @@ async def check_originals(
     Originals outside the media location (external libraries) cannot be mapped and are counted as
     unchecked rather than guessed at.
     """
-    state: dict[str, Any] = {"dir": None, "names": set(), "cancel": False}
+    state: dict[str, Any] = {"dir": None, "names": set(), "cancel": False, "root": None}
     missing = 0
 
     def check(rows: Sequence[Any]) -> int:
         found_missing = 0
+        if state["root"] is None:
+            state["root"] = os.path.realpath(mapper.root_bytes)
         for row in rows:
             if state["cancel"]:
                 raise Cancelled()
@@ -426,7 +454,8 @@ async def check_originals(
             if directory != state["dir"]:
                 state["dir"] = directory
                 try:
-                    state["names"] = set(os.listdir(directory))
+                    # A folder that links out of the media root is not listed: its originals are unchecked.
+                    state["names"] = set(os.listdir(directory)) if _inside_root(state["root"], directory) else None
                 except FileNotFoundError:
                     state["names"] = set()
                 except OSError:

@@ -6,7 +6,8 @@ that it resolved against its working directory ``/usr/src/app``. The exporter mo
 somewhere else (``media.root``), so each stored path is turned into a path *relative to the media
 location* and joined onto the local root.
 
-Only clean relative paths are accepted: no ``..``, ``.`` or empty segments, no NUL bytes. Anything else
+Only clean relative paths are accepted: no ``..``, ``.`` or empty segments, no NUL bytes, nothing that is
+not valid Unicode text (lone surrogates). Anything else
 is refused (and counted), which is what keeps a crafted or corrupt row from reading outside the root.
 """
 
@@ -45,6 +46,11 @@ class PathMapper:
         rel = path[self._plen :]
         if not rel or "\x00" in rel or rel[0] == "/" or rel[-1] == "/":
             return None
+        if not rel.isascii():
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates: not text a database holds, nor a file name
+                return None
         # Fast path: almost every stored path is clean; only split when a dot or double slash appears.
         if "/." in rel or rel[0] == "." or "//" in rel:
             for part in rel.split("/"):

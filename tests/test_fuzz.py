@@ -1,0 +1,361 @@
+"""Bad input, generated: database paths with odd characters, ``..``, absolute paths outside the media
+location, and symlinks in the media tree pointing outside the media root.
+
+``PathMapper.relative`` must refuse anything that is not a clean path under the media location, and
+never raise. The ``Reconciler`` (the merge of database rows with ``thumbs/``) must give every row a
+counted outcome (a file, a missing or unreadable file, or a refused path) and must never open, list or
+read anything outside the media root: an audit hook watches every ``open``, ``os.scandir`` and
+``os.listdir`` while it runs, and a file outside the root has a size and content that would show in the
+results if it were ever read.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
+from exporter.files import Reconciler, original_exists
+from exporter.model import KINDS, REASONS, FileStats, Problem
+from exporter.paths import IMMICH_CWD, PathMapper
+from exporter.seed import jpeg, webp
+
+LOCATIONS = ("/data", "/usr/src/app/upload", "/")
+SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
+SECRET = b"SECRET-CONTENT-" + b"x" * (SECRET_SIZE - 15)  # not a JPEG: reading it would say file_corrupt
+
+# -- an audit hook that records every file or directory opened while armed ----------------------------
+
+
+@dataclass
+class _Audit:
+    armed: bool = False
+    thread: int | None = None
+    seen: list[tuple[str, Any, int]] = field(default_factory=list)
+
+
+_AUDIT = _Audit()
+
+
+def _hook(event: str, args: tuple[Any, ...]) -> None:
+    # Cheap when disarmed: this hook lives for the whole test session.
+    if not _AUDIT.armed or threading.get_ident() != _AUDIT.thread:
+        return
+    if event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], str | bytes):
+        flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
+        _AUDIT.seen.append((event, args[0], flags))
+
+
+sys.addaudithook(_hook)
+
+
+class audited:
+    """Record what the code under test opens, in this thread."""
+
+    def __enter__(self) -> list[tuple[str, Any, int]]:
+        _AUDIT.seen = []
+        _AUDIT.thread = threading.get_ident()
+        _AUDIT.armed = True
+        return _AUDIT.seen
+
+    def __exit__(self, *exc: object) -> None:
+        _AUDIT.armed = False
+
+
+def outside(root_real: bytes, seen: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
+    """The accesses whose real target is not inside the media root. An ``open`` with ``O_NOFOLLOW``
+    cannot go through a link in its last component (it fails), so only its folder is resolved."""
+    bad = []
+    for event, path, flags in seen:
+        raw = os.fsencode(path)
+        if event == "open" and flags & os.O_NOFOLLOW:
+            head, _, tail = raw.rpartition(b"/")
+            real = os.path.realpath(head) + b"/" + tail
+        else:
+            real = os.path.realpath(raw)
+        if not (real == root_real or real.startswith(root_real + b"/")):
+            bad.append((event, path, flags))
+    return bad
+
+
+# -- PathMapper.relative ------------------------------------------------------------------------------
+
+segment = st.one_of(
+    st.sampled_from(["thumbs", "upload", "..", ".", "", "data", "usr", "src", "app", "etc", "passwd", "a.jpeg",
+                     "..a", "a..", "...", "x\x00y", "\\..", "%2e%2e", "\udcff", "\ud800", "é", "\u202e", "a b", "\n"]),
+    st.text(max_size=8),
+)
+stored_paths = st.one_of(
+    st.text(max_size=40),
+    st.lists(segment, max_size=8).map("/".join),
+    st.tuples(st.sampled_from(["/data/", "/usr/src/app/upload/", "upload/", "/", "", "/data", "./", "../"]),
+              st.lists(segment, max_size=6).map("/".join)).map("".join),
+)
+
+
+def _clean(rel: str) -> bool:
+    return bool(rel) and all(part not in ("", ".", "..") for part in rel.split("/")) and "\x00" not in rel
+
+
+@settings(max_examples=400, deadline=None)
+@given(stored=stored_paths, location=st.sampled_from(LOCATIONS))
+@example(stored="/data/../etc/passwd", location="/data")
+@example(stored="/data/thumbs/u/../../../etc/passwd", location="/data")
+@example(stored="/datax/thumbs/a.jpeg", location="/data")
+@example(stored="upload/../../../etc/passwd", location="/usr/src/app/upload")
+@example(stored="/data/thumbs/\ud800.jpeg", location="/data")
+@example(stored="/data//thumbs/a.jpeg", location="/data")
+@example(stored="/data/thumbs/a.jpeg/", location="/data")
+@example(stored="/data/thumbs/\x00/a.jpeg", location="/data")
+def test_relative_refuses_or_stays_inside(stored: str, location: str) -> None:
+    root = "/srv/media"
+    mapper = PathMapper(root, location)
+    rel = mapper.relative(stored)
+    if rel is None:
+        return
+    assert _clean(rel), (stored, rel)
+    assert not rel.startswith("/") and not rel.endswith("/")
+    # What the database meant (resolved like Immich does) is exactly the location plus rel.
+    absolute = stored if stored.startswith("/") else f"{IMMICH_CWD}/{stored}"
+    assert absolute == mapper._prefix + rel
+    # Where it lands on our side stays inside the root, lexically (symlinks are the walk's business).
+    local = mapper.local(rel)
+    assert os.path.normpath(local).startswith(os.fsencode(root) + b"/"), (stored, local)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rel=st.lists(st.text(alphabet=st.characters(blacklist_characters="/\x00"), min_size=1, max_size=6)
+                    .filter(lambda p: p not in (".", "..")), min_size=1, max_size=5).map("/".join))
+def test_relative_accepts_every_clean_path(rel: str) -> None:
+    mapper = PathMapper("/srv/media", "/data")
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        assert mapper.relative(f"/data/{rel}") is None  # no database can hold it; never a crash
+        return
+    assert mapper.relative(f"/data/{rel}") == rel
+
+
+# -- the Reconciler on a real media tree --------------------------------------------------------------
+
+
+@dataclass
+class Tree:
+    root: str
+    outside: str
+    location: str = "/data"
+    # relative path -> what the disk holds there, for the rows to name
+    known: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
+    base = tmp_path_factory.mktemp("fuzz")
+    root, out = base / "media", base / "outside"
+    (out / "sub").mkdir(parents=True)
+    for target in (out / "secret.jpeg", out / "sub" / "secret.jpeg", out / "good.webp"):
+        target.write_bytes(SECRET)
+    t = Tree(str(root), str(out))
+
+    def put(rel: str, data: bytes | None = None, link: str | None = None, what: str = "") -> None:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if link is not None:
+            os.symlink(link, path)
+        elif data is not None:
+            path.write_bytes(data)
+        t.known[rel] = what
+
+    d = "thumbs/u1/aa/bb"
+    put(f"{d}/good_thumbnail.webp", webp(300), what="file")
+    put(f"{d}/good_preview.jpeg", jpeg(1200), what="file")
+    put(f"{d}/empty_thumbnail.webp", b"", what="empty")
+    put(f"{d}/bad_preview.jpeg", webp(1200), what="corrupt")
+    put(f"{d}/out_thumbnail.jpeg", link=str(out / "secret.jpeg"), what="symlink out")
+    put(f"{d}/dotdot_preview.jpeg", link="../../../../../outside/secret.jpeg", what="symlink out")
+    put(f"{d}/in_preview.jpeg", link="good_preview.jpeg", what="symlink in")
+    put(f"{d}/dangling_preview.jpeg", link="nowhere.jpeg", what="dangling")
+    put("thumbs/u1/dirlink", link=str(out), what="dir symlink out")
+    put("thumbs/u1/aa/loop", link=".", what="dir symlink loop")
+    put("thumbs/.immich", b"", what="marker")
+    put("thumbs/u2/\udcff-odd.webp", webp(300), what="file")
+    put("thumbs/u2/cc/orphan.webp", webp(500), what="orphan")
+    put("elsewhere/old_thumbnail.jpeg", jpeg(600), what="file")
+    put("elsewhere-link", link=str(out), what="dir symlink out")
+    put("upload/u1/original.jpg", jpeg(400), what="original")
+    put("upload-link", link=str(out), what="dir symlink out")
+    for rel in ("thumbs/u1/dirlink/secret.jpeg", "thumbs/u1/dirlink/sub/secret.jpeg", "elsewhere-link/secret.jpeg",
+                "elsewhere-link/good.webp", "thumbs/u1/aa/loop/bb/good_preview.jpeg", f"{d}/missing_thumbnail.webp",
+                "thumbs/u1/zz/zz/missing_preview.jpeg", "elsewhere/missing.jpeg", "upload-link/secret.jpeg"):
+        t.known[rel] = "through a link, or missing"
+    yield t
+
+
+def row_paths(tree: Tree) -> st.SearchStrategy[str]:
+    loc = tree.location
+    known = sorted(tree.known)
+    return st.one_of(
+        st.sampled_from(known).map(lambda r: f"{loc}/{r}"),
+        st.sampled_from([
+            f"{loc}/thumbs/../../outside/secret.jpeg", f"{tree.outside}/secret.jpeg", f"{loc}/../outside/secret.jpeg",
+            f"{loc}/thumbs/u1/aa/bb/../../../../outside/secret.jpeg", "upload/thumbs/u1/a.jpeg", f"{loc}x/thumbs/a",
+            f"{loc}/thumbs//u1/aa/bb/good_preview.jpeg", f"{loc}/thumbs/./u1/aa/bb/good_preview.jpeg",
+            f"{loc}/thumbs/u1/aa/bb/good_preview.jpeg/", "", f"{loc}/thumbs/\x00", f"{loc}/thumbs/\ud800.webp",
+        ]),
+        st.lists(segment, min_size=1, max_size=6).map(lambda parts: f"{loc}/thumbs/" + "/".join(parts)),
+        st.lists(segment, min_size=1, max_size=4).map(lambda parts: f"{loc}/" + "/".join(parts)),
+        stored_paths,
+    )
+
+
+def sort_key(path: str) -> bytes:
+    """PostgreSQL's ORDER BY (normalized path) COLLATE "C": bytewise on the UTF-8 text."""
+    absolute = path if path.startswith("/") else f"{IMMICH_CWD}/{path}"
+    return absolute.encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def row_batches(draw: st.DrawFn, tree: Tree) -> tuple[list[tuple[Any, ...]], list[int]]:
+    paths = draw(st.lists(row_paths(tree), min_size=1, max_size=40))
+    rows = []
+    for i, path in enumerate(paths):
+        kind = draw(st.sampled_from([*KINDS, "person"]))
+        original = draw(st.one_of(st.none(), st.sampled_from([
+            "/data/upload/u1/original.jpg", "/data/upload/u1/gone.jpg", "/data/upload-link/secret.jpeg",
+            f"{tree.outside}/secret.jpeg", "/data/../outside/secret.jpeg",
+        ])))
+        rows.append((path, kind, f"asset-{i}", "owner", "image", original, kind != "person"))
+    rows.sort(key=lambda r: sort_key(r[0]))
+    cuts = sorted(draw(st.lists(st.integers(0, len(rows)), max_size=4)))
+    return rows, cuts
+
+
+def run_reconciler(
+    tree: Tree, rows: list[tuple[Any, ...]], cuts: list[int], verify: bool
+) -> tuple[FileStats, list[Problem]]:
+    mapper = PathMapper(tree.root, tree.location)
+    stats = FileStats()
+    problems: list[Problem] = []
+    rec = Reconciler(mapper, stats, problems.append, verify_headers=verify)
+    start = 0
+    for cut in [*cuts, len(rows)]:
+        rec.feed(rows[start:cut])
+        start = max(start, cut)
+    while not rec.finish():
+        pass
+    return stats, problems
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), verify=st.booleans())
+def test_reconciler_counts_every_row_and_never_reads_outside(tree: Tree, data: st.DataObject, verify: bool) -> None:
+    rows, cuts = data.draw(row_batches(tree))
+    root_real = os.path.realpath(os.fsencode(tree.root))
+    with audited() as seen:
+        stats, problems = run_reconciler(tree, rows, cuts, verify)
+    assert not outside(root_real, seen), outside(root_real, seen)
+
+    # Every row has exactly one counted outcome (every row here is eligible).
+    for kind in KINDS:
+        n = sum(1 for r in rows if r[1] == kind)
+        counted = (stats.files[kind] + stats.missing[(kind, "file_missing")]
+                   + stats.missing[(kind, "file_unreadable")] + stats.refused[kind])
+        assert counted == n, (kind, n, stats)
+    assert stats.rows == len(rows)
+    assert stats.problems_total == len(problems) == sum(stats.missing.values())
+    assert all(p.reason in REASONS and p.kind in KINDS for p in problems)
+    # Two rows naming one file get one verdict, whatever their kinds and wherever the batches were cut.
+    verdict: dict[str, set[str]] = {}
+    reasons = {(p.asset_id, p.kind): p.reason for p in problems}
+    for path, kind, asset_id, *_ in rows:
+        if kind != "person" and PathMapper(tree.root, tree.location).relative(path) is not None:
+            verdict.setdefault(path, set()).add(reasons.get((asset_id, kind), "ok"))
+    assert all(len(v) == 1 for v in verdict.values()), {p: v for p, v in verdict.items() if len(v) > 1}
+    # Nothing outside the root was ever measured or judged by its content.
+    assert SECRET_SIZE not in (stats.orphaned_bytes, *stats.bytes.values())
+    for p in problems:
+        if p.path is not None and "secret" in p.path:
+            assert p.reason in ("file_missing", "file_unreadable"), p
+    # Symlinks out of the root are unreadable, never followed; the one inside is followed.
+    by_path = {p.path: p.reason for p in problems}
+    for path, kind, *_ in rows:
+        if kind != "person" and path.endswith(("/out_thumbnail.jpeg", "/dotdot_preview.jpeg")) and "//" not in path \
+                and "/./" not in path and not path.endswith("/"):
+            assert by_path.get(path) == "file_unreadable", (path, by_path.get(path))
+        if kind != "person" and path == "/data/thumbs/u1/aa/bb/in_preview.jpeg":
+            assert path not in by_path, (path, by_path[path])
+
+
+def test_symlinks_in_the_tree(tree: Tree) -> None:
+    """The fixed cases, spelt out: what each kind of link gives with header checks on."""
+    names = ["out_thumbnail.jpeg", "dotdot_preview.jpeg", "in_preview.jpeg", "dangling_preview.jpeg"]
+    rows = sorted(
+        [(f"/data/thumbs/u1/aa/bb/{n}", "thumbnail", n, "o", "image", None, True) for n in names]
+        + [("/data/thumbs/u1/dirlink/secret.jpeg", "preview", "dir", "o", "image", None, True),
+           ("/data/elsewhere-link/secret.jpeg", "thumbnail", "else", "o", "image", None, True),
+           ("/data/elsewhere/old_thumbnail.jpeg", "thumbnail", "old", "o", "image", None, True)],
+        key=lambda r: sort_key(r[0]),
+    )
+    root_real = os.path.realpath(os.fsencode(tree.root))
+    with audited() as seen:
+        stats, problems = run_reconciler(tree, rows, [], verify=True)
+    assert not outside(root_real, seen), outside(root_real, seen)
+    reasons = {p.asset_id: p.reason for p in problems}
+    assert reasons == {
+        "out_thumbnail.jpeg": "file_unreadable",
+        "dotdot_preview.jpeg": "file_unreadable",
+        "dangling_preview.jpeg": "file_missing",
+        "dir": "file_missing",  # the walk never enters a linked directory: not there
+        "else": "file_unreadable",  # a directory outside thumbs/ that links out of the root
+    }, reasons
+    assert stats.files["thumbnail"] == 2  # in_preview.jpeg (followed, inside) and the old layout's file
+
+
+@pytest.mark.parametrize(("original", "expected"), [
+    ("/data/upload/u1/original.jpg", True),
+    ("/data/upload/u1/gone.jpg", False),
+    ("/data/upload-link/secret.jpeg", None),  # through a link out of the root: not looked at
+    ("/data/../outside/secret.jpeg", None),
+    ("/elsewhere/outside/secret.jpeg", None),
+    (None, None),
+])
+def test_original_exists_stays_inside(tree: Tree, original: str | None, expected: bool | None) -> None:
+    assert original_exists(PathMapper(tree.root, "/data"), original) is expected
+
+
+def test_fixture_is_what_it_claims(tree: Tree) -> None:
+    """Guard the guard: the outside file is there, and reading it would be seen."""
+    assert Path(tree.outside, "secret.jpeg").stat().st_size == SECRET_SIZE
+    assert Path(tree.root, "thumbs/u1/aa/bb/out_thumbnail.jpeg").stat().st_size == SECRET_SIZE
+    with audited() as seen:
+        Path(tree.root, "elsewhere-link/secret.jpeg").read_bytes()
+    assert outside(os.path.realpath(os.fsencode(tree.root)), seen)
+    assume(True)
+
+
+EXPECTED = {  # what one row naming this file gets (no verdict: a healthy file)
+    "in_preview.jpeg": None, "good_preview.jpeg": None, "dangling_preview.jpeg": "file_missing",
+    "out_thumbnail.jpeg": "file_unreadable", "missing.jpeg": "file_missing",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("face_first", [False, True])
+def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify: bool, face_first: bool) -> None:
+    path = f"/data/thumbs/u1/aa/bb/{name}"
+    rows = [(path, kind, kind, "o", "image", None, True) for kind in ("thumbnail", "preview", "fullsize")]
+    if face_first:
+        rows.insert(0, (path, "person", "face", "o", None, None, False))
+    stats, problems = run_reconciler(tree, rows, [], verify)
+    want = EXPECTED[name]
+    assert [p.reason for p in problems] == ([want] * 3 if want else []), problems
+    assert sum(stats.files.values()) == (0 if want else 3), stats
