@@ -11,6 +11,8 @@ results if it were ever read.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import threading
@@ -358,3 +360,168 @@ def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify:
     want = EXPECTED[name]
     assert [p.reason for p in problems] == ([want] * 3 if want else []), problems
     assert sum(stats.files.values()) == (0 if want else 3), stats
+
+
+# -- BullMQ job hashes and event entries: missing, non-JSON, huge ---------------------------------------
+
+from exporter import events as bull_events  # noqa: E402
+from exporter import queues as bull_queues  # noqa: E402
+
+UUID = "0b9d2a8e-6d8c-4c6e-9d55-2f5c3a1e7b10"
+json_docs = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=12,
+)
+field_values = st.one_of(
+    st.none(), st.text(max_size=60), json_docs.map(json.dumps), st.just(json.dumps({"id": UUID})),
+    st.just(json.dumps({"id": UUID.upper(), "source": "upload"})), st.just("x" * 5000),
+    st.integers().map(str), st.floats(allow_infinity=False, allow_nan=False).map(str),
+)
+
+
+def _infinite(value: str | None) -> bool:
+    """A number too big for a float: the known crash (test_job_fields_known_crashes), kept out here."""
+    try:
+        return value is not None and math.isinf(float(value))
+    except (ValueError, OverflowError):
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=field_values.filter(lambda v: not _infinite(v)))
+def test_job_fields_never_raise(value: str | None) -> None:
+    asset = bull_queues._asset_id(value)
+    assert asset is None or asset == UUID
+    assert bull_events.outcome_of(value) in ("success", "skipped", "failed")
+    for parse in (bull_queues._int, bull_events._int):
+        n = parse(value)
+        assert n is None or isinstance(n, int)
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.one_of(st.text(max_size=40), st.sampled_from(["immich_bull:dGh1bWJuYWlsR2VuZXJhdGlvbg==",
+                                                             "immich_bull:dGh1bWJuYWlsR2VuZXJhdGlvbg==:w:x",
+                                                             "immich_bull:thumbnailGeneration", "immich_bull:"])))
+def test_worker_names_never_raise(name: str) -> None:
+    queue = bull_queues.worker_queue(name, "immich_bull", {"dGh1bWJuYWlsR2VuZXJhdGlvbg==": "thumbnailGeneration"},
+                                     {"thumbnailGeneration"})
+    assert queue in (None, "thumbnailGeneration")
+    assert bull_queues.is_asset_job(name) in (True, False)
+
+
+entry_ids = st.one_of(
+    st.tuples(st.integers(0, 2**48), st.integers(0, 50)).map(lambda t: f"{t[0]}-{t[1]}"),
+    st.text(max_size=12),
+)
+entry_fields = st.dictionaries(
+    st.sampled_from(["event", "jobId", "name", "returnvalue", "failedReason", "prev", "data", "x"]),
+    st.one_of(st.sampled_from(["added", "active", "completed", "failed", "progress", "waiting"]),
+              st.sampled_from(["1", "2", "3", "job-4"]),
+              field_values.filter(lambda v: v is not None and not _infinite(v)),
+              st.text(min_size=101, max_size=300)),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(entries=st.lists(st.tuples(entry_ids, st.one_of(entry_fields, st.none(), st.text(max_size=5))), max_size=60))
+def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[str, Any]]) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    tracker = bull_events.EventTracker("immich_bull")
+    tracker._unknown_jobs("thumbnailGeneration", entries)
+    tracker._apply("thumbnailGeneration", entries, {})
+    for (_, job), n in tracker.accepted.items():
+        assert n > 0 and (job == bull_events.UNKNOWN or len(job) <= bull_events.MAX_NAME_LENGTH)
+    assert len({j for _, j in tracker.accepted} | {j for _, j, _ in tracker.finished}) <= bull_events.MAX_JOB_NAMES + 1
+    assert all(o in ("success", "skipped", "failed", "error") for _, _, o in tracker.finished)
+    assert tracker.tracked_jobs <= bull_events.MAX_TRACKED_JOBS
+
+    class Families(Collector):
+        def collect(self) -> Any:
+            yield from tracker.families()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Families())
+    generate_latest(registry)  # renders: no NaN counts, no broken label values
+
+
+# Known crashes in exporter/queues.py and exporter/events.py (owned elsewhere; reported in the issue):
+# each of these takes every queue series down ("internal error") while Redis is perfectly fine.
+KNOWN_CRASH = pytest.mark.xfail(raises=(OverflowError, RecursionError), strict=False,
+                                reason="queues/events: _int() overflows on 'inf'/'1e999'; json.loads recursion")
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("inf", marks=KNOWN_CRASH), pytest.param("1e999", marks=KNOWN_CRASH),
+    pytest.param("9" * 400, marks=KNOWN_CRASH), pytest.param("[" * 100_000, marks=KNOWN_CRASH),
+])
+def test_job_fields_known_crashes(value: str) -> None:
+    test_job_fields_never_raise.hypothesis.inner_test(value)  # type: ignore[attr-defined]
+
+
+BAD_JOBS: dict[str, dict[str, Any]] = {
+    "timestamp not a number": {"timestamp": "soon"},
+    "timestamp empty": {"timestamp": ""},
+    "no fields but name": {"timestamp": None, "data": None},
+    "data not JSON": {"data": "{not json"},
+    "data a JSON list": {"data": "[1, 2]"},
+    "data id not a uuid": {"data": json.dumps({"id": 42})},
+    "data huge": {"data": json.dumps({"id": UUID, "pad": "x" * 1_000_000})},
+    "name huge": {"name": "A" * 100_000},
+    "name not UTF-8": {"name": b"\xff\xfe\x00bad"},
+    "returnvalue nested a little": {"returnvalue": "[" * 50 + "]" * 50},
+    "timestamp infinite": {"timestamp": "inf", "_xfail": True},
+    "timestamp 400 digits": {"timestamp": "9" * 400, "_xfail": True},
+    "data nested 100k deep": {"data": "[" * 100_000, "_xfail": True},
+    "returnvalue nested 100k deep": {"returnvalue": "[" * 100_000, "_xfail": True},
+}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(name, marks=KNOWN_CRASH) if spec.get("_xfail") else name for name, spec in BAD_JOBS.items()
+])
+@pytest.mark.asyncio
+async def test_bad_job_hash_and_events_on_real_valkey(valkey: Any, case: str) -> None:
+    """One malformed job among good ones: the round still succeeds and every queue series is there."""
+    import redis as sync_redis
+
+    from exporter.config import load_config
+    from exporter.sources.postgres import PostgresSource
+
+    spec = {k: v for k, v in BAD_JOBS[case].items() if not k.startswith("_")}
+    admin = sync_redis.Redis.from_url(valkey.url)
+    base = "immich_bull:thumbnailGeneration"
+    admin.hset(f"{base}:meta", mapping={"paused": "0"})
+    good = {"name": "AssetGenerateThumbnails", "timestamp": "1700000000000", "data": json.dumps({"id": UUID})}
+    admin.hset(f"{base}:1", mapping=good)
+    admin.lpush(f"{base}:wait", "1")
+    config = load_config(None, environ={"REDIS_URL": valkey.url, "DB_URL": "postgresql://x@127.0.0.1:1/x"},
+                         overrides={"intervals.queues": "5s"})
+    pg = PostgresSource(config.database)
+    col = bull_queues.QueueCollection(config, pg)
+    try:
+        first = await col.collect()  # the event stream is followed from here on
+        assert first.sources["redis"] is True
+        job = {**good, **{k: v for k, v in spec.items() if k != "returnvalue" and v is not None}}
+        for k in [k for k, v in spec.items() if v is None]:
+            job.pop(k, None)
+        admin.hset(f"{base}:2", mapping=job)
+        admin.lpush(f"{base}:wait", "2")
+        admin.lpush(f"{base}:active", "3")
+        admin.hset(f"{base}:3", mapping={**job, "processedOn": job.get("timestamp", "")})
+        admin.xadd(f"{base}:events", {"event": "added", "jobId": "2", "name": str(job.get("name", ""))[:200]})
+        admin.xadd(f"{base}:events", {"event": "active", "jobId": "4", "prev": "waiting"})
+        admin.xadd(f"{base}:events", {"event": "completed", "jobId": "4",
+                                      "returnvalue": spec.get("returnvalue") or "null"})
+        admin.hset(f"{base}:4", mapping=job)
+        outcome = await col.collect()
+        assert outcome.sources["redis"] is True, outcome
+        names = {f.name for p in outcome.parts for f in p.families}
+        assert {"immich_queue_jobs", "immich_queue_paused", "immich_jobs_accepted"} <= names, names
+    finally:
+        await col.close()
+        await pg.close()
+        admin.close()
