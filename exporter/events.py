@@ -14,7 +14,7 @@ Times come from the stream entries' ids, which are the Redis server's clock in m
 and run times need no clock agreement with Immich. A job whose ``added`` event was not seen (it was
 queued before the exporter started) is looked up in its job hash when it starts (``name``,
 ``timestamp``); a job whose hash is already gone when it finishes (``removeOnComplete``) and that was
-never seen starting is counted with ``job="unknown"`` and no duration. The job names seen are kept in a
+never seen starting is counted with ``job_name="unknown"`` and no duration. The job names seen are kept in a
 bounded LRU.
 
 **First start**: reading begins at the stream's current end; the history already in the stream is not

@@ -871,18 +871,34 @@ class RemediationCollection:
         latest = await self._latest_problems(sources)
         reasons, kinds = set(rem.reasons), set(rem.kinds)
         wanted: dict[str, set[str]] = {}
+        owners: dict[str, str] = {}
         scan_at = 0.0
         if latest is not None:
             problems, scan_at = latest
             for p in problems:
                 if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
                     wanted.setdefault(p.asset_id, set()).add(p.kind)
+                    owners[p.asset_id] = p.owner_id
         entries = ledger.get(wanted)
         pending_ids = {e.asset_id for e in pending}
+        # Leave out what Immich already has queued and what the key may not touch *before* choosing
+        # this round's share: otherwise the same first few would be picked, and skipped, every round.
+        queued_ids: set[str] = set()
+        if wanted and self.config.redis.enabled:
+            queued_ids = set((await queued_assets(self.config.redis)).assets)
+            sources["redis"] = True
+        owner = await self._key_owner() if wanted else None
+        queued = other_owner = 0
         fresh: list[str] = []
         for a in sorted(wanted):
             e = entries.get(a)
             if a in pending_ids:
+                continue
+            if a in queued_ids:
+                queued += 1
+                continue
+            if owner is not None and owners.get(a, owner) != owner:
+                other_owner += 1
                 continue
             if e is None or (e.state in RETRYABLE and e.attempts < rem.max_attempts
                              and now >= e.due_at(rem.verify_after)):
@@ -918,18 +934,18 @@ class RemediationCollection:
             e = entries.get(a)
             reset = e is not None and e.state == "fixed"
             candidates.append(Candidate(a, broken, chk.describe(kinds), reset=reset, owner=chk.owner_id))
-        queued = other_owner = 0
         if candidates and self.config.redis.enabled:
             view = await queued_assets(self.config.redis)
             sources["redis"] = True
             before = len(candidates)
             candidates = [c for c in candidates if c.asset_id not in view.assets]
-            queued = before - len(candidates)
-        owner = await self._key_owner() if candidates else None
+            queued += before - len(candidates)
+        if owner is None and candidates:
+            owner = await self._key_owner()
         if owner is not None:
             before = len(candidates)
             candidates = [c for c in candidates if c.owner in (None, owner)]
-            other_owner = before - len(candidates)
+            other_owner += before - len(candidates)
         submitted, error = await self._submit(candidates[: rem.max_per_round], sources)
         if "immich_api" not in sources:
             try:

@@ -52,6 +52,9 @@ def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collecti
             log.warning("remediation not available in this build")
         else:
             collections.append(RemediationCollection(config, pg))
+            if "immich_api" not in sources:
+                # Its counters need the API up: the source must exist even with the queues collection off.
+                sources.append("immich_api")
     return collections, sources
 
 
@@ -66,6 +69,11 @@ class Exporter:
         self.pg = PostgresSource(config.database)
         collections, sources = build_collections(config, self.pg)
         self.store = Store([c.name for c in collections], sources)
+        for collection in collections:
+            # Remediation reads the files collection's latest problems instead of scanning a second time.
+            bind = getattr(collection, "bind_store", None)
+            if bind is not None:
+                bind(self.store)
         self.runner = Runner(
             self.store, collections, self.pg, config.media.root if "filesystem" in sources else None,
             probe_interval=min(15.0, config.intervals.queues),

@@ -307,8 +307,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# One exporter exposing every SPEC metric, as Prometheus stores it (the exporter's `job` label on the
-# job counters becomes `exported_job`).
+# One exporter exposing every SPEC metric, as Prometheus stores it.
 _TARGET = 'job="immich-thumbnail-exporter",instance="exporter:9813"'
 _THUMBS = f'{_TARGET},queue="thumbnailGeneration"'
 _EXPORTER_SERIES = {
@@ -330,11 +329,11 @@ _EXPORTER_SERIES = {
     f'immich_queue_oldest_job_age_seconds{{{_THUMBS},state="waiting"}}': "120x40",
     f"immich_queue_stalled_jobs{{{_THUMBS}}}": "0x40",
     f"immich_queue_orphaned_jobs{{{_THUMBS}}}": "0x40",
-    f'immich_jobs_accepted_total{{{_THUMBS},exported_job="AssetGenerateThumbnails"}}': "0+10x40",
-    f'immich_jobs_finished_total{{{_THUMBS},exported_job="AssetGenerateThumbnails",outcome="success"}}': "0+9x40",
-    f'immich_jobs_finished_total{{{_THUMBS},exported_job="AssetGenerateThumbnails",outcome="failed"}}': "0+1x40",
+    f'immich_jobs_accepted_total{{{_THUMBS},job_name="AssetGenerateThumbnails"}}': "0+10x40",
+    f'immich_jobs_finished_total{{{_THUMBS},job_name="AssetGenerateThumbnails",outcome="success"}}': "0+9x40",
+    f'immich_jobs_finished_total{{{_THUMBS},job_name="AssetGenerateThumbnails",outcome="failed"}}': "0+1x40",
     **{
-        f'immich_job_{kind}_seconds_bucket{{{_THUMBS},exported_job="AssetGenerateThumbnails",le="{le}"}}': values
+        f'immich_job_{kind}_seconds_bucket{{{_THUMBS},job_name="AssetGenerateThumbnails",le="{le}"}}': values
         for kind in ("wait", "run")
         for le, values in (("1", "0+4x40"), ("10", "0+9x40"), ("+Inf", "0+10x40"))
     },

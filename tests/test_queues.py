@@ -118,11 +118,11 @@ def jobs(s: Samples, state: str, queue: str = QUEUE) -> float | None:
 
 
 def finished(s: Samples, outcome: str, job: str = JOB, queue: str = QUEUE) -> float:
-    return value(s, "immich_jobs_finished_total", queue=queue, job=job, outcome=outcome) or 0.0
+    return value(s, "immich_jobs_finished_total", queue=queue, job_name=job, outcome=outcome) or 0.0
 
 
 def accepted(s: Samples, job: str = JOB, queue: str = QUEUE) -> float:
-    return value(s, "immich_jobs_accepted_total", queue=queue, job=job) or 0.0
+    return value(s, "immich_jobs_accepted_total", queue=queue, job_name=job) or 0.0
 
 
 def raw(valkey: EmbeddedValkey) -> redis.Redis:
@@ -267,9 +267,9 @@ async def test_worker_outcomes_are_counted_exactly(valkey: EmbeddedValkey, immic
         assert finished(s, "failed") == 1
         assert finished(s, "skipped") == 1
         assert finished(s, "error") == 1
-        assert value(s, "immich_job_wait_seconds_count", queue=QUEUE, job=JOB) == 7
-        assert value(s, "immich_job_run_seconds_count", queue=QUEUE, job=JOB) == 7
-        assert value(s, "immich_job_run_seconds_bucket", queue=QUEUE, job=JOB, le="+Inf") == 7
+        assert value(s, "immich_job_wait_seconds_count", queue=QUEUE, job_name=JOB) == 7
+        assert value(s, "immich_job_run_seconds_count", queue=QUEUE, job_name=JOB) == 7
+        assert value(s, "immich_job_run_seconds_bucket", queue=QUEUE, job_name=JOB, le="+Inf") == 7
         assert jobs(s, "failed") == 1  # removeOnFail: false keeps the thrown one
         assert jobs(s, "completed") == 0  # removeOnComplete: true
         assert value(s, "immich_exporter_queue_events_lost_total", queue=QUEUE) == 0
@@ -548,7 +548,7 @@ async def test_node_worker_is_counted(valkey: EmbeddedValkey, immich_db: Immich)
             await wait_for(lambda: raw(valkey).llen(f"{PREFIX}:{QUEUE}:active") == 0, 10)
             s = flat(await collect_ok(col))
             # Both finished jobs count. The one queued before the first round has no "added" event we
-            # read: its name comes from its hash if we saw it start, else it is job="unknown".
+            # read: its name comes from its hash if we saw it start, else it is job_name="unknown".
             assert finished(s, "skipped") + finished(s, "skipped", job="unknown") == 2
             assert finished(s, "skipped") >= 1
             assert accepted(s) == 1
