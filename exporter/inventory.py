@@ -23,27 +23,47 @@ from exporter.schema import Schema
 RECORD_KINDS = ("thumbnail", "preview")
 
 
+def lacking_sql(schema: Schema, kinds: tuple[str, ...], with_job_status: bool) -> str:
+    """Ids of assets (any, eligible or not) with no row of each kind, tagged with the kind's position.
+
+    Each is an anti-join on ids alone, which PostgreSQL runs as a merge of two index-only scans
+    (``asset`` primary key, ``asset_file ("assetId", type)``) instead of a probe per asset: 9 s became
+    under 1 s at a million assets. Eligibility is checked afterwards, on the (few) ids found.
+    """
+    parts = [
+        f"""SELECT x.id, {i} AS k FROM {schema.assets} x WHERE NOT EXISTS
+  (SELECT 1 FROM {schema.files} f WHERE f."assetId" = x.id AND f.type = '{kind}')"""
+        for i, kind in enumerate(kinds)
+    ]
+    if with_job_status:
+        parts.append(f"""SELECT x.id, {len(kinds)} AS k FROM {schema.assets} x WHERE NOT EXISTS
+  (SELECT 1 FROM asset_job_status j WHERE j."assetId" = x.id)""")
+    return "\nUNION ALL ".join(parts)
+
+
 def counts_sql(schema: Schema) -> str:
     eligible = schema.eligible("a")
-    job_status = (
-        'count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM asset_job_status j WHERE j."assetId" = a.id))'
-        if schema.has_job_status
-        else "0"
-    )
-    missing = ",\n  ".join(
-        f"count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM {schema.files} f "
-        f"WHERE f.\"assetId\" = a.id AND f.type = '{kind}')) AS no_{kind}"
-        for kind in RECORD_KINDS
-    )
+    kinds = RECORD_KINDS
+    missing = ",\n  ".join(f"count(*) FILTER (WHERE l.k = {i}) AS no_{kind}" for i, kind in enumerate(kinds))
+    job_status = f"count(*) FILTER (WHERE l.k = {len(kinds)})" if schema.has_job_status else "0"
+    # LATERAL ... LIMIT 1: one primary-key probe per id found, whatever the planner guesses for the CTE.
     return f"""
-SELECT
-  count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
-  count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
+WITH lacking AS MATERIALIZED (
+{lacking_sql(schema, kinds, schema.has_job_status)}
+), totals AS (
+  SELECT
+    count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
+    count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
+    count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing
+  FROM {schema.assets} a
+  WHERE {eligible}
+), missing AS (
+  SELECT
   {missing},
-  count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing,
   {job_status} AS metadata_pending
-FROM {schema.assets} a
-WHERE {eligible}
+  FROM lacking l CROSS JOIN LATERAL (SELECT 1 FROM {schema.assets} a WHERE a.id = l.id AND {eligible} LIMIT 1) e
+)
+SELECT * FROM totals, missing
 """
 
 
@@ -98,13 +118,15 @@ async def stream_no_record(
 ) -> AsyncIterator[Problem]:
     """Eligible assets with no row of a required kind. Must run inside a transaction (server cursor)."""
     eligible = schema.eligible("a")
-    parts = [
-        f"""SELECT a.id::text, a."ownerId"::text, lower(a.type), '{kind}', a."originalPath"
-FROM {schema.assets} a WHERE {eligible}
-AND NOT EXISTS (SELECT 1 FROM {schema.files} f WHERE f."assetId" = a.id AND f.type = '{kind}')"""
-        for kind in RECORD_KINDS
-    ]
-    cursor = conn.cursor(" UNION ALL ".join(parts), prefetch=fetch_size, timeout=timeout)
+    kinds = RECORD_KINDS
+    labels = " ".join(f"WHEN {i} THEN '{kind}'" for i, kind in enumerate(kinds))
+    sql = f"""WITH lacking AS MATERIALIZED (
+{lacking_sql(schema, kinds, False)}
+)
+SELECT a.id::text, a."ownerId"::text, lower(a.type), CASE l.k {labels} END, a."originalPath"
+FROM lacking l CROSS JOIN LATERAL (SELECT * FROM {schema.assets} a WHERE a.id = l.id AND {eligible} LIMIT 1) a
+ORDER BY l.k, a.id"""
+    cursor = conn.cursor(sql, prefetch=fetch_size, timeout=timeout)
     async for row in cursor:
         yield Problem(
             asset_id=row[0],
