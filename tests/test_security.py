@@ -55,8 +55,8 @@ READ_TABLES = {
 
 # The README's Redis ACL line, verbatim apart from the password.
 REDIS_ACL = (
-    "on >{password} ~* resetchannels -@all +@read +ping +hello +auth +select +client|setname +client|setinfo "
-    "+client|list +info +multi +exec"
+    "on >{password} %R~immich_bull:* resetchannels -@all +@read +ping +hello +auth +select +client|setname "
+    "+client|setinfo +client|list +info +multi +exec"
 )
 
 
