@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -80,9 +81,9 @@ def outcome_of(returnvalue: str | None) -> str:
         return "success"
     value: Any = returnvalue
     try:
-        value = json.loads(returnvalue)
+        value = loads(returnvalue)
     except ValueError:
-        value = returnvalue.strip()
+        value = returnvalue.strip()[:64]
     if isinstance(value, str) and value.lower() in OUTCOMES:
         return value.lower()
     return "success"
@@ -393,7 +394,8 @@ class EventTracker:
                 continue
             name, timestamp, processed_on, finished_on = res
             out[job_id] = _Job(
-                name=name, added_ms=_int(timestamp), processed_on=_int(processed_on), finished_on=_int(finished_on)
+                name=name, added_ms=to_int(timestamp), processed_on=to_int(processed_on),
+                finished_on=to_int(finished_on),
             )
         return out
 
@@ -494,13 +496,33 @@ class EventTracker:
         return len(self._jobs)
 
 
-def _int(value: Any) -> int | None:
-    if value is None:
+# BullMQ's own values are small: a job's data and return value are a few hundred bytes. Anything far
+# larger is not Immich's, and parsing it whole would cost memory (or recursion, for deeply nested JSON).
+MAX_JSON = 64 * 1024
+
+
+def to_int(value: Any) -> int | None:
+    """A BullMQ number field (``timestamp``, ``processedOn``...) or None when it is not a sane one."""
+    if value is None or isinstance(value, Exception):
         return None
     try:
-        return int(float(value))
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    if not math.isfinite(number) or abs(number) > 2**53:
+        return None
+    return int(number)
+
+
+def loads(text: str | bytes) -> Any:
+    """JSON from a job field, or raise ValueError when it is not JSON, too large or too deeply nested."""
+    if len(text) > MAX_JSON:
+        raise ValueError("field too large")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
 
 
 def _left(deadline: float) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import re
 import time
@@ -39,7 +38,7 @@ from redis.exceptions import ResponseError
 
 from exporter.collectors import Outcome
 from exporter.config import Config
-from exporter.events import EventTracker
+from exporter.events import EventTracker, loads, to_int
 from exporter.metrics import gauge
 from exporter.schema import SchemaError
 from exporter.snapshot import Part
@@ -142,13 +141,7 @@ class _AgeFamilies:
         return [gauge("immich_queue_oldest_job_age_seconds", samples)]
 
 
-def _int(value: Any) -> int | None:
-    if value is None or isinstance(value, Exception):
-        return None
-    try:
-        return int(float(value))
-    except (TypeError, ValueError):
-        return None
+
 
 
 def _count(value: Any) -> int:
@@ -374,17 +367,17 @@ class QueueCollection:
                 pos += 1
                 locks[job_id] = isinstance(res, Exception) or _count(res) > 0
             for job_id in w["head"]:
-                ts = _int(hashes[job_id][0]) if hashes[job_id] else None
+                ts = to_int(hashes[job_id][0]) if hashes[job_id] else None
                 if ts is not None and (s.oldest_waiting_ms is None or ts < s.oldest_waiting_ms):
                     s.oldest_waiting_ms = ts
             for job_id in w["active"]:
                 h = hashes[job_id]
                 if not h or all(v is None for v in h):
                     continue  # finished and removed since we listed it
-                started = _int(h[1]) if _int(h[1]) is not None else _int(h[0])
+                started = to_int(h[1]) if to_int(h[1]) is not None else to_int(h[0])
                 if started is not None and (s.oldest_active_ms is None or started < s.oldest_active_ms):
                     s.oldest_active_ms = started
-                if not locks[job_id] and _int(h[2]) is None:
+                if not locks[job_id] and to_int(h[2]) is None:
                     s.stalled += 1
             for job_id in w["orphan"]:
                 h = hashes[job_id]
@@ -603,7 +596,7 @@ def _asset_id(data: Any) -> str | None:
     if not isinstance(data, str):
         return None
     try:
-        doc = json.loads(data)
+        doc = loads(data)
     except ValueError:
         return None
     value = doc.get("id") if isinstance(doc, dict) else None
