@@ -7,6 +7,10 @@ counted outcome (a file, a missing or unreadable file, or a refused path) and mu
 read anything outside the media root: an audit hook watches every ``open``, ``os.scandir`` and
 ``os.listdir`` while it runs, and a file outside the root has a size and content that would show in the
 results if it were ever read.
+
+BullMQ job hashes and event entries with missing, non-JSON, huge or absurd fields (parsed in
+``exporter/queues.py`` and ``exporter/events.py``) must never fail a round: pure functions are fuzzed,
+and malformed jobs are written into a real Valkey beside good ones.
 """
 
 from __future__ import annotations
