@@ -107,9 +107,10 @@ async def assert_bounded_connections(imm: Immich) -> int:
 
 
 def no_pile_up(w: Watch, base: Resources) -> None:
-    # One loop per collection and one probe loop exist whatever happens; a hung backend may hold one
-    # extra task (a cancelled query's clean-up) and the executor's threads are capped.
-    assert w.max_tasks <= base.tasks + 6, (w.max_tasks, base.tasks)
+    # One loop per collection and one probe loop exist whatever happens. While a backend hangs, a round
+    # in flight holds a few more for a bounded time (its deadline's wrapper task, the clean-up of a
+    # dropped client, at most a couple of rounds' worth); the executor's threads are capped.
+    assert w.max_tasks <= base.tasks + 8, (w.max_tasks, base.tasks)
     assert w.max_threads <= base.threads + 6, (w.max_threads, base.threads)
 
 
