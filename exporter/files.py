@@ -3,29 +3,57 @@
 Both sides are read as sorted streams and merged, like ``comm``:
 
 * the database side streams every thumbnail, preview, fullsize and face-thumbnail path from a
-  server-side cursor, ordered bytewise (``COLLATE "C"``) by the path Immich would resolve;
-* the disk side walks ``thumbs/`` depth-first, listing each directory once (``os.scandir``) and sorting
-  its entries so the walk comes out in the same bytewise order (a directory sorts as ``name/``).
+  server-side cursor, ordered bytewise by the path Immich would resolve (the path is sent as bytes,
+  ``convert_to(path, 'UTF8')``, and sorted as such: byte order is ``COLLATE "C"`` order);
+* the disk side is a depth-first walk of ``thumbs/`` that lists each directory once and sorts its
+  entries, so the walk comes out in the same bytewise order (a directory sorts as ``name/``).
 
-A path on both sides is a file that exists; database-only is missing; disk-only is an orphan. Memory is
-a cursor batch plus one directory per level, whatever the library size. No path is ever checked with
-its own ``stat`` for existence; sizes come from the directory entry (``fstatat`` on the listed name).
+A path on both sides is a file that exists; database-only is missing; disk-only is an orphan. No path is
+ever checked with its own ``stat`` for existence; sizes come from the directory entry (``fstatat`` on
+the listed name).
 
-The merge runs in a worker thread, one cursor batch per call, so the event loop keeps serving scrapes.
-Each call does bounded work and checks a cancel flag, so a deadline really stops it.
+Where the time goes, and how it is kept small (figures from ``python -m bench`` at a million assets, two
+cores): listing 360k directories and ``fstatat`` of 2M files is most of the CPU a scan needs, so the walk
+runs in helper processes (``exporter/_walker.py``, at a lower priority), two of them each taking every
+other ``thumbs/<owner>/<xx>`` subtree, working ahead into a bounded buffer while PostgreSQL sorts; they
+send each subtree back as frames (paths joined by NUL, sizes, flags) that cost the exporter a ``split``.
+The database stream is narrow (path bytes, a kind code, the asset id: no join, so a smaller sort), and
+the merge runs in the event loop in slices of a few thousand rows, so a scrape waits at most one slice
+(no GIL contention with a worker thread). Problems are rare, so the asset details a problem row needs
+(owner, type, original, eligibility) are fetched afterwards, by primary key, for those rows only.
+
+Memory is a cursor batch, a few frames and one directory per level, whatever the library size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from array import array
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
+from exporter import _walker
+from exporter._walker import (
+    FILE,
+    HEAD_BAD,
+    HEAD_UNREADABLE,
+    KIND_MASK,
+    MARKER,
+    SYMLINK,
+    UNREADABLE_DIR,
+    UNREADABLE_FILE,
+    Frame,
+    header_ok,
+    list_level,
+    walk_tree,
+)
 from exporter.logs import warn_once
 from exporter.model import FileStats, Problem
 from exporter.paths import PathMapper, normalized_sql
@@ -33,237 +61,415 @@ from exporter.schema import Schema
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "FILE", "MARKER", "SYMLINK", "THUMBS", "UNREADABLE_DIR", "UNREADABLE_FILE", "Cancelled", "DiskWalk",
+    "Reconciler", "check_originals", "files_sql", "header_ok", "original_exists", "originals_sql", "reconcile",
+]
+
 THUMBS = b"thumbs"
-MARKER = b".immich"
 
-# Entry flags from the disk walk.
-FILE, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE = 0, 1, 2, 3
-
-# Magic numbers of the formats Immich writes thumbnails in, by file extension.
-_JPEG = (b"\xff\xd8\xff",)
-
-
-def header_ok(ext: str, head: bytes) -> bool | None:
-    """True/False when the extension's format is known, None when we cannot judge it."""
-    if ext in ("jpeg", "jpg"):
-        return head.startswith(b"\xff\xd8\xff")
-    if ext == "webp":
-        return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
-    if ext == "avif":
-        return head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"mif1", b"msf1")
-    if ext == "png":
-        return head.startswith(b"\x89PNG\r\n\x1a\n")
-    return None
+# Kind codes in the database stream (person: a face thumbnail, which only keeps its file from being an
+# orphan).
+KINDS = ("thumbnail", "preview", "fullsize", "person")
+PERSON = 3
+# Rows merged between two yields to the event loop: about a millisecond of work.
+SLICE = 2000
+# How far each walker may work ahead of the merge.
+WALKER_BUFFER = 32 << 20
+WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_walker.py")
+WALKER_RUNNABLE = bool(sys.executable) and os.path.exists(WALKER)
 
 
 class Cancelled(Exception):
     pass
 
 
-def walk(root: bytes, top: bytes, cancelled: Callable[[], bool]) -> Iterator[tuple[bytes, int, int]]:
-    """Yield ``(relative path, size, flag)`` for every file under ``root/top`` in bytewise path order.
+class WalkerError(OSError):
+    """A walker process died (it never fails for an unreadable file or folder: those are entries)."""
 
-    An unreadable directory yields one ``(dir + b"/", 0, UNREADABLE_DIR)`` entry, which sorts before
-    everything inside it, so the merge can tell "unreadable" from "missing".
+
+# -- the disk side ----------------------------------------------------------------------------------
+
+
+def default_walkers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class DiskWalk:
+    """Every entry under ``thumbs/`` in bytewise path order, as frames ``(paths, sizes, flags)``.
+
+    The first two levels (``thumbs/``, ``thumbs/<owner>/``) are listed here; each directory below them
+    (``thumbs/<owner>/<xx>``, a 256th of an owner's files) is a unit walked by a helper process, units
+    dealt round-robin so the helpers take turns and work in parallel. Files found on the first two
+    levels (rare: strays, old flat layouts) are stat-ed here, in a thread, while planning.
     """
-    stack: list[Iterator[tuple[bytes, bool]]] = []
-    prefixes: list[bytes] = []
 
-    def listing(rel_dir: bytes) -> Iterator[tuple[bytes, bool]] | None:
-        try:
-            with os.scandir(root + b"/" + rel_dir) as it:
-                keyed = [
-                    (e.name + b"/", True) if e.is_dir(follow_symlinks=False) else (e.name, False) for e in it
-                ]
-        except OSError as exc:
-            log.debug("cannot list %r: %s", rel_dir, exc.strerror)
-            return None
-        keyed.sort()
-        return iter(keyed)
+    def __init__(self, root: bytes, verify_headers: bool = False, workers: int | None = None,
+                 buffer_bytes: int = WALKER_BUFFER) -> None:
+        self.root = root
+        self.verify_headers = verify_headers
+        self.workers = default_walkers() if workers is None else workers
+        self.buffer_bytes = buffer_bytes
+        self._segments: list[Frame | int] = []
+        self._units: list[bytes] = []
+        self._procs: list[asyncio.subprocess.Process] = []
+        self._started = False
+        self._closed = False
 
-    first = listing(top)
-    if first is None:
-        yield top + b"/", 0, UNREADABLE_DIR
-        return
-    stack.append(first)
-    prefixes.append(top + b"/")
-    count = 0
-    while stack:
-        prefix = prefixes[-1]
-        for key, is_dir in stack[-1]:
-            if is_dir:
-                rel_dir = prefix + key[:-1]
-                sub = listing(rel_dir)
-                if sub is None:
-                    yield rel_dir + b"/", 0, UNREADABLE_DIR
+    def _plan(self) -> None:
+        """List ``thumbs/`` and ``thumbs/<x>/``: the entries found there, and the units below them."""
+        headers = self.verify_headers
+        inline: list[tuple[bytes, int, int]] = []
+
+        def flush() -> None:
+            if inline:
+                paths = [p for p, _, _ in inline]
+                self._segments.append((paths, array("q", [s for _, s, _ in inline]), bytes(f for _, _, f in inline)))
+                inline.clear()
+
+        top = list_level(self.root, THUMBS, headers)
+        if top is None:
+            inline.append((THUMBS + b"/", 0, UNREADABLE_DIR))
+            flush()
+            return
+        for key, size, flag in top[1]:
+            if flag >= 0:
+                inline.append((THUMBS + b"/" + key, size, flag))
+                continue
+            rel = THUMBS + b"/" + key[:-1]
+            level = list_level(self.root, rel, headers)
+            if level is None:
+                inline.append((rel + b"/", 0, UNREADABLE_DIR))
+                continue
+            for key2, size2, flag2 in level[1]:
+                if flag2 >= 0:
+                    inline.append((rel + b"/" + key2, size2, flag2))
                     continue
-                stack.append(sub)
-                prefixes.append(rel_dir + b"/")
-                break
-            if key == MARKER:
-                continue
-            rel = prefix + key
-            count += 1
-            if count & 1023 == 0 and cancelled():
-                raise Cancelled()
+                flush()
+                self._segments.append(len(self._units))
+                self._units.append(rel + b"/" + key2[:-1])
+        flush()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await asyncio.to_thread(self._plan)
+        if not self._units or self.workers < 1:
+            self.workers = 0
+            return
+        self.workers = min(self.workers, len(self._units))
+        if not WALKER_RUNNABLE:
+            self.workers = 0
+            return
+        try:
+            for w in range(self.workers):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-I", WALKER, os.fsdecode(self.root), "1" if self.verify_headers else "0",
+                    str(self.buffer_bytes),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                    limit=1 << 20,
+                )
+                self._procs.append(proc)
+                assert proc.stdin is not None
+                proc.stdin.write(b"\0".join(b"%d %s" % (k, u) for k, u in enumerate(self._units)
+                                            if k % self.workers == w))
+                await proc.stdin.drain()
+                proc.stdin.close()
+        except OSError as exc:
+            warn_once(log, "walker-spawn", "cannot start the file walker processes (%s): walking in-process", exc)
+            await self.close()
+            self._closed = False
+            self.workers = 0
+
+    async def _read_unit(self, k: int) -> AsyncIterator[Frame]:
+        proc = self._procs[k % self.workers]
+        out = proc.stdout
+        assert out is not None
+        size = _walker.FRAME.size
+        while True:
             try:
-                st = os.lstat(root + b"/" + rel)
-            except OSError:
-                yield rel, 0, UNREADABLE_FILE
-                continue
-            yield rel, st.st_size, SYMLINK if stat.S_ISLNK(st.st_mode) else FILE
-        else:
-            stack.pop()
-            prefixes.pop()
+                unit, count, blob, last = _walker.decode(await out.readexactly(size))
+                body = await out.readexactly(blob + 9 * count)
+            except asyncio.IncompleteReadError:
+                raise WalkerError(f"file walker exited unexpectedly: {await self._stderr(proc)}") from None
+            if unit != k:
+                raise WalkerError(f"file walker out of step: unit {unit}, expected {k}")
+            if count:
+                sizes = array("q")
+                sizes.frombytes(body[blob : blob + 8 * count])
+                yield body[:blob].split(b"\0"), sizes, body[blob + 8 * count :]
+            if last:
+                return
+
+    @staticmethod
+    async def _stderr(proc: asyncio.subprocess.Process) -> str:
+        err = b""
+        if proc.stderr is not None:
+            with contextlib.suppress(Exception):
+                err = await asyncio.wait_for(proc.stderr.read(4000), 1)
+        text = err.decode(errors="replace").strip().splitlines()
+        return text[-1] if text else f"exit status {proc.returncode}"
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        await self.start()
+        for seg in self._segments:
+            if not isinstance(seg, int):
+                yield seg
+            elif self.workers:
+                async for frame in self._read_unit(seg):
+                    yield frame
+            else:
+                gen = walk_tree(self.root, self._units[seg], self.verify_headers)
+                while (walked := await asyncio.to_thread(_next_frame, gen)) is not None:
+                    yield walked
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(proc.wait(), 5)
 
 
-class Reconciler:
-    """The merge itself; synchronous, fed one cursor batch at a time from a worker thread.
+def _next_frame(frames: Iterator[Frame]) -> Frame | None:
+    return next(frames, None)
 
-    Rows are ``(path, kind, asset_id, owner_id, asset_type, original_path, eligible)``; ``kind`` is
-    ``person`` for face thumbnails, which only protect their file from being called an orphan.
+
+# -- the merge ----------------------------------------------------------------------------------------
+
+
+class Merge:
+    """The merge: database rows ``(stored path as bytes, kind code, asset id)`` in path order against
+    disk frames.
+
+    ``merge`` runs synchronously over a slice of rows and stops early when it needs the next disk frame.
+    A row with a problem becomes a candidate ``(asset id, kind, reason, stored path)``: whether it counts
+    depends on the asset (eligible or not), which the caller looks up (``take_candidates``).
     """
 
-    def __init__(
-        self,
-        mapper: PathMapper,
-        stats: FileStats,
-        on_problem: Callable[[Problem], None],
-        verify_headers: bool = False,
-    ) -> None:
+    def __init__(self, mapper: PathMapper, stats: FileStats, verify_headers: bool = False) -> None:
         self.mapper = mapper
         self.stats = stats
-        self.on_problem = on_problem
         self.verify_headers = verify_headers
-        self._cancel = False
-        self._disk = walk(mapper.root_bytes, THUMBS, lambda: self._cancel)
-        self._cur: tuple[bytes, int, int] | None = None
-        self._started = False
+        self._prefix = os.fsencode(mapper.location.rstrip("/") + "/")
+        self._plen = len(self._prefix)
+        self._root = mapper.root_bytes
+        self._root_real = os.path.realpath(mapper.root_bytes)
+        # The current disk frame and the position in it.
+        self._paths: list[bytes] = []
+        self._sizes: array[int] = array("q")
+        self._flags: bytes = b""
+        self._j = 0
+        self.disk_done = False
         self._unreadable: bytes | None = None
         # The last path judged, with what the disk said about it (size, flag).
         self._last: tuple[bytes, int, int] | None = None
+        self._last_rel = b""
+        # Orphans seen, to take one back if a row turns up out of order (bounded; None once full).
+        self._orphans: dict[bytes, int] | None = {}
         self._other_dir: bytes | None = None
         self._other_names: dict[bytes, int] = {}
-        self._root_real = os.path.realpath(mapper.root_bytes)
+        self._files = [0, 0, 0, 0]
+        self._bytes = [0, 0, 0, 0]
+        self.candidates: list[tuple[Any, str, str, bytes]] = []
 
-    def cancel(self) -> None:
-        self._cancel = True
+    # -- disk frames
+    @property
+    def needs_frame(self) -> bool:
+        return self._j >= len(self._paths) and not self.disk_done
 
-    def _next_disk(self) -> None:
-        try:
-            self._cur = next(self._disk)
-        except StopIteration:
-            self._cur = None
-        self.stats.entries += 1
+    def push_frame(self, frame: Frame | None) -> None:
+        if frame is None:
+            self.disk_done = True
+            self._paths, self._sizes, self._flags, self._j = [], array("q"), b"", 0
+            return
+        self._paths, self._sizes, self._flags = frame
+        self._j = 0
+        self.stats.entries += len(frame[0])
 
-    def _orphan(self, entry: tuple[bytes, int, int]) -> None:
-        rel, size, flag = entry
+    def _orphan(self, j: int) -> None:
+        path, flag = self._paths[j], self._flags[j] & KIND_MASK
         if flag == UNREADABLE_DIR:
-            self._unreadable = rel
+            self._unreadable = path
             self.stats.directories += 1
             return
+        size = self._sizes[j] if flag == FILE else 0
         self.stats.orphaned_files += 1
-        if flag == FILE:
-            self.stats.orphaned_bytes += size
+        self.stats.orphaned_bytes += size
         if self.stats.orphaned_files <= 3:
-            log.debug("orphaned file %r", rel)
-
-    def feed(self, rows: Sequence[Any]) -> None:
-        if not self._started:
-            self._started = True
-            self._next_disk()
-        stats = self.stats
-        relative = self.mapper.relative
-        for row in rows:
-            if self._cancel:
-                raise Cancelled()
-            stats.rows += 1
-            path, kind = row[0], row[1]
-            rel = relative(path)
-            if rel is None:
-                if kind != "person":
-                    stats.refused[kind] += 1
-                    if stats.refused.total() <= 20:
-                        warn_once(
-                            log, f"refused:{path}",
-                            "refusing %s path %r: outside the media location %s, or not a clean path",
-                            kind, path, self.mapper.location,
-                        )
-                continue
-            rel_b = rel.encode("utf-8", "surrogateescape")
-            if not rel_b.startswith(b"thumbs/"):
-                self._check_elsewhere(row, rel_b)
-                continue
-            last = self._last
-            if last is not None and last[0] == rel_b:
-                # Two rows naming one file: judge it once more from what the disk said.
-                self._judge(row, rel_b, last[1], last[2])
-                continue
-            cur = self._cur
-            while cur is not None and cur[0] < rel_b:
-                self._orphan(cur)
-                self._next_disk()
-                cur = self._cur
-            if cur is not None and cur[0] == rel_b:
-                self._judge(row, rel_b, cur[1], cur[2])
-                self._next_disk()
+            log.debug("orphaned file %r", path)
+        orphans = self._orphans
+        if orphans is not None:
+            if len(orphans) < 100_000:
+                orphans[path] = size
             else:
-                unreadable = self._unreadable is not None and rel_b.startswith(self._unreadable)
-                self._judge(row, rel_b, -1, UNREADABLE_DIR if unreadable else FILE)
+                self._orphans = None
 
-    def finish(self, budget: int = 200_000) -> bool:
-        """Walk what is left of the disk (all orphans); True when done, False to be called again."""
-        if not self._started:
-            self._started = True
-            self._next_disk()
-        while self._cur is not None and budget > 0:
-            if self._cancel:
-                raise Cancelled()
-            self._orphan(self._cur)
-            self._next_disk()
-            budget -= 1
-        return self._cur is None
+    def orphans_left(self) -> None:
+        """Everything left in the current frame is an orphan (once the rows are done)."""
+        for j in range(self._j, len(self._paths)):
+            self._orphan(j)
+        self._j = len(self._paths)
+
+    # -- rows
+    def merge(self, rows: Sequence[Any], start: int, limit: int = SLICE) -> int:
+        """Merge rows from ``start``; returns where it stopped: ``len(rows)`` when done with them, earlier
+        after ``limit`` rows or when the disk frame ran out (``needs_frame``: that row comes again)."""
+        paths, sizes, flags, j = self._paths, self._sizes, self._flags, self._j
+        n = len(paths)
+        prefix, plen = self._prefix, self._plen
+        files, nbytes = self._files, self._bytes
+        last_rel = self._last_rel
+        end = min(len(rows), start + limit)
+        i = start
+        try:
+            while i < end:
+                row = rows[i]
+                p = row[0]
+                rel: bytes | None
+                if p.startswith(prefix):
+                    rel = p[plen:]
+                    # The fast path takes clean ASCII paths only; anything else is PathMapper's to judge.
+                    if (not rel or rel[0] == 46 or rel[0] == 47 or rel[-1] == 47 or b"/." in rel or b"//" in rel
+                            or not rel.isascii()):
+                        rel = self._relative(p)
+                else:
+                    rel = self._relative(p)
+                if rel is None:
+                    self._refused(row)
+                    i += 1
+                    continue
+                if not rel.startswith(b"thumbs/"):
+                    self._check_elsewhere(row, rel)
+                    i += 1
+                    continue
+                if rel <= last_rel:
+                    if rel == last_rel and self._last is not None:
+                        # Two rows naming one file: judge it once more from what the disk said.
+                        self._judge(row, rel, self._last[1], self._last[2])
+                    else:
+                        self._out_of_order(row, rel)
+                    i += 1
+                    continue
+                while j < n and paths[j] < rel:
+                    self._orphan(j)
+                    j += 1
+                if j >= n and not self.disk_done:
+                    return i
+                if j < n and paths[j] == rel:
+                    size, flag = sizes[j], flags[j]
+                    j += 1
+                    kind = row[1]
+                    if flag == FILE and size > 0 and kind != PERSON:
+                        files[kind] += 1
+                        nbytes[kind] += size
+                        self._last = (rel, size, flag)
+                    else:
+                        self._judge(row, rel, size, flag)
+                else:
+                    unreadable = self._unreadable is not None and rel.startswith(self._unreadable)
+                    self._judge(row, rel, -1, UNREADABLE_DIR if unreadable else FILE)
+                last_rel = rel
+                i += 1
+            return i
+        finally:
+            self._j = j
+            self._last_rel = last_rel
+            self.stats.rows += i - start
+            self._fold()
+
+    def _fold(self) -> None:
+        stats = self.stats
+        for k in range(3):
+            if self._files[k]:
+                stats.files[KINDS[k]] += self._files[k]
+                stats.bytes[KINDS[k]] += self._bytes[k]
+                self._files[k] = self._bytes[k] = 0
+
+    def _relative(self, p: bytes) -> bytes | None:
+        rel = self.mapper.relative(p.decode("utf-8", "surrogateescape"))
+        return None if rel is None else rel.encode("utf-8", "surrogateescape")
+
+    def _refused(self, row: Any) -> None:
+        kind = row[1]
+        if kind == PERSON:
+            return
+        self.stats.refused[KINDS[kind]] += 1
+        if self.stats.refused.total() <= 20:
+            path = row[0].decode("utf-8", "replace")
+            warn_once(
+                log, f"refused:{path}",
+                "refusing %s path %r: outside the media location %s, or not a clean path",
+                KINDS[kind], path, self.mapper.location,
+            )
 
     def _judge(self, row: Any, rel_b: bytes, size: int, flag: int) -> None:
         """Record one database row against what the disk said: size -1 means not found."""
-        kind = row[1]
         self._last = (rel_b, size, flag)
-        if kind == "person":
+        kind = row[1]
+        if kind == PERSON:
             return
+        name = KINDS[kind]
         stats = self.stats
-        eligible = row[6]
+        base = flag & KIND_MASK
         reason: str | None = None
         if size < 0:
-            reason = "file_unreadable" if flag == UNREADABLE_DIR else "file_missing"
-        elif flag == UNREADABLE_FILE:
+            reason = "file_unreadable" if base == UNREADABLE_DIR else "file_missing"
+        elif base == UNREADABLE_FILE:
             reason = "file_unreadable"
         else:
             target: bytes | None = None
-            if flag == SYMLINK:
+            if base == SYMLINK:
                 size, reason, target = self._follow(rel_b)
             if reason is None:
                 if size == 0:
                     reason = "file_empty"
                 elif self.verify_headers:
-                    reason = self._check_header(rel_b, target)
+                    if base == SYMLINK:
+                        reason = self._check_header(rel_b, target)
+                    elif flag & HEAD_UNREADABLE:
+                        reason = "file_unreadable"
+                    elif flag & HEAD_BAD:
+                        reason = "file_corrupt"
             if reason not in ("file_unreadable", "file_missing"):  # file_missing: a dangling symlink
-                stats.files[kind] += 1
-                stats.bytes[kind] += max(size, 0)
-        if reason is not None and eligible:
-            stats.missing[(kind, reason)] += 1
-            stats.problems_total += 1
-            self.on_problem(
-                Problem(
-                    asset_id=row[2],
-                    owner_id=row[3],
-                    asset_type=row[4],
-                    kind=kind,
-                    reason=reason,
-                    path=row[0],
-                    original_path=row[5],
-                    original_exists=self._original_exists(row[5]),
-                )
-            )
+                stats.files[name] += 1
+                stats.bytes[name] += max(size, 0)
+        if reason is not None:
+            self.candidates.append((row[2], name, reason, row[0]))
+
+    def take_candidates(self) -> list[tuple[Any, str, str, bytes]]:
+        out, self.candidates = self.candidates, []
+        return out
+
+    def _out_of_order(self, row: Any, rel: bytes) -> None:
+        """A row sorting before one already merged (the database's order and ours disagree, which the
+        query is written to prevent): look the file up on its own, and take it back from the orphans
+        if the walk already counted it as one."""
+        warn_once(log, "out-of-order", "database paths came out of order (at %r): checking them one by one", rel)
+        try:
+            st = os.lstat(self._root + b"/" + rel)
+        except FileNotFoundError:
+            self._judge(row, rel, -1, FILE)
+            return
+        except OSError:
+            self._judge(row, rel, 0, UNREADABLE_FILE)
+            return
+        flag = SYMLINK if stat.S_ISLNK(st.st_mode) else FILE
+        if flag == FILE and self.verify_headers and st.st_size:
+            flag |= _walker.head_flag(self._root + b"/" + rel)
+        if self._orphans is not None and rel in self._orphans:
+            self.stats.orphaned_files -= 1
+            self.stats.orphaned_bytes -= self._orphans.pop(rel)
+        elif self._orphans is None:
+            warn_once(log, "out-of-order-orphans", "orphan counts may include files the database references")
+        self._judge(row, rel, st.st_size, flag)
 
     def _inside(self, real: bytes) -> bool:
         return real == self._root_real or real.startswith(self._root_real.rstrip(b"/") + b"/")
@@ -271,7 +477,7 @@ class Reconciler:
     def _follow(self, rel_b: bytes) -> tuple[int, str | None, bytes | None]:
         """A symlink: follow it only when its target stays inside the media root; return the size, a
         reason when it cannot be followed, and the resolved target."""
-        target = os.path.realpath(self.mapper.root_bytes + b"/" + rel_b)
+        target = os.path.realpath(self._root + b"/" + rel_b)
         if not self._inside(target):
             warn_once(log, f"symlink:{rel_b!r}", "not following symlink %r: it points outside the media root", rel_b)
             return 0, "file_unreadable", None
@@ -284,7 +490,7 @@ class Reconciler:
         """Compare the first bytes with the extension; ``target`` is a symlink's resolved (checked) target."""
         ext = rel_b.rsplit(b".", 1)[-1].decode("ascii", "replace").lower() if b"." in rel_b else ""
         try:
-            path = target if target is not None else self.mapper.root_bytes + b"/" + rel_b
+            path = target if target is not None else self._root + b"/" + rel_b
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 head = os.read(fd, 16)
@@ -295,16 +501,13 @@ class Reconciler:
         ok = header_ok(ext, head)
         return "file_corrupt" if ok is False else None
 
-    def _original_exists(self, original: str | None) -> bool | None:
-        return original_exists(self.mapper, original)
-
     def _check_elsewhere(self, row: Any, rel_b: bytes) -> None:
         """A thumbnail stored outside thumbs/ (old layouts): list its directory once and look it up."""
         directory, _, name = rel_b.rpartition(b"/")
         if directory != self._other_dir:
             self._other_dir = directory
             self._other_names = {}
-            folder = self.mapper.root_bytes + b"/" + directory
+            folder = self._root + b"/" + directory
             # Unlike thumbs/, this folder is not walked: one of its parents may be a link out of the root.
             if not self._inside(os.path.realpath(folder)):
                 warn_once(log, f"dir:{directory!r}", "not following %r: it leads outside the media root", directory)
@@ -330,8 +533,84 @@ class Reconciler:
             self._judge(row, rel_b, 0, UNREADABLE_FILE)
         elif size == -4:
             self._judge(row, rel_b, 0, SYMLINK)  # followed only if it stays inside the root
+        elif size > 0 and self.verify_headers and row[1] != PERSON:
+            head = self._check_header(rel_b)
+            self._judge(row, rel_b, size, HEAD_BAD if head == "file_corrupt" else HEAD_UNREADABLE if head else FILE)
         else:
             self._judge(row, rel_b, size, FILE)
+
+
+def _sync_frames(root: bytes, verify_headers: bool) -> Iterator[Frame]:
+    """The disk side walked in this process, synchronously (``Reconciler``'s own use)."""
+    walk = DiskWalk(root, verify_headers, workers=0)
+    walk._plan()
+    for seg in walk._segments:
+        if isinstance(seg, int):
+            yield from walk_tree(root, walk._units[seg], verify_headers)
+        else:
+            yield seg
+
+
+class Reconciler(Merge):
+    """The merge fed synchronously, walking the disk in this process: rows are
+    ``(path, kind, asset_id, owner_id, asset_type, original_path, eligible)`` with ``kind`` one of
+    ``KINDS`` (``person`` for face thumbnails, which only protect their file from being called an
+    orphan). Problems go to ``on_problem`` as they are found. ``reconcile`` does the same with the walk
+    in helper processes and a narrower query."""
+
+    def __init__(
+        self,
+        mapper: PathMapper,
+        stats: FileStats,
+        on_problem: Callable[[Problem], None],
+        verify_headers: bool = False,
+    ) -> None:
+        super().__init__(mapper, stats, verify_headers)
+        self.on_problem = on_problem
+        self._cancel = False
+        self._frames: Iterator[Frame] | None = None
+
+    def cancel(self) -> None:
+        self._cancel = True
+
+    def _next_frame(self) -> None:
+        if self._cancel:
+            raise Cancelled()
+        if self._frames is None:
+            self._frames = _sync_frames(self.mapper.root_bytes, self.verify_headers)
+        self.push_frame(next(self._frames, None))
+
+    def feed(self, rows: Sequence[Any]) -> None:
+        code = {k: i for i, k in enumerate(KINDS)}
+        converted = [(r[0].encode("utf-8", "surrogatepass"), code[r[1]], n) for n, r in enumerate(rows)]
+        i = 0
+        while i < len(converted):
+            if self._cancel:
+                raise Cancelled()
+            i = self.merge(converted, i)
+            if self.needs_frame:
+                self._next_frame()
+        for n, kind, reason, _ in self.take_candidates():
+            row = rows[n]
+            if not row[6]:
+                continue
+            self.stats.missing[(kind, reason)] += 1
+            self.stats.problems_total += 1
+            self.on_problem(Problem(
+                asset_id=row[2], owner_id=row[3], asset_type=row[4], kind=kind, reason=reason, path=row[0],
+                original_path=row[5], original_exists=original_exists(self.mapper, row[5]),
+            ))
+
+    def finish(self, budget: int = 200_000) -> bool:
+        """Walk what is left of the disk (all orphans); True when done, False to be called again."""
+        while budget > 0:
+            if self.needs_frame:
+                self._next_frame()
+            if self.disk_done:
+                return True
+            budget -= len(self._paths) - self._j
+            self.orphans_left()
+        return self.disk_done
 
 
 def original_exists(mapper: PathMapper, original: str | None) -> bool | None:
@@ -363,21 +642,36 @@ def _inside_root(root_real: bytes, folder: bytes) -> bool:
 
 
 def files_sql(schema: Schema) -> str:
-    """Every thumbnail-type file the database references (and face thumbnails), in disk-walk order."""
-    eligible = schema.eligible("a")
+    """Every thumbnail-type file the database references (and face thumbnails), in disk-walk order:
+    ``(stored path as bytes, kind code, asset id)``.
+
+    Narrow on purpose: two million paths are sorted (a few seconds at a million assets, spilling to
+    disk beyond ``work_mem``), and every column widens the sort and its temporary files. No join: the
+    asset's details are only needed for the few rows with a problem, looked up afterwards
+    (``problem_assets_sql``). Paths are sorted as bytes: bytewise, like the walk and ``COLLATE "C"``.
+    """
+    def normalized(column: str) -> str:
+        return normalized_sql(column) if schema.relative_paths_possible else column
+
     person = (
-        """UNION ALL SELECT p."thumbnailPath", 'person', p.id::text, p."ownerId"::text, NULL, NULL, false
+        f"""UNION ALL SELECT convert_to(p."thumbnailPath", 'UTF8'), {PERSON}, NULL::uuid,
+  convert_to({normalized('p."thumbnailPath"')}, 'UTF8')
 FROM person p WHERE p."thumbnailPath" IS NOT NULL AND p."thumbnailPath" <> ''"""
         if schema.has_person_thumbnails
         else ""
     )
-    return f"""SELECT path, kind, asset_id, owner_id, asset_type, original_path, eligible FROM (
-SELECT f.path AS path, f.type AS kind, a.id::text AS asset_id, a."ownerId"::text AS owner_id,
-       lower(a.type) AS asset_type, a."originalPath" AS original_path, ({eligible}) AS eligible
-FROM {schema.files} f JOIN {schema.assets} a ON a.id = f."assetId"
-WHERE f.type IN ('thumbnail', 'preview', 'fullsize')
+    return f"""SELECT path, kind, asset_id FROM (
+SELECT convert_to(f.path, 'UTF8') AS path,
+       CASE f.type WHEN 'thumbnail' THEN 0 WHEN 'preview' THEN 1 ELSE 2 END AS kind,
+       f."assetId" AS asset_id, convert_to({normalized("f.path")}, 'UTF8') AS sort_key
+FROM {schema.files} f WHERE f.type IN ('thumbnail', 'preview', 'fullsize')
 {person}
-) t ORDER BY {normalized_sql("path")} COLLATE "C\""""
+) t ORDER BY sort_key"""
+
+
+def problem_assets_sql(schema: Schema) -> str:
+    return f"""SELECT a.id, a."ownerId"::text, lower(a.type), a."originalPath", ({schema.eligible("a")})
+FROM {schema.assets} a WHERE a.id = ANY($1::uuid[])"""
 
 
 def originals_sql(schema: Schema) -> str:
@@ -396,30 +690,77 @@ async def reconcile(
     fetch_size: int,
     timeout: float,
     progress: Callable[[FileStats], None] | None = None,
+    disk: DiskWalk | None = None,
 ) -> None:
-    """Run the merge. Must be called inside a transaction (the cursor is server-side)."""
-    rec = Reconciler(mapper, stats, on_problem, verify_headers=verify_headers)
-    cursor = await conn.cursor(files_sql(schema), timeout=timeout)
+    """Run the merge. Must be called inside a transaction (the cursor is server-side).
+
+    ``disk``: a walk already started (``run_scan`` starts it before its first query, so the walkers
+    work while PostgreSQL counts and sorts); by default one is started here. It is closed either way.
+    """
+    if disk is None:
+        disk = DiskWalk(mapper.root_bytes, verify_headers)
+    merge = Merge(mapper, stats, verify_headers)
+    lookup = problem_assets_sql(schema)
     try:
+        frames = disk.frames()
+        cursor = await conn.cursor(files_sql(schema), timeout=timeout)
         batch = await cursor.fetch(fetch_size, timeout=timeout)
         while batch:
-            # Read the next batch from PostgreSQL while the thread merges this one.
+            # PostgreSQL sends the next batch while this one is merged.
             pending = asyncio.ensure_future(cursor.fetch(fetch_size, timeout=timeout))
             try:
-                await asyncio.to_thread(rec.feed, batch)
+                i = 0
+                while i < len(batch):
+                    i = merge.merge(batch, i)
+                    if merge.needs_frame:
+                        merge.push_frame(await anext(frames, None))
+                    else:
+                        await asyncio.sleep(0)  # a slice done: let scrapes through
             except BaseException:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
                 raise
             batch = await pending
+            if merge.candidates:
+                await _report(conn, lookup, merge, mapper, stats, on_problem, timeout)
             if progress is not None:
                 progress(stats)
-        while not await asyncio.to_thread(rec.finish):
-            if progress is not None:
-                progress(stats)
-    except BaseException:
-        rec.cancel()
-        raise
+        merge.orphans_left()
+        while (frame := await anext(frames, None)) is not None:
+            merge.push_frame(frame)
+            merge.orphans_left()
+            await asyncio.sleep(0)
+        merge.push_frame(None)
+        if progress is not None:
+            progress(stats)
+    finally:
+        await disk.close()
+
+
+async def _report(
+    conn: asyncpg.Connection,
+    sql: str,
+    merge: Merge,
+    mapper: PathMapper,
+    stats: FileStats,
+    on_problem: Callable[[Problem], None],
+    timeout: float,
+) -> None:
+    """Turn the merge's candidates into problems: only eligible assets count (Immich's own rule)."""
+    candidates = merge.take_candidates()
+    ids = list({c[0] for c in candidates if c[0] is not None})
+    assets = {r[0]: r for r in await conn.fetch(sql, ids, timeout=timeout)} if ids else {}
+    for asset_id, kind, reason, path in candidates:
+        asset = assets.get(asset_id)
+        if asset is None or not asset[4]:
+            continue
+        stats.missing[(kind, reason)] += 1
+        stats.problems_total += 1
+        on_problem(Problem(
+            asset_id=str(asset_id), owner_id=asset[1], asset_type=asset[2], kind=kind, reason=reason,
+            path=path.decode("utf-8", "surrogateescape"), original_path=asset[3],
+            original_exists=original_exists(mapper, asset[3]),
+        ))
 
 
 async def check_originals(

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from exporter.config import Config
-from exporter.files import check_originals, original_exists, reconcile
+from exporter.files import DiskWalk, check_originals, original_exists, reconcile
 from exporter.inventory import count, media_location, stream_no_record
 from exporter.model import FileStats, InventoryCounts, ProblemStore
 from exporter.paths import PathMapper
@@ -60,10 +60,17 @@ async def probe_filesystem(root: str, timeout: float) -> tuple[int, int]:
         raise SourceError("filesystem", f"media root {root} did not answer within {timeout:.0f}s") from None
 
 
+# Settings for the exporter's own transactions: no parallel workers (a scan's queries take one core of
+# Immich's database, not three), and room for the file stream's sort.
+GENTLE = "SET LOCAL max_parallel_workers_per_gather = 0"
+
+
 async def run_inventory(pg: PostgresSource, config: Config) -> InventoryCounts:
     schema = await pg.schema()
-    async with pg.connection() as conn:
-        return await count(conn, schema, config.database.statement_timeout)
+    timeout = config.database.statement_timeout
+    async with pg.connection() as conn, conn.transaction(readonly=True):
+        await conn.execute(GENTLE, timeout=timeout)
+        return await count(conn, schema, timeout)
 
 
 async def run_scan(
@@ -80,40 +87,51 @@ async def run_scan(
     schema = await pg.schema()
     root = config.media.root if check_files else None
     identity = await probe_filesystem(root, 10.0) if root else None
-    async with pg.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        # One snapshot for the whole scan: counts, missing records and files agree with each other.
-        # Sorting millions of paths: give this transaction's sort room so it stays in memory.
-        await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
-        counts = await count(conn, schema, timeout)
-        result = ScanResult(counts, None, problems, None, root, started)
-        mapper: PathMapper | None = None
-        if root is not None:
-            location = config.media.location
-            if location == "auto":
-                location = await media_location(conn, schema, timeout)
-            result.location = location
-            mapper = PathMapper(root, location)
-        async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
-            if mapper is not None:
-                problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
-            problems.add(problem)
-            result.no_record_problems += 1
-        if mapper is None:
-            result.duration = time.time() - started
-            return result
-        stats = FileStats()
-        result.stats = stats
-        await reconcile(
-            conn, schema, mapper, stats, problems.add,
-            verify_headers=config.checks.verify_headers,
-            fetch_size=config.database.fetch_size,
-            timeout=timeout,
-            progress=progress,
-        )
-        if config.checks.check_originals:
-            await check_originals(
-                conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
+    # The disk walk starts now: its helper processes list thumbs/ while PostgreSQL counts and sorts.
+    disk = DiskWalk(PathMapper(root, "/").root_bytes, config.checks.verify_headers) if root else None
+    try:
+        if disk is not None:
+            await disk.start()
+        async with pg.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for the whole scan: counts, missing records and files agree with each other.
+            # Sorting millions of paths: give this transaction's sort room so it stays in memory.
+            await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
+            await conn.execute(GENTLE, timeout=timeout)
+            counts = await count(conn, schema, timeout)
+            result = ScanResult(counts, None, problems, None, root, started)
+            mapper: PathMapper | None = None
+            if root is not None:
+                location = config.media.location
+                if location == "auto":
+                    location = await media_location(conn, schema, timeout)
+                result.location = location
+                mapper = PathMapper(root, location)
+            if any(counts.no_record.values()):
+                async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
+                    if mapper is not None:
+                        problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
+                    problems.add(problem)
+                    result.no_record_problems += 1
+            if mapper is None:
+                result.duration = time.time() - started
+                return result
+            stats = FileStats()
+            result.stats = stats
+            await reconcile(
+                conn, schema, mapper, stats, problems.add,
+                verify_headers=config.checks.verify_headers,
+                fetch_size=config.database.fetch_size,
+                timeout=timeout,
+                progress=progress,
+                disk=disk,
             )
+            if config.checks.check_originals:
+                await check_originals(
+                    conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
+                )
+    finally:
+        if disk is not None:
+            await disk.close()
     assert root is not None and identity is not None
     # The folder must still be the same one: a volume unmounted mid-scan would look like "all missing".
     if await probe_filesystem(root, 10.0) != identity:

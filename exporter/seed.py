@@ -119,11 +119,12 @@ async def _columns(conn: asyncpg.Connection, table: str) -> list[asyncpg.Record]
 
 
 async def _enum_first(conn: asyncpg.Connection, udt: str) -> str | None:
-    return await conn.fetchval(
+    label = await conn.fetchval(
         "SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid "
         "WHERE t.typname = $1 ORDER BY e.enumsortorder LIMIT 1",
         udt,
     )
+    return None if label is None else str(label)
 
 
 class _Table:
@@ -382,9 +383,9 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
         os.fsencode(os.path.join(root, f"thumbs/{owners[-1]}/zz/zz/deadbeef-thumbnail.webp")),
         os.fsencode(os.path.join(root, f"thumbs/{owners[-1]}/zz/zz/")) + b"bad-\xff\xfe-name.webp",
     ][: plan.orphans]
-    for path in orphan_paths:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as fh:
+    for orphan in orphan_paths:
+        os.makedirs(os.path.dirname(orphan), exist_ok=True)
+        with open(orphan, "wb") as fh:  # noqa: ASYNC230 - a test fixture, a few small files
             fh.write(jpeg(ORPHAN_SIZE))
         exp.orphaned_files += 1
         exp.orphaned_bytes += ORPHAN_SIZE
