@@ -189,6 +189,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tree]:
     put(f"{d}/dotdot_preview.jpeg", link="../../../../../outside/secret.jpeg", what="symlink out")
     put(f"{d}/in_preview.jpeg", link="good_preview.jpeg", what="symlink in")
     put(f"{d}/dangling_preview.jpeg", link="nowhere.jpeg", what="dangling")
+    os.mkfifo(root / d / "fifo_preview.jpeg")  # opening it to check its header would block forever
+    t.known[f"{d}/fifo_preview.jpeg"] = "fifo"
     put("thumbs/u1/dirlink", link=str(out), what="dir symlink out")
     put("thumbs/u1/aa/loop", link=".", what="dir symlink loop")
     put("thumbs/.immich", b"", what="marker")
@@ -348,7 +350,7 @@ def test_fixture_is_what_it_claims(tree: Tree) -> None:
 
 EXPECTED = {  # what one row naming this file gets (no verdict: a healthy file)
     "in_preview.jpeg": None, "good_preview.jpeg": None, "dangling_preview.jpeg": "file_missing",
-    "out_thumbnail.jpeg": "file_unreadable", "missing.jpeg": "file_missing",
+    "out_thumbnail.jpeg": "file_unreadable", "missing.jpeg": "file_missing", "fifo_preview.jpeg": "file_empty",
 }
 
 
@@ -363,7 +365,8 @@ def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify:
     stats, problems = run_reconciler(tree, rows, [], verify)
     want = EXPECTED[name]
     assert [p.reason for p in problems] == ([want] * 3 if want else []), problems
-    assert sum(stats.files.values()) == (0 if want else 3), stats
+    # A file on disk, even an empty one, counts as a file; a missing or unreadable one does not.
+    assert sum(stats.files.values()) == (0 if want in ("file_missing", "file_unreadable") else 3), stats
 
 
 # -- BullMQ job hashes and event entries: missing, non-JSON, huge ---------------------------------------
