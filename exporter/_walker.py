@@ -27,6 +27,7 @@ import sys
 import threading
 from array import array
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 FILE, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE = 0, 1, 2, 3
 # With header checks: the file's first bytes do not match its extension, or could not be read.
@@ -57,7 +58,8 @@ def head_flag(name: bytes, dir_fd: int | None = None) -> int:
     """Read a file's first bytes (never through a link) and compare them with its extension."""
     ext = name.rsplit(b".", 1)[-1].decode("ascii", "replace").lower() if b"." in name else ""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        # O_NONBLOCK: never wait on a FIFO or device that took a thumbnail's name.
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         try:
             head = os.read(fd, 16)
         finally:
@@ -75,113 +77,151 @@ def _keys(it: Iterator[os.DirEntry[str]] | Iterator[os.DirEntry[bytes]]) -> list
     return keys
 
 
-class _Dir:
-    """One directory being walked: how to list it and stat its entries.
-
-    ``by_fd`` (the helper processes): open each directory relative to its parent and ``fstatat`` each
-    name relative to it, which saves the kernel a path walk per call. Otherwise (in the exporter
-    itself) every call names the absolute path, as audit hooks and readers of ``strace`` expect.
-    """
-
-    __slots__ = ("fd", "path")
-
-    def __init__(self, path: bytes, fd: int | None) -> None:
-        self.path = path
-        self.fd = fd
-
-    @staticmethod
-    def open(path: bytes, name: bytes, parent: _Dir | None, by_fd: bool) -> _Dir:
-        if not by_fd:
-            return _Dir(path, None)
-        if parent is None or parent.fd is None:
-            return _Dir(path, os.open(path, O_DIR))
-        return _Dir(path, os.open(name, O_DIR, dir_fd=parent.fd))
-
-    def keys(self) -> list[bytes]:
-        with os.scandir(self.fd if self.fd is not None else self.path) as it:
-            return _keys(it)
-
-    def lstat(self, name: bytes) -> os.stat_result:
-        if self.fd is not None:
-            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-        return os.lstat(self.path + b"/" + name)
-
-    def head(self, name: bytes) -> int:
-        return head_flag(name, self.fd) if self.fd is not None else head_flag(self.path + b"/" + name)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def walk_tree(
     root: bytes, rel: bytes, headers: bool, by_fd: bool = False, max_entries: int = MAX_ENTRIES
 ) -> Iterator[Frame]:
-    """Every file under ``root/rel`` (a directory), in bytewise order of relative path, as frames."""
-    paths: list[bytes] = []
-    sizes: array[int] = array("q")
-    flags = bytearray()
+    """Every file under ``root/rel`` (a directory), in bytewise order of relative path, as frames.
+
+    The top directory (``thumbs/<owner>/<xx>``: all subdirectories) is listed with ``scandir``, whose
+    entry types need no ``stat``. Below it directories hold files, so each is read in bulk: ``listdir``,
+    a sort, and ``lstat`` of every name mapped in C; only a directory found among them, or a name that
+    fails, sends that directory down the entry-by-entry path.
+
+    ``by_fd`` (the helper processes only): ``chdir`` into each directory so that every ``lstat`` names
+    one path component, which saves the kernel a path walk per file. In the exporter itself every call
+    names the absolute path (the working directory is the process's, and audit hooks expect it).
+    """
+    out = _Out(max_entries)
+    top_path = root + b"/" + rel
     try:
-        top = _Dir.open(root + b"/" + rel, b"", None, by_fd)
-        keys = top.keys()
+        if by_fd:
+            # O_NOFOLLOW: a directory swapped for a link since it was listed is not entered.
+            fd = os.open(top_path, O_DIR)
+            try:
+                os.fchdir(fd)
+            finally:
+                os.close(fd)
+        with os.scandir(b"." if by_fd else top_path) as it:
+            keys = _keys(it)
     except OSError:
         yield [rel + b"/"], array("q", [0]), bytes([UNREADABLE_DIR])
         return
-    # One level per directory being listed: (directory, prefix, sorted keys, next position).
-    stack: list[tuple[_Dir, bytes, list[bytes], list[int]]] = [(top, rel + b"/", keys, [0])]
+    # Depth first, in key order: a stack of (absolute path, relative prefix, sorted keys, next position).
+    stack: list[tuple[bytes, bytes, list[bytes], int]] = [(top_path, rel + b"/", keys, 0)]
+    while stack:
+        path, prefix, keys, i = stack.pop()
+        # Children of the top directory are named relative to it (the working directory, with by_fd).
+        near = by_fd and path is top_path
+        while i < len(keys):
+            key = keys[i]
+            i += 1
+            if key[-1] != 47:  # b"/": a file (or anything that is not a directory)
+                if key != MARKER:
+                    out.entry(prefix + key, path + b"/" + key, headers)
+                    if out.full:
+                        yield out.take()
+                continue
+            sub_path, sub_prefix = path + b"/" + key[:-1], prefix + key
+            sub_keys = _read_files(sub_path, key[:-1] if near else None, sub_prefix, out, headers)
+            if sub_keys is None:  # done in bulk
+                if out.full:
+                    yield out.take()
+                continue
+            if sub_keys is False:
+                out.add(sub_prefix, 0, UNREADABLE_DIR)
+                continue
+            stack.append((path, prefix, keys, i))
+            stack.append((sub_path, sub_prefix, sub_keys, 0))
+            break
+    if out.paths:
+        yield out.take()
+
+
+class _Out:
+    """The entries of the frame being filled."""
+
+    __slots__ = ("flags", "max", "paths", "sizes")
+
+    def __init__(self, max_entries: int) -> None:
+        self.max = max_entries
+        self.paths: list[bytes] = []
+        self.sizes: array[int] = array("q")
+        self.flags = bytearray()
+
+    @property
+    def full(self) -> bool:
+        return len(self.paths) >= self.max
+
+    def take(self) -> Frame:
+        frame = (self.paths, self.sizes, bytes(self.flags))
+        self.paths, self.sizes, self.flags = [], array("q"), bytearray()
+        return frame
+
+    def add(self, rel: bytes, size: int, flag: int) -> None:
+        self.paths.append(rel)
+        self.sizes.append(size)
+        self.flags.append(flag)
+
+    def entry(self, rel: bytes, path: bytes, headers: bool) -> None:
+        """One non-directory entry, on its own (``lstat`` by absolute path)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self.add(rel, 0, UNREADABLE_FILE)
+            return
+        if stat.S_ISLNK(st.st_mode):
+            self.add(rel, st.st_size, SYMLINK)
+        else:
+            # Only regular files are opened: a FIFO would block, a device is not a thumbnail.
+            self.add(rel, st.st_size, head_flag(path) if headers and st.st_size and stat.S_ISREG(st.st_mode) else FILE)
+
+
+def _read_files(
+    path: bytes, near: bytes | None, prefix: bytes, out: _Out, headers: bool
+) -> list[bytes] | Literal[False] | None:
+    """Read a directory expected to hold files only, into ``out``: None when done that way; its sorted
+    keys when it holds directories (or a name could not be stat-ed) and must be walked entry by entry;
+    False when it cannot be listed. ``near``: its name relative to the working directory, to list and
+    stat it by (one or two path components for the kernel to walk instead of the whole path)."""
+    base = near if near is not None else path
     try:
-        while stack:
-            d, prefix, keys, pos = stack[-1]
-            i, n = pos[0], len(keys)
-            descended = False
-            while i < n:
-                key = keys[i]
-                i += 1
-                if key[-1] == 47:  # b"/": a directory
-                    sub: _Dir | None = None
-                    try:
-                        sub = _Dir.open(d.path + b"/" + key[:-1], key[:-1], d, by_fd)
-                        sub_keys = sub.keys()
-                    except OSError:
-                        if sub is not None:
-                            sub.close()
-                        paths.append(prefix + key)
-                        sizes.append(0)
-                        flags.append(UNREADABLE_DIR)
-                        continue
-                    pos[0] = i
-                    stack.append((sub, prefix + key, sub_keys, [0]))
-                    descended = True
-                    break
-                if key == MARKER:
-                    continue
-                try:
-                    st = d.lstat(key)
-                except OSError:
-                    paths.append(prefix + key)
-                    sizes.append(0)
-                    flags.append(UNREADABLE_FILE)
-                    continue
-                paths.append(prefix + key)
-                sizes.append(st.st_size)
-                if stat.S_ISLNK(st.st_mode):
-                    flags.append(SYMLINK)
-                elif headers and st.st_size:
-                    flags.append(d.head(key))
-                else:
-                    flags.append(FILE)
-                if len(paths) >= max_entries:
-                    yield paths, sizes, bytes(flags)
-                    paths, sizes, flags = [], array("q"), bytearray()
-            if not descended:
-                d.close()
-                stack.pop()
-    finally:
-        for d, *_ in stack:
-            d.close()
-    if paths:
-        yield paths, sizes, bytes(flags)
+        names = os.listdir(base)
+    except OSError:
+        return False
+    if MARKER in names:
+        names.remove(MARKER)
+    names.sort()
+    base_slash = base + b"/"
+    try:
+        sts = list(map(os.lstat, [base_slash + n for n in names]))
+    except OSError:
+        sts = None
+    if sts is None or any(map(stat.S_ISDIR, [st.st_mode for st in sts])):
+        # Directories inside (or a name that went away): key them, and walk entry by entry.
+        keys = []
+        for name in names:
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(path + b"/" + name).st_mode)
+            except OSError:
+                is_dir = False
+            keys.append(name + b"/" if is_dir else name)
+        keys.sort()
+        return keys
+    modes = [st.st_mode for st in sts]
+    out.paths.extend([prefix + n for n in names])
+    out.sizes.extend([st.st_size for st in sts])
+    if any(map(stat.S_ISLNK, modes)) or headers:
+        for name, st, mode in zip(names, sts, modes, strict=True):
+            if stat.S_ISLNK(mode):
+                out.flags.append(SYMLINK)
+            elif headers and st.st_size and stat.S_ISREG(mode):
+                # By absolute path, never through the (relative) directory name: opened O_NOFOLLOW.
+                out.flags.append(head_flag(path + b"/" + name))
+            else:
+                out.flags.append(FILE)
+    else:
+        out.flags.extend(bytes(len(names)))  # FILE is 0
+    return None
 
 
 def list_level(
@@ -192,7 +232,8 @@ def list_level(
     ``(name + b"/", -1, -1)``."""
     path = root + b"/" + rel
     try:
-        keys = _Dir(path, None).keys()
+        with os.scandir(path) as it:
+            keys = _keys(it)
     except OSError:
         return None
     dirs: list[bytes] = []
@@ -211,7 +252,7 @@ def list_level(
             continue
         if stat.S_ISLNK(st.st_mode):
             flag = SYMLINK
-        elif headers and st.st_size:
+        elif headers and st.st_size and stat.S_ISREG(st.st_mode):
             flag = head_flag(path + b"/" + key)
         else:
             flag = FILE

@@ -35,6 +35,7 @@ import stat
 import sys
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from itertools import compress
 from typing import Any
 
 import asyncpg
@@ -56,7 +57,7 @@ from exporter._walker import (
 )
 from exporter.logs import warn_once
 from exporter.model import FileStats, Problem
-from exporter.paths import PathMapper, normalized_sql
+from exporter.paths import IMMICH_CWD, PathMapper, normalized_sql
 from exporter.schema import Schema
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,8 @@ def _next_frame(frames: Iterator[Frame]) -> Frame | None:
 
 
 class Merge:
-    """The merge: database rows ``(stored path as bytes, kind code, asset id)`` in path order against
-    disk frames.
+    """The merge: database rows ``(absolute path as bytes, kind code, asset id[, stored path])`` in path
+    order against disk frames.
 
     ``merge`` runs synchronously over a slice of rows and stops early when it needs the next disk frame.
     A row with a problem becomes a candidate ``(asset id, kind, reason, stored path)``: whether it counts
@@ -279,6 +280,11 @@ class Merge:
         self._files = [0, 0, 0, 0]
         self._bytes = [0, 0, 0, 0]
         self.candidates: list[tuple[Any, str, str, bytes]] = []
+        # The batch being merged, prepared for the bulk path: rows' relative paths (None where the fast
+        # path cannot judge them) and kind codes.
+        self._rows: Sequence[Any] | None = None
+        self._rels: list[bytes] = []
+        self._kinds: list[int] = []
 
     # -- disk frames
     @property
@@ -319,71 +325,126 @@ class Merge:
         self._j = len(self._paths)
 
     # -- rows
+    def _prepare(self, rows: Sequence[Any]) -> None:
+        """Relative paths and kinds of a batch, each in one list comprehension (no Python loop body per
+        row). A relative path here is only a guess (the path may not start with the location): the bulk
+        path checks the prefix at both ends of a run, which covers the run since rows are sorted."""
+        self._rows = rows
+        plen = self._plen
+        self._rels = [r[0][plen:] for r in rows]
+        self._kinds = [r[1] for r in rows]
+
     def merge(self, rows: Sequence[Any], start: int, limit: int = SLICE) -> int:
         """Merge rows from ``start``; returns where it stopped: ``len(rows)`` when done with them, earlier
-        after ``limit`` rows or when the disk frame ran out (``needs_frame``: that row comes again)."""
-        paths, sizes, flags, j = self._paths, self._sizes, self._flags, self._j
-        n = len(paths)
-        prefix, plen = self._prefix, self._plen
-        files, nbytes = self._files, self._bytes
-        last_rel = self._last_rel
+        after ``limit`` rows or when the disk frame ran out (``needs_frame``: that row comes again).
+
+        Most rows name the next file on disk, which is there and not empty: such runs are found by
+        comparing slices of the two sorted lists and counted in bulk. A run can only equal walk paths
+        (real names: never empty, ``.`` or ``..``) if its paths are clean, so nothing the path mapper
+        would refuse gets through. Anything else (a missing file, an orphan, a problem, a refused path)
+        goes through ``_merge_one``.
+        """
+        if rows is not self._rows:
+            self._prepare(rows)
+        rels, prefix = self._rels, self._prefix
         end = min(len(rows), start + limit)
         i = start
         try:
             while i < end:
-                row = rows[i]
-                p = row[0]
-                rel: bytes | None
-                if p.startswith(prefix):
-                    rel = p[plen:]
-                    # The fast path takes clean ASCII paths only; anything else is PathMapper's to judge.
-                    if (not rel or rel[0] == 46 or rel[0] == 47 or rel[-1] == 47 or b"/." in rel or b"//" in rel
-                            or not rel.isascii()):
-                        rel = self._relative(p)
-                else:
-                    rel = self._relative(p)
-                if rel is None:
-                    self._refused(row)
-                    i += 1
-                    continue
-                if not rel.startswith(b"thumbs/"):
-                    self._check_elsewhere(row, rel)
-                    i += 1
-                    continue
-                if rel <= last_rel:
-                    if rel == last_rel and self._last is not None:
-                        # Two rows naming one file: judge it once more from what the disk said.
-                        self._judge(row, rel, self._last[1], self._last[2])
-                    else:
-                        self._out_of_order(row, rel)
-                    i += 1
-                    continue
-                while j < n and paths[j] < rel:
-                    self._orphan(j)
-                    j += 1
-                if j >= n and not self.disk_done:
+                paths, j = self._paths, self._j
+                k = min(end - i, len(paths) - j)
+                if k > 0 and rels[i] == paths[j] and rels[i] > self._last_rel and rows[i][0].startswith(prefix):
+                    m = self._run(rels, i, j, k)
+                    if m and rows[i + m - 1][0].startswith(prefix):
+                        self._bulk(i, j, m)
+                        i += m
+                        continue
+                if not self._merge_one(rows[i]):
                     return i
-                if j < n and paths[j] == rel:
-                    size, flag = sizes[j], flags[j]
-                    j += 1
-                    kind = row[1]
-                    if flag == FILE and size > 0 and kind != PERSON:
-                        files[kind] += 1
-                        nbytes[kind] += size
-                        self._last = (rel, size, flag)
-                    else:
-                        self._judge(row, rel, size, flag)
-                else:
-                    unreadable = self._unreadable is not None and rel.startswith(self._unreadable)
-                    self._judge(row, rel, -1, UNREADABLE_DIR if unreadable else FILE)
-                last_rel = rel
                 i += 1
             return i
         finally:
-            self._j = j
-            self._last_rel = last_rel
             self.stats.rows += i - start
             self._fold()
+
+    def _run(self, rels: list[bytes], i: int, j: int, k: int) -> int:
+        """How many rows from ``i`` match disk entries from ``j`` one for one, all plain files that are
+        not empty (at most ``k``)."""
+        paths = self._paths
+        if rels[i : i + k] != paths[j : j + k]:
+            lo, hi = 1, k  # rels[i] == paths[j]: the matching run is lo..hi-1 long
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if rels[i : i + mid] == paths[j : j + mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+        flags, sizes = self._flags, self._sizes
+        if flags.count(0, j, j + k) != k or min(sizes[j : j + k]) <= 0:
+            for n in range(k):
+                if flags[j + n] != FILE or sizes[j + n] <= 0:
+                    return n
+        return k
+
+    def _bulk(self, i: int, j: int, m: int) -> None:
+        kinds = self._kinds[i : i + m]
+        sizes = self._sizes[j : j + m]
+        total = sum(sizes)
+        counts = [kinds.count(0), kinds.count(1), kinds.count(2), kinds.count(3)]
+        # Bytes by kind: all but one kind by selection, the last one by difference.
+        main = max(range(4), key=counts.__getitem__)
+        for kind in range(4):
+            if kind != main and counts[kind]:
+                part = sum(compress(sizes, map(kind.__eq__, kinds)))
+                self._bytes[kind] += part
+                total -= part
+        self._bytes[main] += total
+        for kind in range(3):
+            self._files[kind] += counts[kind]
+        self._bytes[PERSON] = self._files[PERSON] = 0
+        self._j = j + m
+        rel = self._paths[j + m - 1]
+        self._last_rel = rel
+        self._last = (rel, sizes[m - 1], FILE)
+
+    def _merge_one(self, row: Any) -> bool:
+        """One row the bulk path did not take; False when the disk frame ran out first."""
+        p = row[0]
+        rel: bytes | None = p[self._plen :] if p.startswith(self._prefix) else None
+        if (rel is None or not rel or rel[0] in b"./" or rel[-1] == 47 or b"/." in rel or b"//" in rel
+                or b"\0" in rel):
+            rel = self._relative(p)
+        if rel is None:
+            self._refused(row)
+            return True
+        if not rel.startswith(b"thumbs/"):
+            self._check_elsewhere(row, rel)
+            return True
+        last_rel = self._last_rel
+        if rel <= last_rel:
+            if rel == last_rel and self._last is not None:
+                # Two rows naming one file: judge it once more from what the disk said.
+                self._judge(row, rel, self._last[1], self._last[2])
+            else:
+                self._out_of_order(row, rel)
+            return True
+        paths, j = self._paths, self._j
+        n = len(paths)
+        while j < n and paths[j] < rel:
+            self._orphan(j)
+            j += 1
+        self._j = j
+        if j >= n and not self.disk_done:
+            return False
+        if j < n and paths[j] == rel:
+            self._j = j + 1
+            self._judge(row, rel, self._sizes[j], self._flags[j])
+        else:
+            unreadable = self._unreadable is not None and rel.startswith(self._unreadable)
+            self._judge(row, rel, -1, UNREADABLE_DIR if unreadable else FILE)
+        self._last_rel = rel
+        return True
 
     def _fold(self) -> None:
         stats = self.stats
@@ -442,7 +503,8 @@ class Merge:
                 stats.files[name] += 1
                 stats.bytes[name] += max(size, 0)
         if reason is not None:
-            self.candidates.append((row[2], name, reason, row[0]))
+            # The stored path, when the stream merged on its absolute form.
+            self.candidates.append((row[2], name, reason, row[3] if len(row) > 3 else row[0]))
 
     def take_candidates(self) -> list[tuple[Any, str, str, bytes]]:
         out, self.candidates = self.candidates, []
@@ -462,7 +524,7 @@ class Merge:
             self._judge(row, rel, 0, UNREADABLE_FILE)
             return
         flag = SYMLINK if stat.S_ISLNK(st.st_mode) else FILE
-        if flag == FILE and self.verify_headers and st.st_size:
+        if flag == FILE and self.verify_headers and st.st_size and stat.S_ISREG(st.st_mode):
             flag |= _walker.head_flag(self._root + b"/" + rel)
         if self._orphans is not None and rel in self._orphans:
             self.stats.orphaned_files -= 1
@@ -491,7 +553,7 @@ class Merge:
         ext = rel_b.rsplit(b".", 1)[-1].decode("ascii", "replace").lower() if b"." in rel_b else ""
         try:
             path = target if target is not None else self._root + b"/" + rel_b
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             try:
                 head = os.read(fd, 16)
             finally:
@@ -582,7 +644,11 @@ class Reconciler(Merge):
 
     def feed(self, rows: Sequence[Any]) -> None:
         code = {k: i for i, k in enumerate(KINDS)}
-        converted = [(r[0].encode("utf-8", "surrogatepass"), code[r[1]], n) for n, r in enumerate(rows)]
+        cwd = IMMICH_CWD + "/"
+        converted = [
+            ((r[0] if r[0][:1] == "/" else cwd + r[0]).encode("utf-8", "surrogatepass"), code[r[1]], n)
+            for n, r in enumerate(rows)
+        ]
         i = 0
         while i < len(converted):
             if self._cancel:
@@ -643,30 +709,41 @@ def _inside_root(root_real: bytes, folder: bytes) -> bool:
 
 def files_sql(schema: Schema) -> str:
     """Every thumbnail-type file the database references (and face thumbnails), in disk-walk order:
-    ``(stored path as bytes, kind code, asset id)``.
+    ``(absolute path as bytes, kind code, asset id[, stored path as bytes])``.
 
     Narrow on purpose: two million paths are sorted (a few seconds at a million assets, spilling to
     disk beyond ``work_mem``), and every column widens the sort and its temporary files. No join: the
     asset's details are only needed for the few rows with a problem, looked up afterwards
     (``problem_assets_sql``). Paths are sorted as bytes: bytewise, like the walk and ``COLLATE "C"``.
     """
-    def normalized(column: str) -> str:
-        return normalized_sql(column) if schema.relative_paths_possible else column
-
+    kind = "CASE f.type WHEN 'thumbnail' THEN 0 WHEN 'preview' THEN 1 ELSE 2 END"
+    if not schema.relative_paths_possible:
+        # Absolute paths only (v1.136+): the path is its own sort key, sorted once, stored once.
+        return f"""SELECT convert_to(f.path, 'UTF8') AS path, {kind} AS kind, f."assetId" AS asset_id
+FROM {schema.files} f WHERE f.type IN ('thumbnail', 'preview', 'fullsize')
+{_person_plain(schema)}
+ORDER BY path"""
+    # Older eras may store paths relative to Immich's working directory: merge on the absolute form (the
+    # sort key), and keep the stored form for the report.
     person = (
-        f"""UNION ALL SELECT convert_to(p."thumbnailPath", 'UTF8'), {PERSON}, NULL::uuid,
-  convert_to({normalized('p."thumbnailPath"')}, 'UTF8')
+        f"""UNION ALL SELECT convert_to({normalized_sql('p."thumbnailPath"')}, 'UTF8'), {PERSON}, NULL::uuid,
+  convert_to(p."thumbnailPath", 'UTF8')
 FROM person p WHERE p."thumbnailPath" IS NOT NULL AND p."thumbnailPath" <> ''"""
         if schema.has_person_thumbnails
         else ""
     )
-    return f"""SELECT path, kind, asset_id FROM (
-SELECT convert_to(f.path, 'UTF8') AS path,
-       CASE f.type WHEN 'thumbnail' THEN 0 WHEN 'preview' THEN 1 ELSE 2 END AS kind,
-       f."assetId" AS asset_id, convert_to({normalized("f.path")}, 'UTF8') AS sort_key
+    return f"""SELECT convert_to({normalized_sql("f.path")}, 'UTF8') AS path, {kind} AS kind, f."assetId" AS asset_id,
+  convert_to(f.path, 'UTF8') AS stored
 FROM {schema.files} f WHERE f.type IN ('thumbnail', 'preview', 'fullsize')
 {person}
-) t ORDER BY sort_key"""
+ORDER BY path"""
+
+
+def _person_plain(schema: Schema) -> str:
+    if not schema.has_person_thumbnails:
+        return ""
+    return f"""UNION ALL SELECT convert_to(p."thumbnailPath", 'UTF8'), {PERSON}, NULL::uuid
+FROM person p WHERE p."thumbnailPath" IS NOT NULL AND p."thumbnailPath" <> ''"""
 
 
 def problem_assets_sql(schema: Schema) -> str:
