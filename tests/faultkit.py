@@ -64,6 +64,26 @@ async def exporter_connections(pg: EmbeddedPostgres, database: str | None = None
         await conn.close()
 
 
+def walker_children() -> list[tuple[int, str]]:
+    """The file-walker helper processes this process started, as (pid, state): ``Z`` is a zombie."""
+    out = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == me and b"_walker" in cmdline:
+            out.append((int(entry), fields[0].decode()))
+    return out
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -103,6 +123,7 @@ class Watch:
     last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = field(default_factory=dict)
     max_tasks: int = 0
     max_threads: int = 0
+    max_walkers: int = 0
     _stop: bool = False
 
     async def run(self) -> None:
@@ -126,6 +147,7 @@ class Watch:
                     self.last = samples(text)
                 self.max_tasks = max(self.max_tasks, len(asyncio.all_tasks()))
                 self.max_threads = max(self.max_threads, threading.active_count())
+                self.max_walkers = max(self.max_walkers, len(walker_children()))
                 await asyncio.sleep(0.05)
 
     def up(self, source: str) -> float | None:

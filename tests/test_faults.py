@@ -35,6 +35,7 @@ from tests.faultkit import (
     freeze,
     thaw,
     until,
+    walker_children,
     watching,
     write_report,
 )
@@ -112,6 +113,18 @@ def no_pile_up(w: Watch, base: Resources) -> None:
     # dropped client, at most a couple of rounds' worth); the executor's threads are capped.
     assert w.max_tasks <= base.tasks + 8, (w.max_tasks, base.tasks)
     assert w.max_threads <= base.threads + 6, (w.max_threads, base.threads)
+    # The file check's walker processes: one scan's worth, plus those of a scan cut short being reaped.
+    assert w.max_walkers <= 4, w.max_walkers
+
+
+@pytest.fixture(autouse=True)
+def no_walker_left() -> Iterator[None]:
+    """Once the exporter has stopped, none of its file-walker processes is left, not even a zombie."""
+    yield
+    deadline = time.monotonic() + 15
+    while walker_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not walker_children(), walker_children()
 
 
 async def outage(
@@ -139,7 +152,8 @@ async def outage(
         REPORT.append(
             f"{label}: down detected in {detected:.2f}s, recovered {recovered:.2f}s after the backend "
             f"returned; {w.summary()}; tasks {base.tasks}->{w.max_tasks} max, threads {base.threads}->"
-            f"{w.max_threads} max; exporter sessions after recovery {conns} (pool {POOL})"
+            f"{w.max_threads} max, walker processes {w.max_walkers} max; exporter sessions after recovery "
+            f"{conns} (pool {POOL})"
         )
 
 

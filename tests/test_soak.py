@@ -21,7 +21,7 @@ from exporter.embedded import EmbeddedValkey
 from exporter.seed import Plan
 from exporter.server import Exporter
 from tests.conftest import ROOT, Immich
-from tests.faultkit import Resources, exporter_connections, until, write_report
+from tests.faultkit import Resources, exporter_connections, until, walker_children, write_report
 from tests.helpers import fetch, running_exporter
 from tests.test_faults import redis_connections
 
@@ -39,7 +39,7 @@ TASK_SLACK = 6
 THREAD_SLACK = 2
 ROUNDS_SECONDS = 30.0
 ROUNDS_MAX = 6000
-ROUNDS_WARM_UP = 100  # cycles (one round of each collection) before the baseline, then a sample each
+ROUNDS_WARM_UP_SECONDS = 5.0  # before the baseline sample
 ROUNDS_RSS_SLACK = 8 * 1024 * 1024
 REPORT: list[str] = []
 
@@ -113,20 +113,30 @@ async def _under_load(
 
 
 async def _rounds(ex: Exporter, imm: Immich, valkey: EmbeddedValkey) -> tuple[dict[str, int], list[Sample]]:
-    """Collection rounds back to back: thousands of them."""
+    """Collection rounds back to back, each collection in its own loop as under serve: thousands."""
     rounds = {c.name: 0 for c in ex.runner.collections}
     series: list[Sample] = []
+    walkers: list[int] = []
     t0 = time.monotonic()
-    cycles = 0
-    while time.monotonic() - t0 < ROUNDS_SECONDS and sum(rounds.values()) < ROUNDS_MAX:
-        for collection in ex.runner.collections:
+
+    async def loop(collection: Any) -> None:
+        while time.monotonic() - t0 < ROUNDS_SECONDS and sum(rounds.values()) < ROUNDS_MAX:
             result = await ex.runner.run_once(collection)
             assert result.success, result.error
             rounds[collection.name] += 1
-        cycles += 1
-        if cycles % ROUNDS_WARM_UP == 0:
+
+    async def sampler() -> None:
+        await asyncio.sleep(ROUNDS_WARM_UP_SECONDS)
+        while time.monotonic() - t0 < ROUNDS_SECONDS and sum(rounds.values()) < ROUNDS_MAX:
             series.append(await _sample(imm, valkey, t0))
+            walkers.append(len(walker_children()))
+            await asyncio.sleep(2.0)
+
+    await asyncio.gather(sampler(), *(loop(c) for c in ex.runner.collections))
     series.append(await _sample(imm, valkey, t0))
+    # One scan's helper processes at a time, and none left behind once the rounds stop.
+    assert max(walkers, default=0) <= 2, walkers
+    await until(lambda: not walker_children(), 10)
     return rounds, series
 
 
@@ -170,7 +180,7 @@ def _check_rounds(rounds: dict[str, int], series: list[Sample]) -> None:
     lines = [
         "rounds: " + ", ".join(f"{k} {v}" for k, v in rounds.items()) + f" ({sum(rounds.values())} in all) "
         f"in {end.t:.0f}s",
-        f"after {ROUNDS_WARM_UP} cycles -> end: rss {base.res.rss / 2**20:.1f} -> {end.res.rss / 2**20:.1f} MiB, "
+        f"after {ROUNDS_WARM_UP_SECONDS:.0f}s -> end: rss {base.res.rss / 2**20:.1f} -> {end.res.rss / 2**20:.1f} MiB, "
         f"fds {base.res.fds} -> {end.res.fds}, tasks {base.res.tasks} -> {end.res.tasks}, threads "
         f"{base.res.threads} -> {end.res.threads}, pg {base.pg} -> {end.pg}, redis {base.redis} -> {end.redis}",
         "samples: " + _fmt(series),
