@@ -12,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer as AiohttpServer
 
 import exporter.scanner
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey
+from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from exporter.seed import Plan
 from exporter.server import Exporter
 from tests.conftest import Immich, make_immich
@@ -39,7 +41,7 @@ from tests.faultkit import (
     watching,
     write_report,
 )
-from tests.helpers import running_exporter
+from tests.helpers import fetch, running_exporter
 
 pytestmark = pytest.mark.asyncio
 
@@ -512,3 +514,69 @@ async def test_immich_api_hanging(
             f"requests, at most {hanging_immich.max_in_flight} in flight; recovered {recovered:.2f}s; "
             f"{w.summary()}"
         )
+
+
+# -- the media folder unreadable (as an unprivileged process would find it) ---------------------------
+
+
+def _missing_by_reason(w: Watch, reason: str) -> float:
+    return sum(v for (name, labels), v in w.last.items()
+               if name == "immich_asset_files_missing" and ("reason", reason) in labels)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to drop CAP_DAC_OVERRIDE (root reads through chmod 000)")
+async def test_media_unreadable(imm: Immich, tmp_path: Any) -> None:
+    """``serve`` without the capabilities that let root read anything: a folder it cannot read makes its
+    thumbnails ``file_unreadable`` (never ``file_missing``); an unreadable ``thumbs/`` takes the
+    filesystem source down. Both recover by themselves."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("intervals: {inventory: 2s, files: 2s, queues: 1s}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    env["DB_URL"] = imm.dsn
+    proc = await asyncio.create_subprocess_exec(
+        "setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
+        sys.executable, "-m", "exporter", "serve", "--config.file", str(cfg), "--media.root", imm.media,
+        "--web.listen-address", f"127.0.0.1:{port}", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    thumbs = os.path.join(imm.media, "thumbs")
+    owner = os.path.join(thumbs, sorted(d for d in os.listdir(thumbs) if not d.startswith("."))[0])
+    url = f"http://127.0.0.1:{port}"
+
+    async def listening() -> bool:
+        try:
+            return (await fetch(url + "/healthz"))[0] == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    try:
+        await until(listening, 30, 0.2)
+        async with watching(url) as w:
+            await until(lambda: healthy(w), 30)
+            unreadable0, missing0 = _missing_by_reason(w, "file_unreadable"), _missing_by_reason(w, "file_missing")
+            os.chmod(owner, 0)
+            await until(lambda: _missing_by_reason(w, "file_unreadable") > unreadable0 + 50, 15)
+            # Unreadable is not missing: nothing is called gone that could not be looked at (the missing
+            # files in that folder are unreadable now too).
+            assert _missing_by_reason(w, "file_missing") <= missing0
+            assert w.up("filesystem") == 1
+            os.chmod(owner, 0o755)
+            os.chmod(thumbs, 0)
+            await until(lambda: w.up("filesystem") == 0 and not w.has("immich_thumbnail_files"), DETECT)
+            assert w.up("postgres") == 1 and w.has("immich_assets")
+            os.chmod(thumbs, 0o755)
+            recovered = await until(lambda: healthy(w) and _missing_by_reason(w, "file_unreadable") == unreadable0,
+                                    RECOVER + 2)
+            w.check()
+            REPORT.append(f"media unreadable (serve without CAP_DAC_OVERRIDE): one owner's folder -> "
+                          f"file_unreadable, file_missing not up; thumbs/ -> filesystem down; recovered "
+                          f"{recovered:.2f}s; {w.summary()}")
+    finally:
+        os.chmod(owner, 0o755)
+        os.chmod(thumbs, 0o755)
+        if proc.returncode is None:
+            proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert b"Traceback" not in err, err.decode()[-2000:]
