@@ -580,3 +580,33 @@ async def test_media_unreadable(imm: Immich, tmp_path: Any) -> None:
             proc.terminate()
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert b"Traceback" not in err, err.decode()[-2000:]
+
+
+async def test_postgres_frozen_while_every_pooled_session_is_busy(
+    running_pg: Immich, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file check holds the only pooled session when the server freezes, with production-like
+    deadlines (a minute): the probe cannot borrow a session, yet source_up must turn 0 within seconds,
+    not when the scan's deadline ends."""
+    big = running_pg
+    state = hook_reconcile(monkeypatch, 500, lambda: freeze(big.postgres))
+    extra = {"database.fetch_size": 100, "database.pool_size": 1, "database.statement_timeout": "60s",
+             "intervals.files": "60s", "intervals.inventory": "60s"}
+    async with running_exporter(overrides(big, **extra), env=big.env()) as (ex, url), watching(url) as w:
+        await until(lambda: healthy(w), 30)
+        base = Resources.now()
+        state["armed"] = 1
+        ex.runner._wake["files"].set()  # the next scan now, not in a minute
+        await until(lambda: state["fired"], 30)
+        try:
+            detected = await until(lambda: w.up("postgres") == 0, DETECT)
+            await until(lambda: not w.has("immich_assets") and not w.has("immich_thumbnail_files"), DETECT)
+        finally:
+            thaw(big.postgres)
+        recovered = await until(lambda: healthy(w), RECOVER + 4)
+        conns = await assert_bounded_connections(big)
+        assert conns <= 1
+        w.check()
+        no_pile_up(w, base)
+        REPORT.append(f"postgres frozen while the only pooled session scans (deadlines 60s): down in "
+                      f"{detected:.2f}s, recovered {recovered:.2f}s after thaw; {w.summary()}; sessions {conns}")

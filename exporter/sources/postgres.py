@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -36,6 +38,9 @@ class QueryError(SourceError):
     """The server is there but refused or failed a query (permission denied, statement_timeout, a table
     that is not there): one line, no traceback. Not an outage: the probe keeps ``source_up`` truthful."""
 
+
+# PostgreSQL's SSLRequest: length 8, code 80877103.
+_SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 
 # The server ended the session (pg_terminate_backend, a restart, a crash): like a lost connection.
 _SESSION_ENDED = (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError)
@@ -169,11 +174,59 @@ class PostgresSource:
     async def probe(self) -> None:
         pool = await self.pool()
         if pool.get_size() >= self.config.pool_size and pool.get_idle_size() == 0:
-            # Every connection is busy with a collection: those report for the source themselves, and
-            # waiting for a free one here would call a merely busy database down.
+            # Every connection is busy with a collection: waiting for a free one would call a merely busy
+            # database down, and a frozen server would go unnoticed until a collection's deadline (minutes).
+            # Ask the server itself whether it answers, without opening a session.
+            await self.ping_server(self.config.connect_timeout)
             return
         async with self.connection() as conn:
             await conn.fetchval("SELECT 1", timeout=self.config.connect_timeout)
+
+    def _server_address(self) -> tuple[str, int] | str | None:
+        """Where the server listens: (host, port), a unix socket path, or None when we cannot tell."""
+        cfg = self.config
+        host: str | None = cfg.host
+        port = cfg.port
+        if cfg.url:
+            try:
+                parts = urlsplit(cfg.url.get())
+                host, port = parts.hostname, parts.port or 5432
+                query = parse_qs(parts.query)
+            except Exception:
+                return None
+            if not host and query.get("host"):
+                host = query["host"][0]
+            if "port" in query:
+                try:
+                    port = int(query["port"][0])
+                except ValueError:
+                    return None
+        if not host or "," in host:
+            return None  # a default socket or several hosts: leave it to the collections' deadlines
+        if host.startswith("/"):
+            return f"{host}/.s.PGSQL.{port}"
+        return host, port
+
+    async def ping_server(self, timeout: float) -> None:
+        """An SSLRequest, which the server answers at once ('S' or 'N'), before any authentication and
+        without a session (nothing in pg_stat_activity). TimeoutError when it does not answer."""
+        addr = self._server_address()
+        if addr is None:
+            return
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                if isinstance(addr, str):
+                    reader, writer = await asyncio.open_unix_connection(addr)
+                else:
+                    reader, writer = await asyncio.open_connection(*addr)
+                writer.write(_SSL_REQUEST)
+                await reader.readexactly(1)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise SourceError(self.name, f"cannot connect to {self.target}: {describe_error(exc)}") from None
+        finally:
+            if writer is not None:
+                writer.close()
 
     async def reset(self) -> None:
         """Forget the pool and schema (after an error); the next use reconnects."""
