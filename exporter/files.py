@@ -73,8 +73,10 @@ THUMBS = b"thumbs"
 # orphan).
 KINDS = ("thumbnail", "preview", "fullsize", "person")
 PERSON = 3
-# Rows merged between two yields to the event loop: about a millisecond of work.
+# Rows merged between two yields to the event loop: well under a millisecond of work.
 SLICE = 2000
+# Rows per fetch from the file stream's cursor (at most ``database.fetch_size``).
+STREAM_BATCH = 500
 # How far each walker may work ahead of the merge.
 WALKER_BUFFER = 32 << 20
 WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_walker.py")
@@ -118,7 +120,12 @@ class DiskWalk:
         self._closed = False
 
     def _plan(self) -> None:
-        """List ``thumbs/`` and ``thumbs/<x>/``: the entries found there, and the units below them."""
+        for _ in self._plan_steps():
+            pass
+
+    def _plan_steps(self) -> Iterator[None]:
+        """List ``thumbs/`` and ``thumbs/<x>/``: the entries found there, and the units below them. Yields
+        after each directory, so the event loop can serve in between (a few dozen listings in all)."""
         headers = self.verify_headers
         inline: list[tuple[bytes, int, int]] = []
 
@@ -137,6 +144,7 @@ class DiskWalk:
             if flag >= 0:
                 inline.append((THUMBS + b"/" + key, size, flag))
                 continue
+            yield
             rel = THUMBS + b"/" + key[:-1]
             level = list_level(self.root, rel, headers)
             if level is None:
@@ -155,7 +163,8 @@ class DiskWalk:
         if self._started:
             return
         self._started = True
-        await asyncio.to_thread(self._plan)
+        for _ in self._plan_steps():
+            await asyncio.sleep(0)
         if not self._units or self.workers < 1:
             self.workers = 0
             return
@@ -778,21 +787,24 @@ async def reconcile(
         disk = DiskWalk(mapper.root_bytes, verify_headers)
     merge = Merge(mapper, stats, verify_headers)
     lookup = problem_assets_sql(schema)
+    # asyncpg decodes a whole batch in one go, in the event loop: keep batches small enough that a
+    # scrape never waits long behind one (about a millisecond per thousand rows here).
+    batch_size = min(fetch_size, STREAM_BATCH)
     try:
         frames = disk.frames()
         cursor = await conn.cursor(files_sql(schema), timeout=timeout)
-        batch = await cursor.fetch(fetch_size, timeout=timeout)
+        batch = await cursor.fetch(batch_size, timeout=timeout)
         while batch:
             # PostgreSQL sends the next batch while this one is merged.
-            pending = asyncio.ensure_future(cursor.fetch(fetch_size, timeout=timeout))
+            pending = asyncio.ensure_future(cursor.fetch(batch_size, timeout=timeout))
             try:
                 i = 0
                 while i < len(batch):
                     i = merge.merge(batch, i)
                     if merge.needs_frame:
                         merge.push_frame(await anext(frames, None))
-                    else:
-                        await asyncio.sleep(0)  # a slice done: let scrapes through
+                    # A slice done: let scrapes through (reading a frame may not have yielded).
+                    await asyncio.sleep(0)
             except BaseException:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)

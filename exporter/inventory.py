@@ -81,6 +81,10 @@ async def server_version(conn: asyncpg.Connection, schema: Schema, timeout: floa
 
 
 async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> InventoryCounts:
+    if conn.is_in_transaction():
+        # The anti-joins are cheapest as merges of index-only scans; left to itself the planner often
+        # hashes a million ids for one of them instead (about 1 s more at a million assets).
+        await conn.execute("SET LOCAL enable_hashjoin = off", timeout=timeout)
     row = await conn.fetchrow(counts_sql(schema), timeout=timeout)
     assert row is not None
     return InventoryCounts(
