@@ -1,15 +1,16 @@
 """The disk side of the file check: list and stat directory trees in bytewise path order.
 
 Standard library only: besides being imported by ``exporter.files``, this file is run as a helper
-process (``python -I _walker.py ROOT HEADERS BUFFER``) so that its system calls and per-file Python work
-(about 3 µs a file, 15 µs a directory on a small VM: most of a scan's CPU) run beside the exporter, not
-under its GIL, where they would delay scrapes. The helper lowers its own priority (``nice``).
+process (``python -I -S _walker.py ROOT HEADERS BUFFER``) so that its system calls and per-file Python
+work (about 3 µs a file, 12 µs a directory on a small VM: most of a scan's CPU) run beside the exporter,
+not under its GIL, where they would delay scrapes. The helper lowers its own priority (``nice``).
 
-Protocol: the parent writes the units to walk on stdin, each a directory path relative to ROOT, NUL
-separated, then closes it. The helper writes, for each unit in order, frames of up to ``MAX_ENTRIES``
-entries (``FRAME`` header, the paths NUL-joined, the sizes as int64, one flag byte per entry); the
-unit's last frame has ``last`` set. A writer thread drains a bounded queue (``BUFFER`` bytes), so the
-helper can work ahead while PostgreSQL is still sorting, without unbounded memory.
+Protocol: the parent writes the units to walk on stdin, each ``<index> <directory relative to ROOT>``,
+NUL separated, then closes it. The helper writes, for each unit in order, frames of up to
+``MAX_ENTRIES`` entries (``FRAME`` header, the paths relative to the unit's directory NUL-joined, the
+sizes as int64, one flag byte per entry); the unit's last frame has ``last`` set. A writer thread drains
+a bounded queue (``BUFFER`` bytes), so the helper can work ahead while PostgreSQL is still sorting,
+without unbounded memory.
 
 Entry order is the order of whole relative paths compared as bytes, which is ``COLLATE "C"`` order: a
 directory is sorted under its name plus ``/``. A directory that cannot be listed gives one entry, its
@@ -87,10 +88,13 @@ def walk_tree(
     a sort, and ``lstat`` of every name mapped in C; only a directory found among them, or a name that
     fails, sends that directory down the entry-by-entry path.
 
-    ``by_fd`` (the helper processes only): ``chdir`` into each directory so that every ``lstat`` names
-    one path component, which saves the kernel a path walk per file. In the exporter itself every call
-    names the absolute path (the working directory is the process's, and audit hooks expect it).
+    ``by_fd`` (the helper processes only): ``chdir`` into the top directory so that every ``lstat`` names
+    one or two path components, which saves the kernel a path walk per file, and give paths relative to
+    ``rel + "/"`` (half the bytes to send; the unreadable top itself is then the empty path). In the
+    exporter itself every call names the absolute path (the working directory is the process's, and audit
+    hooks expect it), and paths are relative to ``root``.
     """
+    top_prefix = b"" if by_fd else rel + b"/"
     out = _Out(max_entries)
     top_path = root + b"/" + rel
     try:
@@ -104,10 +108,10 @@ def walk_tree(
         with os.scandir(b"." if by_fd else top_path) as it:
             keys = _keys(it)
     except OSError:
-        yield [rel + b"/"], array("q", [0]), bytes([UNREADABLE_DIR])
+        yield [top_prefix], array("q", [0]), bytes([UNREADABLE_DIR])
         return
     # Depth first, in key order: a stack of (absolute path, relative prefix, sorted keys, next position).
-    stack: list[tuple[bytes, bytes, list[bytes], int]] = [(top_path, rel + b"/", keys, 0)]
+    stack: list[tuple[bytes, bytes, list[bytes], int]] = [(top_path, top_prefix, keys, 0)]
     while stack:
         path, prefix, keys, i = stack.pop()
         # Children of the top directory are named relative to it (the working directory, with by_fd).
@@ -274,8 +278,8 @@ def decode(header: bytes) -> tuple[int, int, int, bool]:
 def serve(root: bytes, headers: bool, buffer_bytes: int, read_units: Callable[[], bytes],
           write: Callable[[bytes], object]) -> None:
     units = [u for u in read_units().split(b"\0") if u]
-    # Frames are about 100 bytes an entry: a queue of frames bounded to roughly ``buffer_bytes``.
-    frames: queue.Queue[bytes | None] = queue.Queue(max(4, buffer_bytes // (MAX_ENTRIES * 100)))
+    # Frames are about 60 bytes an entry: a queue of frames bounded to roughly ``buffer_bytes``.
+    frames: queue.Queue[bytes | None] = queue.Queue(max(4, buffer_bytes // (MAX_ENTRIES * 60)))
     failed: list[BaseException] = []
 
     def writer() -> None:

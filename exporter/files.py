@@ -175,7 +175,8 @@ class DiskWalk:
         try:
             for w in range(self.workers):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-I", WALKER, os.fsdecode(self.root), "1" if self.verify_headers else "0",
+                    # -I -S: nothing from the environment or site-packages; the walker needs the stdlib only.
+                    sys.executable, "-I", "-S", WALKER, os.fsdecode(self.root), "1" if self.verify_headers else "0",
                     str(self.buffer_bytes),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     limit=1 << 20,
@@ -208,7 +209,8 @@ class DiskWalk:
             if count:
                 sizes = array("q")
                 sizes.frombytes(body[blob : blob + 8 * count])
-                yield body[:blob].split(b"\0"), sizes, body[blob + 8 * count :]
+                prefix = self._units[k] + b"/"
+                yield [prefix + p for p in body[:blob].split(b"\0")], sizes, body[blob + 8 * count :]
             if last:
                 return
 
