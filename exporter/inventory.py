@@ -97,6 +97,76 @@ async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> Inv
     )
 
 
+def counts_and_records_sql(schema: Schema) -> str:
+    """``counts_sql`` and the no_record rows in one pass over the anti-joins: every row carries the counts;
+    the rows naming an asset (``k`` set) are the eligible assets with no row of a required kind, ordered by
+    kind then id. With none, one row of counts alone."""
+    eligible = schema.eligible("a")
+    kinds = RECORD_KINDS
+    labels = " ".join(f"WHEN {i} THEN '{kind}'" for i, kind in enumerate(kinds))
+    missing = ",\n  ".join(
+        f"(SELECT count(*) FROM found WHERE found.k = {i}) AS no_{kind}" for i, kind in enumerate(kinds)
+    )
+    job_status = f"(SELECT count(*) FROM found WHERE found.k = {len(kinds)})" if schema.has_job_status else "0"
+    return f"""
+WITH lacking AS MATERIALIZED (
+{lacking_sql(schema, kinds, schema.has_job_status)}
+), found AS MATERIALIZED (
+  SELECT l.k, e.id, e."ownerId", e.type, e."originalPath"
+  FROM lacking l CROSS JOIN LATERAL (
+    SELECT a.id, a."ownerId", a.type, a."originalPath" FROM {schema.assets} a WHERE a.id = l.id AND {eligible} LIMIT 1
+  ) e
+), totals AS (
+  SELECT
+    count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
+    count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
+    count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing
+  FROM {schema.assets} a
+  WHERE {eligible}
+)
+SELECT t.images, t.videos, t.thumbhash_missing,
+  {missing},
+  {job_status} AS metadata_pending,
+  f.id::text AS asset_id, f."ownerId"::text AS owner_id, lower(f.type) AS asset_type,
+  CASE f.k {labels} END AS kind, f."originalPath" AS original_path
+FROM totals t LEFT JOIN (SELECT * FROM found WHERE found.k < {len(kinds)}) f ON true
+ORDER BY f.k, f.id
+"""
+
+
+async def count_and_stream_records(
+    conn: asyncpg.Connection, schema: Schema, fetch_size: int, timeout: float
+) -> AsyncIterator[InventoryCounts | Problem]:
+    """``count`` then ``stream_no_record`` in one query (the anti-joins once, not twice): yields the counts
+    first, then the no_record problems. Must run inside a transaction (server cursor)."""
+    await conn.execute("SET LOCAL enable_hashjoin = off", timeout=timeout)
+    cursor = conn.cursor(counts_and_records_sql(schema), prefetch=fetch_size, timeout=timeout)
+    first = True
+    async for row in cursor:
+        if first:
+            first = False
+            yield InventoryCounts(
+                schema=schema.era,
+                version=await server_version(conn, schema, timeout),
+                assets={"image": int(row["images"]), "video": int(row["videos"])},
+                no_record={kind: int(row[f"no_{kind}"]) for kind in RECORD_KINDS},
+                thumbhash_missing=int(row["thumbhash_missing"]),
+                metadata_pending=int(row["metadata_pending"]),
+            )
+        if row["kind"] is None:
+            continue
+        yield Problem(
+            asset_id=row["asset_id"],
+            owner_id=row["owner_id"],
+            asset_type=row["asset_type"],
+            kind=row["kind"],
+            reason="no_record",
+            path=None,
+            original_path=row["original_path"],
+            original_exists=None,
+        )
+
+
 async def media_location(conn: asyncpg.Connection, schema: Schema, timeout: float) -> str:
     """Immich's media location: ``system_metadata.MediaLocation``, else the prefix of a stored thumbnail
     path, else the era's default."""

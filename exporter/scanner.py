@@ -11,8 +11,8 @@ from dataclasses import dataclass, field, replace
 
 from exporter.config import Config
 from exporter.files import DiskWalk, check_originals, original_exists, reconcile
-from exporter.inventory import count, media_location, stream_no_record
-from exporter.model import FileStats, InventoryCounts, ProblemStore
+from exporter.inventory import count, count_and_stream_records, media_location
+from exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
 from exporter.paths import PathMapper
 from exporter.sources.postgres import PostgresSource, SourceError
 
@@ -97,7 +97,10 @@ async def run_scan(
             # Sorting millions of paths: give this transaction's sort room so it stays in memory.
             await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
             await conn.execute(GENTLE, timeout=timeout)
-            counts = await count(conn, schema, timeout)
+            # Counts and the no_record problems come from one query: its first row has the counts.
+            records = count_and_stream_records(conn, schema, config.database.fetch_size, timeout)
+            counts = await anext(records)
+            assert isinstance(counts, InventoryCounts)
             result = ScanResult(counts, None, problems, None, root, started)
             mapper: PathMapper | None = None
             if root is not None:
@@ -106,12 +109,12 @@ async def run_scan(
                     location = await media_location(conn, schema, timeout)
                 result.location = location
                 mapper = PathMapper(root, location)
-            if any(counts.no_record.values()):
-                async for problem in stream_no_record(conn, schema, config.database.fetch_size, timeout):
-                    if mapper is not None:
-                        problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
-                    problems.add(problem)
-                    result.no_record_problems += 1
+            async for problem in records:
+                assert isinstance(problem, Problem)
+                if mapper is not None:
+                    problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
+                problems.add(problem)
+                result.no_record_problems += 1
             if mapper is None:
                 result.duration = time.time() - started
                 return result
