@@ -118,8 +118,9 @@ def table(results: list[dict[str, Any]]) -> str:
     row("full scan (run_scan), s", lambda r: fmt_s(scan_s(r)))
     row("  rows/s", lambda r: f"{r['scan']['rows'] / scan_s(r):,.0f}")
     row("  files/s", lambda r: f"{r['files'] / scan_s(r):,.0f}")
-    row("  CPU s: exporter + walkers",
-        lambda r: f"{fmt_s(median(r['scan']['cpu_seconds']))} + {fmt_s(median(r['scan']['walker_cpu_seconds']))}")
+    row("  CPU s: exporter + walkers + PostgreSQL",
+        lambda r: f"{fmt_s(median(r['scan']['cpu_seconds']))} + {fmt_s(median(r['scan']['walker_cpu_seconds']))}"
+                  f" + {fmt_s(sum(r['scan']['watch']['backend_cpu'].values()))}")
     row("  µs per asset", lambda r: f"{scan_s(r) / r['n'] * 1e6:.1f}")
     row("  peak RSS, MB: all processes (exporter; largest walker)",
         lambda r: f"{max(r['scan']['total_peak_rss']) / 1e6:.0f} ({max(r['scan']['peak_rss']) / 1e6:.0f}; "

@@ -221,6 +221,8 @@ class Watch:
     blocking: int = 0
     samples: int = 0
     writer_ms: list[float] = field(default_factory=list)
+    # CPU seconds of the exporter's PostgreSQL backends (sampled from /proc: same machine).
+    backend_cpu: dict[int, float] = field(default_factory=dict)
 
     def brief(self) -> str:
         modes = ", ".join(sorted(self.lock_modes)) or "none seen"
@@ -244,6 +246,10 @@ async def watch(dsn: str, stop: asyncio.Event, out: Watch, write: bool = True) -
             out.max_connections = max(out.max_connections, len(rows))
             if rows:
                 pids = [r["pid"] for r in rows]
+                for pid in pids:
+                    cpu = _proc_cpu(pid)
+                    if cpu is not None:
+                        out.backend_cpu[pid] = cpu
                 locks = await conn.fetch(
                     "SELECT l.mode, l.granted, coalesce(c.relname, l.locktype) AS what FROM pg_locks l "
                     "LEFT JOIN pg_class c ON c.oid = l.relation WHERE l.pid = ANY($1::int[])", pids,
@@ -265,6 +271,15 @@ async def watch(dsn: str, stop: asyncio.Event, out: Watch, write: bool = True) -
     finally:
         await conn.close()
         await writer.close()
+
+
+def _proc_cpu(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _immich_write(writer: asyncpg.Connection, asset_id: Any) -> float:

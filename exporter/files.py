@@ -273,7 +273,7 @@ class Merge:
         self._prefix = os.fsencode(mapper.location.rstrip("/") + "/")
         self._plen = len(self._prefix)
         self._root = mapper.root_bytes
-        self._root_real = os.path.realpath(mapper.root_bytes)
+        self._root_real = self.root_real = os.path.realpath(mapper.root_bytes)
         # The current disk frame and the position in it.
         self._paths: list[bytes] = []
         self._sizes: array[int] = array("q")
@@ -690,17 +690,20 @@ class Reconciler(Merge):
         return self.disk_done
 
 
-def original_exists(mapper: PathMapper, original: str | None) -> bool | None:
+def original_exists(mapper: PathMapper, original: str | None, root_real: bytes | None = None) -> bool | None:
     """Whether a problem asset's original is still there (None: outside the media root, or unknown).
 
     Only called for problem assets, so one ``lstat`` each is cheap; the bulk originals check lists
-    directories instead (``check_originals``).
+    directories instead (``check_originals``). ``root_real``: the media root resolved, when the caller
+    checks many (resolving it costs an ``lstat`` per path component).
     """
     rel = mapper.relative(original)
     if rel is None:
         return None
     local = mapper.local(rel)
-    if not _inside_root(os.path.realpath(mapper.root_bytes), os.path.dirname(local)):
+    if root_real is None:
+        root_real = os.path.realpath(mapper.root_bytes)
+    if not _inside_root(root_real, os.path.dirname(local)):
         return None  # its folder is a link out of the media root: not looked at
     try:
         os.lstat(local)
@@ -841,6 +844,7 @@ async def _report(
     candidates = merge.take_candidates()
     ids = list({c[0] for c in candidates if c[0] is not None})
     assets = {r[0]: r for r in await conn.fetch(sql, ids, timeout=timeout)} if ids else {}
+    root_real = merge.root_real
     for asset_id, kind, reason, path in candidates:
         asset = assets.get(asset_id)
         if asset is None or not asset[4]:
@@ -850,7 +854,7 @@ async def _report(
         on_problem(Problem(
             asset_id=str(asset_id), owner_id=asset[1], asset_type=asset[2], kind=kind, reason=reason,
             path=path.decode("utf-8", "surrogateescape"), original_path=asset[3],
-            original_exists=original_exists(mapper, asset[3]),
+            original_exists=original_exists(mapper, asset[3], root_real),
         ))
 
 
