@@ -141,7 +141,8 @@ class RedisSource:
                 url = cfg.url.get()
             except Exception:
                 return "<redis.url>"
-            return redact_url(url) if urlsplit(url).password else url
+            # redact_url also hides ?password=... and anything it cannot parse.
+            return redact_url(url)
         if cfg.socket:
             return f"unix:{cfg.socket} db {cfg.db}"
         user = f"{cfg.username}@" if cfg.username else ""
