@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import CACHE
+from bench import CACHE, measure
 from bench.dataset import DATABASE, open_dataset
 from bench.measure import (
     measure_baseline,
@@ -199,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="build the datasets again")
     parser.add_argument("--clean", action="store_true", help="delete the dataset cache and exit")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--exporter-path", metavar="DIR",
+                        help="measure the exporter package found in DIR instead (e.g. an older version "
+                             "from 'git archive <rev> exporter | tar -x -C DIR'); SQL figures stay this one's")
     args = parser.parse_args(argv)
+    if args.exporter_path:
+        measure.EXPORTER_PATH = os.path.abspath(args.exporter_path)
     if args.clean:
         shutil.rmtree(args.cache, ignore_errors=True)
         log(f"removed {args.cache}")

@@ -46,9 +46,15 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[k]
 
 
+# Another copy of the exporter package to measure instead of this one (``--exporter-path``: a before/after).
+# Children run ``python -P``, so the working directory does not come before it on ``sys.path``.
+EXPORTER_PATH: str | None = None
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    paths = (EXPORTER_PATH or "", str(ROOT), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return {k: v for k, v in env.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
 
 
@@ -318,7 +324,7 @@ async def _scan_once(dsn: str, media: str, extra: dict[str, Any], watch_it: bool
     watcher = asyncio.create_task(watch(dsn, stop, w)) if watch_it else None
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.child", "scan", dsn, media, json.dumps(extra),
+            sys.executable, "-P", "-m", "bench.child", "scan", dsn, media, json.dumps(extra),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env(),
         )
         out, err = await proc.communicate()
@@ -464,7 +470,7 @@ async def measure_scrapes(
     reports its event loop's lag (how late a 1 ms timer fires), during and outside scans."""
     settings = {**(extra or {}), "bench.scans": min_scans}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.child", "serve", pg.dsn_for(DATABASE), str(ds.media), json.dumps(settings),
+        sys.executable, "-P", "-m", "bench.child", "serve", pg.dsn_for(DATABASE), str(ds.media), json.dumps(settings),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=child_env(),
         limit=1 << 28,  # the last line carries every loop-lag sample
     )

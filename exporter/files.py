@@ -104,7 +104,9 @@ class DiskWalk:
     The first two levels (``thumbs/``, ``thumbs/<owner>/``) are listed here; each directory below them
     (``thumbs/<owner>/<xx>``, a 256th of an owner's files) is a unit walked by a helper process, units
     dealt round-robin so the helpers take turns and work in parallel. Files found on the first two
-    levels (rare: strays, old flat layouts) are stat-ed here, in a thread, while planning.
+    levels (rare: strays, old flat layouts) are stat-ed here while planning, one directory per step of
+    the event loop. Without helper processes (``workers=0``, or when they cannot be started) the units
+    are walked in a thread instead.
     """
 
     def __init__(self, root: bytes, verify_headers: bool = False, workers: int | None = None,
