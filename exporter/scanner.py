@@ -41,7 +41,7 @@ def media_identity(root: str) -> tuple[int, int]:
     thumbs = os.path.join(root, "thumbs")
     try:
         st = os.stat(thumbs)
-        os.listdir(thumbs)
+        names = os.listdir(thumbs)
     except FileNotFoundError:
         if not os.path.isdir(root):
             raise SourceError("filesystem", f"media root {root} does not exist") from None
@@ -50,6 +50,13 @@ def media_identity(root: str) -> tuple[int, int]:
         ) from None
     except OSError as exc:
         raise SourceError("filesystem", f"cannot read {thumbs}: {exc.strerror or exc}") from None
+    # Immich keeps a .immich marker in every media folder and refuses to start without it: a thumbs/
+    # without one is an empty mount point or a wrong path, not a library whose thumbnails all vanished.
+    if ".immich" not in names:
+        raise SourceError(
+            "filesystem",
+            f"{thumbs}/.immich (Immich's mount marker) is missing: is the media folder mounted at {root}?",
+        )
     return st.st_dev, st.st_ino
 
 
