@@ -144,7 +144,8 @@ def table(results: list[dict[str, Any]]) -> str:
     row("PostgreSQL connections (max seen)", lambda r: str(r["scan"]["watch"]["max_connections"]))
     row("locks held / others blocked",
         lambda r: f"{', '.join(r['scan']['watch']['lock_modes']) or '-'} / {r['scan']['watch']['blocking']}")
-    row("Immich-style write during scan, max ms", lambda r: f"{max(r['scan']['watch']['writer_ms']):.1f}")
+    row("Immich-style write during scan, p50 / max ms",
+        lambda r: f"{median(r['scan']['watch']['writer_ms']):.1f} / {max(r['scan']['watch']['writer_ms']):.1f}")
     row("load average before / after", lambda r: f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]}")
 
     width0 = max(len(label) for label, _ in rows)

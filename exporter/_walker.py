@@ -196,11 +196,13 @@ def _read_files(
         names.remove(MARKER)
     names.sort()
     base_slash = base + b"/"
+    named = [base_slash + n for n in names]
     try:
-        sts = list(map(os.lstat, [base_slash + n for n in names]))
+        sts = list(map(os.lstat, named))
     except OSError:
         sts = None
-    if sts is None or any(map(stat.S_ISDIR, [st.st_mode for st in sts])):
+    modes = [st.st_mode for st in sts] if sts is not None else []
+    if sts is None or any(map(stat.S_ISDIR, modes)):
         # Directories inside (or a name that went away): key them, and walk entry by entry.
         keys = []
         for name in names:
@@ -211,8 +213,8 @@ def _read_files(
             keys.append(name + b"/" if is_dir else name)
         keys.sort()
         return keys
-    modes = [st.st_mode for st in sts]
-    out.paths.extend([prefix + n for n in names])
+    # In a helper process the names to stat are already the ones to send (relative to the unit).
+    out.paths.extend(named if base_slash == prefix else [prefix + n for n in names])
     out.sizes.extend([st.st_size for st in sts])
     if any(map(stat.S_ISLNK, modes)) or headers:
         for name, st, mode in zip(names, sts, modes, strict=True):
@@ -309,7 +311,10 @@ def serve(root: bytes, headers: bool, buffer_bytes: int, read_units: Callable[[]
 def main(argv: list[str]) -> int:
     root, headers, buffer_bytes = os.fsencode(argv[0]), argv[1] == "1", int(argv[2])
     with contextlib.suppress(OSError):
-        os.nice(10)  # the file check can wait; Immich and the exporter's scrapes should not
+        # The file check can wait; Immich and the exporter's scrapes should not (started through
+        # ``nice -n 10`` already, when the system has it).
+        if os.getpriority(os.PRIO_PROCESS, 0) < 10:
+            os.setpriority(os.PRIO_PROCESS, 0, 10)
     out = sys.stdout.buffer
     try:
         serve(root, headers, buffer_bytes, sys.stdin.buffer.read, out.write)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import stat
 import sys
 from array import array
@@ -81,6 +82,12 @@ STREAM_BATCH = 500
 WALKER_BUFFER = 32 << 20
 WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_walker.py")
 WALKER_RUNNABLE = bool(sys.executable) and os.path.exists(WALKER)
+# Started through ``nice`` when there is one, so that even the interpreter's start-up (tens of
+# milliseconds, every scan) runs at the walker's low priority; the walker lowers its own otherwise.
+WALKER_COMMAND = (
+    [nice, "-n", "10", sys.executable, "-I", "-S", WALKER] if (nice := shutil.which("nice"))
+    else [sys.executable, "-I", "-S", WALKER]
+)
 
 
 class Cancelled(Exception):
@@ -178,7 +185,7 @@ class DiskWalk:
             for w in range(self.workers):
                 proc = await asyncio.create_subprocess_exec(
                     # -I -S: nothing from the environment or site-packages; the walker needs the stdlib only.
-                    sys.executable, "-I", "-S", WALKER, os.fsdecode(self.root), "1" if self.verify_headers else "0",
+                    *WALKER_COMMAND, os.fsdecode(self.root), "1" if self.verify_headers else "0",
                     str(self.buffer_bytes),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     limit=1 << 20,
