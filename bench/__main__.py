@@ -86,6 +86,8 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
                 "lag_outside_p99_ms": percentile(scr.loop_lag_outside, 99) * 1000,
                 "scans": scr.scans, "scan_seconds": scr.scan_seconds, "errors": scr.errors,
                 "scrapers": scr.scrapers, "pause": scr.pause,
+                "max_connections": scr.watch.max_connections, "lock_modes": sorted(scr.watch.lock_modes),
+                "blocking": scr.watch.blocking,
             }
         out["load_after"] = loadavg()
     finally:
@@ -141,9 +143,14 @@ def table(results: list[dict[str, Any]]) -> str:
                   f"(n={r['scrapes']['outside_count']:,})")
     row("  event-loop lag p99 during scans / idle, ms",
         lambda r: f"{r['scrapes']['lag_p99_ms']:.1f} / {r['scrapes']['lag_outside_p99_ms']:.1f}")
-    row("PostgreSQL connections (max seen)", lambda r: str(r["scan"]["watch"]["max_connections"]))
-    row("locks held / others blocked",
-        lambda r: f"{', '.join(r['scan']['watch']['lock_modes']) or '-'} / {r['scan']['watch']['blocking']}")
+    row("PostgreSQL connections, max seen: scan / serve",
+        lambda r: f"{r['scan']['watch']['max_connections']} / {r.get('scrapes', {}).get('max_connections', '-')}")
+    def locks(r: dict[str, Any]) -> str:
+        serve = r.get("scrapes", {})
+        modes = sorted(set(r["scan"]["watch"]["lock_modes"]) | set(serve.get("lock_modes", [])))
+        return f"{', '.join(modes) or '-'} / {r['scan']['watch']['blocking'] + serve.get('blocking', 0)}"
+
+    row("locks held / sessions blocked by them", locks)
     row("Immich-style write during scan, p50 / max ms",
         lambda r: f"{median(r['scan']['watch']['writer_ms']):.1f} / {max(r['scan']['watch']['writer_ms']):.1f}")
     row("load average before / after", lambda r: f"{r['load_before'].split()[0]} / {r['load_after'].split()[0]}")

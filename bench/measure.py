@@ -451,6 +451,8 @@ class ScrapeFigures:
     pause: float
     loop_lag_during: list[float] = field(default_factory=list)
     loop_lag_outside: list[float] = field(default_factory=list)
+    # The exporter's sessions while it served (file checks and the inventory collection together).
+    watch: Watch = field(default_factory=Watch)
 
 
 async def measure_scrapes(
@@ -507,6 +509,9 @@ async def measure_scrapes(
         scans_done.set()
 
     reader = asyncio.create_task(events())
+    watched = Watch()
+    watch_stop = asyncio.Event()
+    watcher = asyncio.create_task(watch(pg.dsn_for(DATABASE), watch_stop, watched, write=False))
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listening.wait(), 60)
@@ -552,6 +557,9 @@ async def measure_scrapes(
             await asyncio.gather(*(scraper(n) for n in range(scrapers)))
             await stopping
     finally:
+        watch_stop.set()
+        with contextlib.suppress(Exception):
+            await watcher
         proc.stdin.close()
         try:
             await asyncio.wait_for(proc.wait(), 30)
@@ -571,7 +579,7 @@ async def measure_scrapes(
     lag_during = [lag for t0, lag in lags if t0 > t_first and during_scan(t0)]
     lag_outside = [lag for t0, lag in lags if t0 > t_first and not during_scan(t0)]
     return ScrapeFigures(during, outside, len(scans), [b - a for a, b in scans], errors, scrapers, pause,
-                         lag_during, lag_outside)
+                         lag_during, lag_outside, watched)
 
 
 async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
