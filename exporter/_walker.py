@@ -285,27 +285,31 @@ def serve(root: bytes, headers: bool, buffer_bytes: int, read_units: Callable[[]
     failed: list[BaseException] = []
 
     def writer() -> None:
-        try:
-            while (chunk := frames.get()) is not None:
+        while (chunk := frames.get()) is not None:
+            if failed:
+                continue  # keep draining: the walk must never block on a full queue
+            try:
                 write(chunk)
-        except BaseException as exc:  # the parent went away: stop walking
-            failed.append(exc)
+            except BaseException as exc:  # the parent went away (EPIPE): stop walking
+                failed.append(exc)
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
-    for line in units:
-        index_text, _, rel = line.partition(b" ")
-        index = int(index_text)
-        pending: Frame | None = None
-        for frame in walk_tree(root, rel, headers, by_fd=True):
-            if failed:
-                return
-            if pending is not None:
-                frames.put(encode(index, pending, False))
-            pending = frame
-        frames.put(encode(index, pending or ([], array("q"), b""), True))
-    frames.put(None)
-    thread.join()
+    try:
+        for line in units:
+            index_text, _, rel = line.partition(b" ")
+            index = int(index_text)
+            pending: Frame | None = None
+            for frame in walk_tree(root, rel, headers, by_fd=True):
+                if failed:
+                    raise BrokenPipeError(str(failed[0]))
+                if pending is not None:
+                    frames.put(encode(index, pending, False))
+                pending = frame
+            frames.put(encode(index, pending or ([], array("q"), b""), True))
+    finally:
+        frames.put(None)
+        thread.join()
 
 
 def main(argv: list[str]) -> int:
