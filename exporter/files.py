@@ -12,15 +12,17 @@ A path on both sides is a file that exists; database-only is missing; disk-only 
 ever checked with its own ``stat`` for existence; sizes come from the directory entry (``fstatat`` on
 the listed name).
 
-Where the time goes, and how it is kept small (figures from ``python -m bench`` at a million assets, two
-cores): listing 360k directories and ``fstatat`` of 2M files is most of the CPU a scan needs, so the walk
-runs in helper processes (``exporter/_walker.py``, at a lower priority), two of them each taking every
-other ``thumbs/<owner>/<xx>`` subtree, working ahead into a bounded buffer while PostgreSQL sorts; they
-send each subtree back as frames (paths joined by NUL, sizes, flags) that cost the exporter a ``split``.
-The database stream is narrow (path bytes, a kind code, the asset id: no join, so a smaller sort), and
-the merge runs in the event loop in slices of a few thousand rows, so a scrape waits at most one slice
-(no GIL contention with a worker thread). Problems are rare, so the asset details a problem row needs
-(owner, type, original, eligibility) are fetched afterwards, by primary key, for those rows only.
+Where the time goes, and how it is kept small (``python -m bench``; README, "Performance"): at a million
+assets, listing 356k folders and ``lstat`` of 2M files is 60% of the CPU a scan needs, so the walk runs
+in two helper processes (``exporter/_walker.py``, at low priority), each taking every other
+``thumbs/<owner>/<xx>`` subtree, reading each folder in bulk (``listdir``, ``lstat`` mapped in C) and
+working ahead into a bounded buffer while PostgreSQL counts and sorts. They send frames (paths joined by
+NUL, sizes, flags) that cost the exporter a ``split``. The database stream is narrow (path bytes, a kind
+code, the asset id: no join, a third of the sort's temporary files). The merge runs in the event loop in
+slices, so a scrape waits at most one slice (no GIL contention with a worker thread), and takes runs of
+rows that match the walk one for one with list-slice comparisons. Problems are rare, so the details a
+problem row needs (owner, type, original, eligibility) are fetched afterwards, by primary key, for those
+rows only.
 
 Memory is a cursor batch, a few frames and one directory per level, whatever the library size.
 """
@@ -64,8 +66,9 @@ from exporter.schema import Schema
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FILE", "MARKER", "SYMLINK", "THUMBS", "UNREADABLE_DIR", "UNREADABLE_FILE", "Cancelled", "DiskWalk",
-    "Reconciler", "check_originals", "files_sql", "header_ok", "original_exists", "originals_sql", "reconcile",
+    "FILE", "MARKER", "SYMLINK", "THUMBS", "UNREADABLE_DIR", "UNREADABLE_FILE", "Cancelled", "DiskWalk", "Merge",
+    "Reconciler", "check_originals", "files_sql", "header_ok", "original_exists", "originals_sql",
+    "problem_assets_sql", "reconcile",
 ]
 
 THUMBS = b"thumbs"
@@ -300,8 +303,8 @@ class Merge:
         self._files = [0, 0, 0, 0]
         self._bytes = [0, 0, 0, 0]
         self.candidates: list[tuple[Any, str, str, bytes]] = []
-        # The batch being merged, prepared for the bulk path: rows' relative paths (None where the fast
-        # path cannot judge them) and kind codes.
+        # The batch being merged, prepared for the bulk path: its rows' paths less the location prefix
+        # (a guess until checked: see ``_prepare``) and kind codes.
         self._rows: Sequence[Any] | None = None
         self._rels: list[bytes] = []
         self._kinds: list[int] = []
