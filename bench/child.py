@@ -161,7 +161,8 @@ async def serve(dsn: str, media: str, extra: dict[str, Any]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
+    stdin = sys.stdin.fileno()
+    loop.add_reader(stdin, lambda: stop.set() if not os.read(stdin, 1) else None)  # EOF: the bench is done
     await stop.wait()
     prober.cancel()
     await exporter.stop()
