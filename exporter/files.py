@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FILE", "MARKER", "SYMLINK", "THUMBS", "UNREADABLE_DIR", "UNREADABLE_FILE", "Cancelled", "DiskWalk", "Merge",
-    "Reconciler", "check_originals", "files_sql", "header_ok", "original_exists", "originals_sql",
+    "Reconciler", "check_originals", "files_sql", "header_ok", "header_verdict", "original_exists", "originals_sql",
     "problem_assets_sql", "reconcile",
 ]
 
@@ -574,17 +574,7 @@ class Merge:
     def _check_header(self, rel_b: bytes, target: bytes | None = None) -> str | None:
         """Compare the first bytes with the extension; ``target`` is a symlink's resolved (checked) target."""
         ext = rel_b.rsplit(b".", 1)[-1].decode("ascii", "replace").lower() if b"." in rel_b else ""
-        try:
-            path = target if target is not None else self._root + b"/" + rel_b
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                head = os.read(fd, 16)
-            finally:
-                os.close(fd)
-        except OSError:
-            return "file_unreadable"
-        ok = header_ok(ext, head)
-        return "file_corrupt" if ok is False else None
+        return header_verdict(target if target is not None else self._root + b"/" + rel_b, ext)
 
     def _check_elsewhere(self, row: Any, rel_b: bytes) -> None:
         """A thumbnail stored outside thumbs/ (old layouts): list its directory once and look it up."""
@@ -700,6 +690,20 @@ class Reconciler(Merge):
             budget -= len(self._paths) - self._j
             self.orphans_left()
         return self.disk_done
+
+
+def header_verdict(path: bytes, ext: str) -> str | None:
+    """``file_corrupt`` when the first bytes do not match the extension, ``file_unreadable`` when they cannot
+    be read, else None. Never follows a symlink and never blocks (a FIFO opens and reads nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            head = os.read(fd, 16)
+        finally:
+            os.close(fd)
+    except OSError:
+        return "file_unreadable"
+    return "file_corrupt" if header_ok(ext, head) is False else None
 
 
 def original_exists(mapper: PathMapper, original: str | None, root_real: bytes | None = None) -> bool | None:

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from exporter.config import Config, RedisConfig
-from exporter.files import header_ok
+from exporter.events import loads
+from exporter.files import header_verdict
 from exporter.inventory import RECORD_KINDS, media_location
 from exporter.ledger import Ledger
 from exporter.paths import PathMapper
@@ -35,6 +35,7 @@ from exporter.schema import Schema
 from exporter.sources.immich_api import ApiError, ImmichApi
 from exporter.sources.postgres import PostgresSource, SourceError, describe_error
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 THUMBNAIL_QUEUE = "thumbnailGeneration"
@@ -111,15 +112,7 @@ def judge_file(mapper: PathMapper, root_real: bytes, stored: str) -> str | None:
     if st.st_size == 0:
         return "file_empty"
     ext = rel.rsplit(".", 1)[-1].lower() if "." in rel.rsplit("/", 1)[-1] else ""
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            head = os.read(fd, 16)
-        finally:
-            os.close(fd)
-    except OSError:
-        return "file_unreadable"
-    return "file_corrupt" if header_ok(ext, head) is False else None
+    return header_verdict(target, ext)
 
 
 def original_exists(mapper: PathMapper, stored: str | None) -> bool | None:
@@ -303,7 +296,7 @@ async def _queue_view(client: aioredis.Redis, prefix: str, limit: int) -> QueueV
             if name not in ASSET_JOB_NAMES or not data:
                 continue
             try:
-                doc = json.loads(data)
+                doc = loads(data)
             except ValueError:
                 continue
             if isinstance(doc, dict) and isinstance(doc.get("id"), str):
@@ -311,11 +304,11 @@ async def _queue_view(client: aioredis.Redis, prefix: str, limit: int) -> QueueV
     return QueueView(assets, total, len(job_state))
 
 
-async def queued_assets(cfg: RedisConfig, limit: int = QUEUE_LOOKUP_LIMIT) -> QueueView:
-    """The per-asset thumbnail jobs waiting or running now. Raises SourceError("redis") when unreachable."""
+async def _read_queue(cfg: RedisConfig, read: Callable[[aioredis.Redis], Awaitable[T]], timeout: float) -> T:
+    """Run one read-only lookup on a short-lived client; Redis trouble becomes SourceError("redis")."""
     client = redis_client(cfg)
     try:
-        return await asyncio.wait_for(_queue_view(client, cfg.prefix, limit), cfg.timeout * 4 + 5)
+        return await asyncio.wait_for(read(client), timeout)
     except TimeoutError:
         raise SourceError("redis", f"{_redis_target(cfg)} did not answer in time") from None
     except aioredis.RedisError as exc:
@@ -324,6 +317,11 @@ async def queued_assets(cfg: RedisConfig, limit: int = QUEUE_LOOKUP_LIMIT) -> Qu
     finally:
         with contextlib.suppress(Exception):  # closing a broken connection: nothing left to do
             await asyncio.wait_for(client.aclose(), 2)
+
+
+async def queued_assets(cfg: RedisConfig, limit: int = QUEUE_LOOKUP_LIMIT) -> QueueView:
+    """The per-asset thumbnail jobs waiting or running now. Raises SourceError("redis") when unreachable."""
+    return await _read_queue(cfg, lambda c: _queue_view(c, cfg.prefix, limit), cfg.timeout * 4 + 5)
 
 
 @dataclass
@@ -363,17 +361,7 @@ async def _throughput(client: aioredis.Redis, prefix: str, sample: int) -> Throu
 
 
 async def thumbnail_throughput(cfg: RedisConfig, sample: int = EVENTS_SAMPLE) -> Throughput:
-    client = redis_client(cfg)
-    try:
-        return await asyncio.wait_for(_throughput(client, cfg.prefix, sample), cfg.timeout * 2 + 5)
-    except TimeoutError:
-        raise SourceError("redis", f"{_redis_target(cfg)} did not answer in time") from None
-    except aioredis.RedisError as exc:
-        raise SourceError("redis", f"cannot read the thumbnail queue at {_redis_target(cfg)}: "
-                                   f"{describe_error(exc)}") from None
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.aclose(), 2)
+    return await _read_queue(cfg, lambda c: _throughput(c, cfg.prefix, sample), cfg.timeout * 2 + 5)
 
 
 # -- submission ------------------------------------------------------------------------------------
