@@ -64,6 +64,12 @@ def measure_size(n: int, args: argparse.Namespace) -> dict[str, Any]:
         out["scan"]["watch"]["lock_modes"] = sorted(scan.watch.lock_modes)
         if scan.diffs:
             log(f"[{n:,}] COUNTS DIFFER from the dataset:\n  " + "\n  ".join(scan.diffs))
+        log(f"[{n:,}] full scan without sizes (checks.file_sizes: false) x{args.runs}")
+        quick = asyncio.run(measure_scan(ds, pg, args.runs, {"checks.file_sizes": False}))
+        out["scan_nosizes"] = asdict(quick)
+        out["scan_nosizes"]["watch"]["lock_modes"] = sorted(quick.watch.lock_modes)
+        if quick.diffs:
+            log(f"[{n:,}] COUNTS DIFFER from the dataset (no sizes):\n  " + "\n  ".join(quick.diffs))
         log(f"[{n:,}] shell pipeline")
         base, lines = measure_baseline(pg, ds.media, args.runs)
         out["baseline"] = {"seconds": base, "lines": lines}
@@ -128,14 +134,26 @@ def table(results: list[dict[str, Any]]) -> str:
         lambda r: f"{max(r['scan']['total_peak_rss']) / 1e6:.0f} ({max(r['scan']['peak_rss']) / 1e6:.0f}; "
                   f"{max(r['scan']['walker_peak_rss']) / 1e6:.0f})")
     row("  counts match the dataset", lambda r: "yes" if not r["scan"]["diffs"] else f"NO ({len(r['scan']['diffs'])})")
+    def quick_s(r: dict[str, Any]) -> float:
+        return median(r["scan_nosizes"]["seconds"])
+
+    row("full scan, checks.file_sizes: false (no lstat), s", lambda r: fmt_s(quick_s(r)))
+    row("  CPU s: exporter + walkers + PostgreSQL",
+        lambda r: f"{fmt_s(median(r['scan_nosizes']['cpu_seconds']))} + "
+                  f"{fmt_s(median(r['scan_nosizes']['walker_cpu_seconds']))}"
+                  f" + {fmt_s(sum(r['scan_nosizes']['watch']['backend_cpu'].values()))}")
+    row("  counts match the dataset (less sizes)",
+        lambda r: "yes" if not r["scan_nosizes"]["diffs"] else f"NO ({len(r['scan_nosizes']['diffs'])})")
     row("inventory SQL alone, s", lambda r: fmt_s(r["sql"]["inventory_seconds"]))
     row("file-stream SQL alone (COPY to null), s", lambda r: fmt_s(r["sql"]["files_seconds"]))
     row("shell pipeline (psql|sort, find|sort, comm), s", lambda r: fmt_s(r["baseline"]["seconds"]))
-    row("  scan / pipeline", lambda r: f"{scan_s(r) / r['baseline']['seconds']:.2f}x")
+    row("  scan / pipeline (without sizes)",
+        lambda r: f"{scan_s(r) / r['baseline']['seconds']:.2f}x ({quick_s(r) / r['baseline']['seconds']:.2f}x)")
     row("floor: list dirs + read paths, s",
         lambda r: f"{fmt_s(r['floor']['listing_seconds'])} + {fmt_s(r['floor']['paths_seconds'])}"
                   f" = {fmt_s(r['floor']['total'])}")
-    row("  scan / floor", lambda r: f"{scan_s(r) / r['floor']['total']:.2f}x")
+    row("  scan / floor (without sizes)",
+        lambda r: f"{scan_s(r) / r['floor']['total']:.2f}x ({quick_s(r) / r['floor']['total']:.2f}x)")
     row("/metrics p50 / p99 during scans, ms",
         lambda r: f"{r['scrapes']['p50_ms']:.1f} / {r['scrapes']['p99_ms']:.1f} (n={r['scrapes']['count']:,})")
     row("  same, exporter idle, ms",
@@ -186,6 +204,8 @@ def explain_notes(results: list[dict[str, Any]]) -> str:
                        f"max {s['max_ms']:.1f} ms, errors {s['errors']}; event loop lag max {s['lag_max_ms']:.1f} ms")
         if r["scan"]["diffs"]:
             out.extend("  DIFF " + d for d in r["scan"]["diffs"])
+        if r.get("scan_nosizes", {}).get("diffs"):
+            out.extend("  DIFF (no sizes) " + d for d in r["scan_nosizes"]["diffs"])
     return "\n".join(out)
 
 
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     print(explain_notes(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpus": cpus, "results": results}, indent=1, default=str))
-    bad = [r["n"] for r in results if r["scan"]["diffs"]]
+    bad = [r["n"] for r in results if r["scan"]["diffs"] or r.get("scan_nosizes", {}).get("diffs")]
     return 1 if bad else 0
 
 

@@ -73,19 +73,25 @@ def file_families(result: ScanResult, check_originals: bool) -> list[Metric]:
     immich_thumbnail_orphaned_bytes 12000
     immich_assets_original_missing 1
     immich_exporter_paths_refused{kind="thumbnail"} 1
+
+    With ``checks.file_sizes: false`` the walk reads no sizes: the two ``_bytes`` families and the
+    ``file_empty`` series are left out rather than shown as 0.
     """
     stats = result.stats
     assert stats is not None
+    sized = stats.sizes_known
+    reasons = FILE_REASONS if sized else tuple(r for r in FILE_REASONS if r != "file_empty")
     fams = [
         gauge("immich_asset_files_missing", [
-            ((k, r), float(stats.missing[(k, r)])) for k in KINDS for r in FILE_REASONS
+            ((k, r), float(stats.missing[(k, r)])) for k in KINDS for r in reasons
         ]),
         gauge("immich_thumbnail_files", [((k,), float(stats.files[k])) for k in KINDS]),
-        gauge("immich_thumbnail_bytes", [((k,), float(stats.bytes[k])) for k in KINDS]),
         gauge("immich_thumbnail_orphaned_files", [((), float(stats.orphaned_files))]),
-        gauge("immich_thumbnail_orphaned_bytes", [((), float(stats.orphaned_bytes))]),
         gauge("immich_exporter_paths_refused", [((k,), float(stats.refused[k])) for k in KINDS]),
     ]
+    if sized:
+        fams.insert(2, gauge("immich_thumbnail_bytes", [((k,), float(stats.bytes[k])) for k in KINDS]))
+        fams.insert(4, gauge("immich_thumbnail_orphaned_bytes", [((), float(stats.orphaned_bytes))]))
     if check_originals and stats.originals_missing is not None:
         fams.append(gauge("immich_assets_original_missing", [((), float(stats.originals_missing))]))
     return fams
@@ -126,7 +132,7 @@ class FilesCollection:
 
     async def collect(self) -> Outcome:
         store = ProblemStore(self.problem_limit, keep_overflow=False)
-        result = await run_scan(self.pg, self.config, store)
+        result = await run_scan(self.pg, self.config, store, beside=False)
         assert result.stats is not None
         part = Part(frozenset({"postgres", "filesystem"}),
                     tuple(file_families(result, self.config.checks.check_originals)))

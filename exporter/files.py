@@ -10,7 +10,8 @@ Both sides are read as sorted streams and merged, like ``comm``:
 
 A path on both sides is a file that exists; database-only is missing; disk-only is an orphan. No path is
 ever checked with its own ``stat`` for existence; sizes come from the directory entry (``fstatat`` on
-the listed name).
+the listed name), or not at all with ``checks.file_sizes: false`` (the entry types come with the
+listing: half the walk's CPU).
 
 Where the time goes, and how it is kept small (``python -m bench``; README, "Performance"): at a million
 assets, listing 356k folders and ``lstat`` of 2M files is 60% of the CPU a scan needs, so the walk runs
@@ -18,11 +19,12 @@ in two helper processes (``exporter/_walker.py``, at low priority), each taking 
 ``thumbs/<owner>/<xx>`` subtree, reading each folder in bulk (``listdir``, ``lstat`` mapped in C) and
 working ahead into a bounded buffer while PostgreSQL counts and sorts. They send frames (paths joined by
 NUL, sizes, flags) that cost the exporter a ``split``. The database stream is narrow (path bytes, a kind
-code, the asset id: no join, a third of the sort's temporary files). The merge runs in the event loop in
-slices, so a scrape waits at most one slice (no GIL contention with a worker thread), and takes runs of
-rows that match the walk one for one with list-slice comparisons. Problems are rare, so the details a
-problem row needs (owner, type, original, eligibility) are fetched afterwards, by primary key, for those
-rows only.
+code, the asset id: no join, a third of the sort's temporary files); a one-shot ``scan`` reads it on a
+second connection in the same snapshot (``scanner._beside``), so the sort runs while the counts do.
+The merge runs in the event loop in slices, so a scrape waits at most one slice (no GIL contention with
+a worker thread), and takes runs of rows that match the walk one for one with list-slice comparisons.
+Problems are rare, so the details a problem row needs (owner, type, original, eligibility) are fetched
+afterwards, by primary key, for those rows only.
 
 Memory is a cursor batch, a few frames and one directory per level, whatever the library size.
 """
@@ -120,9 +122,11 @@ class DiskWalk:
     """
 
     def __init__(self, root: bytes, verify_headers: bool = False, workers: int | None = None,
-                 buffer_bytes: int = WALKER_BUFFER) -> None:
+                 buffer_bytes: int = WALKER_BUFFER, sizes: bool = True) -> None:
         self.root = root
         self.verify_headers = verify_headers
+        # Header checks read every file: sizes come with them.
+        self.sizes = sizes or verify_headers
         self.workers = default_walkers() if workers is None else workers
         self.buffer_bytes = buffer_bytes
         self._segments: list[Frame | int] = []
@@ -189,7 +193,7 @@ class DiskWalk:
                 proc = await asyncio.create_subprocess_exec(
                     # -I -S: nothing from the environment or site-packages; the walker needs the stdlib only.
                     *WALKER_COMMAND, os.fsdecode(self.root), "1" if self.verify_headers else "0",
-                    str(self.buffer_bytes),
+                    str(self.buffer_bytes), "1" if self.sizes else "0",
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                     limit=1 << 20,
                 )
@@ -244,7 +248,7 @@ class DiskWalk:
                 async for frame in self._read_unit(seg):
                     yield frame
             else:
-                gen = walk_tree(self.root, self._units[seg], self.verify_headers)
+                gen = walk_tree(self.root, self._units[seg], self.verify_headers, sizes=self.sizes)
                 while (walked := await asyncio.to_thread(_next_frame, gen)) is not None:
                     yield walked
 
@@ -841,6 +845,7 @@ async def reconcile(
             merge.orphans_left()
             await asyncio.sleep(0)
         merge.push_frame(None)
+        stats.sizes_known = disk.sizes
         if progress is not None:
             progress(stats)
     finally:

@@ -54,6 +54,8 @@ class FileStats:
     orphaned_files: int = 0
     orphaned_bytes: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    # False when the walk read no sizes (``checks.file_sizes: false``): bytes and file_empty are unknown.
+    sizes_known: bool = True
     originals_missing: int | None = None
     originals_unchecked: int = 0
     rows: int = 0

@@ -135,7 +135,8 @@ def summary(result: ScanResult, throughput: Throughput | str | None = None) -> d
     if stats is not None:
         for kind in KINDS:
             for reason in REASONS[1:]:
-                missing[kind][reason] = stats.missing[(kind, reason)]
+                if reason != "file_empty" or stats.sizes_known:
+                    missing[kind][reason] = stats.missing[(kind, reason)]
     fixable = unfixable = 0
     for problem in result.problems:
         if problem.original_exists is False:
@@ -161,9 +162,10 @@ def summary(result: ScanResult, throughput: Throughput | str | None = None) -> d
     out["regeneration"]["estimate"] = regeneration_estimate(review["assets"]["can_fix"], throughput)
     if stats is not None:
         out["files"] = {k: stats.files[k] for k in KINDS}
-        out["bytes"] = {k: stats.bytes[k] for k in KINDS}
+        # null without sizes (checks.file_sizes: false): not read, rather than 0.
+        out["bytes"] = {k: stats.bytes[k] for k in KINDS} if stats.sizes_known else None
         out["orphaned_files"] = stats.orphaned_files
-        out["orphaned_bytes"] = stats.orphaned_bytes
+        out["orphaned_bytes"] = stats.orphaned_bytes if stats.sizes_known else None
         out["paths_refused"] = sum(stats.refused.values())
         out["originals_missing"] = stats.originals_missing
         out["database_rows"] = stats.rows
@@ -236,9 +238,13 @@ def write_table(
     w(f"\nThumbhash missing: {s['thumbhash_missing']}    "
       f"no asset_job_status row (Immich's Missing skips them): {s['metadata_pending']}\n")
     if "files" in s:
-        on_disk = ", ".join(f"{k} {s['files'][k]} ({human_bytes(s['bytes'][k])})" for k in KINDS)
-        w(f"On disk: {on_disk}\n")
-        w(f"Orphaned under thumbs/: {s['orphaned_files']} files ({human_bytes(s['orphaned_bytes'])})\n")
+        sized = s["bytes"] is not None
+        on_disk = ", ".join(
+            f"{k} {s['files'][k]}" + (f" ({human_bytes(s['bytes'][k])})" if sized else "") for k in KINDS
+        )
+        w(f"On disk: {on_disk}" + ("" if sized else " (sizes not read: checks.file_sizes is off)") + "\n")
+        orphaned = f" ({human_bytes(s['orphaned_bytes'])})" if sized else ""
+        w(f"Orphaned under thumbs/: {s['orphaned_files']} files{orphaned}\n")
         if s["paths_refused"]:
             w(f"Paths refused (outside the media location or with '..'): {s['paths_refused']}\n")
         if s["originals_missing"] is not None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
+
+import asyncpg
 
 from exporter.config import Config
 from exporter.files import DiskWalk, check_originals, original_exists, reconcile
@@ -80,6 +83,40 @@ async def run_inventory(pg: PostgresSource, config: Config) -> InventoryCounts:
         return await count(conn, schema, timeout)
 
 
+async def _gentle(conn: asyncpg.Connection, timeout: float) -> None:
+    # Sorting millions of paths: give the transaction's sort some room, and no parallel workers.
+    await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
+    await conn.execute(GENTLE, timeout=timeout)
+
+
+async def _export_snapshot(conn: asyncpg.Connection, timeout: float) -> str | None:
+    """The transaction's snapshot, for a second connection to share; None where the server cannot
+    export one (a standby, in recovery)."""
+    # Not in a savepoint (an export needs the top transaction), so nothing that can fail: a server in
+    # recovery is not asked.
+    snapshot = await conn.fetchval(
+        "SELECT CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_export_snapshot() END", timeout=timeout
+    )
+    if snapshot is None:
+        log.debug("a standby: no shared snapshot, the file check waits for the counts")
+    return snapshot if isinstance(snapshot, str) and re.fullmatch(r"[0-9A-Fa-f-]+", snapshot) else None
+
+
+async def _beside(
+    pg: PostgresSource, snapshot: str, work: Callable[[asyncpg.Connection], Awaitable[None]], timeout: float
+) -> bool:
+    """Run ``work`` on a second connection, in the scan's ``snapshot``. False, having done nothing, when
+    the pool has no connection to spare (``database.pool_size: 1``, or another collection holds it)."""
+    async with pg.spare_connection() as other:
+        if other is None:
+            return False
+        async with other.transaction(isolation="repeatable_read", readonly=True):
+            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=timeout)
+            await _gentle(other, timeout)
+            await work(other)
+    return True
+
+
 async def run_scan(
     pg: PostgresSource,
     config: Config,
@@ -87,54 +124,76 @@ async def run_scan(
     *,
     check_files: bool = True,
     progress: Callable[[FileStats], None] | None = None,
+    beside: bool = True,
 ) -> ScanResult:
-    """Counts from the database, every no_record problem, then (with a media root) the file check."""
+    """Counts from the database, every no_record problem, then (with a media root) the file check.
+
+    ``beside``: read the file list on a second pooled connection while the first counts, when one is
+    free. ``serve`` passes False: there the pool is shared with the other collections, which must never
+    wait for a connection behind a long file check.
+    """
     started = time.time()
     timeout = config.database.statement_timeout
     schema = await pg.schema()
     root = config.media.root if check_files else None
     identity = await probe_filesystem(root, 10.0) if root else None
     # The disk walk starts now: its helper processes list thumbs/ while PostgreSQL counts and sorts.
-    disk = DiskWalk(PathMapper(root, "/").root_bytes, config.checks.verify_headers) if root else None
+    disk = (
+        DiskWalk(PathMapper(root, "/").root_bytes, config.checks.verify_headers, sizes=config.checks.file_sizes)
+        if root else None
+    )
     try:
         if disk is not None:
             await disk.start()
         async with pg.connection() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             # One snapshot for the whole scan: counts, missing records and files agree with each other.
-            # Sorting millions of paths: give this transaction's sort room so it stays in memory.
-            await conn.execute("SET LOCAL work_mem = '64MB'", timeout=timeout)
-            await conn.execute(GENTLE, timeout=timeout)
-            # Counts and the no_record problems come from one query: its first row has the counts.
-            records = count_and_stream_records(conn, schema, config.database.fetch_size, timeout)
-            counts = await anext(records)
-            assert isinstance(counts, InventoryCounts)
-            result = ScanResult(counts, None, problems, None, root, started)
+            await _gentle(conn, timeout)
             mapper: PathMapper | None = None
+            location: str | None = None
             if root is not None:
                 location = config.media.location
                 if location == "auto":
                     location = await media_location(conn, schema, timeout)
-                result.location = location
                 mapper = PathMapper(root, location)
-            async for problem in records:
-                assert isinstance(problem, Problem)
-                if mapper is not None:
-                    problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
-                problems.add(problem)
-                result.no_record_problems += 1
+            stats = FileStats() if mapper is not None else None
+
+            async def files(on: asyncpg.Connection) -> None:
+                assert mapper is not None and stats is not None
+                await reconcile(
+                    on, schema, mapper, stats, problems.add,
+                    verify_headers=config.checks.verify_headers,
+                    fetch_size=config.database.fetch_size,
+                    timeout=timeout,
+                    progress=progress,
+                    disk=disk,
+                )
+
+            # PostgreSQL sorts the file list (seconds, at a million assets) on a second connection, in the
+            # same snapshot, while this one counts; with no connection to spare, one after the other.
+            snapshot = await _export_snapshot(conn, timeout) if mapper is not None and beside else None
+            second = asyncio.create_task(_beside(pg, snapshot, files, timeout)) if snapshot else None
+            try:
+                # Counts and the no_record problems come from one query: its first row has the counts.
+                records = count_and_stream_records(conn, schema, config.database.fetch_size, timeout)
+                counts = await anext(records)
+                assert isinstance(counts, InventoryCounts)
+                result = ScanResult(counts, stats, problems, location, root, started)
+                async for problem in records:
+                    assert isinstance(problem, Problem)
+                    if mapper is not None:
+                        problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
+                    problems.add(problem)
+                    result.no_record_problems += 1
+                if mapper is not None and (second is None or not await second):
+                    await files(conn)
+            finally:
+                if second is not None and not second.done():
+                    second.cancel()
+                    await asyncio.gather(second, return_exceptions=True)
             if mapper is None:
                 result.duration = time.time() - started
                 return result
-            stats = FileStats()
-            result.stats = stats
-            await reconcile(
-                conn, schema, mapper, stats, problems.add,
-                verify_headers=config.checks.verify_headers,
-                fetch_size=config.database.fetch_size,
-                timeout=timeout,
-                progress=progress,
-                disk=disk,
-            )
+            assert stats is not None
             if config.checks.check_originals:
                 await check_originals(
                     conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout

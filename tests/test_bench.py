@@ -28,6 +28,8 @@ def test_bench_runs_end_to_end_at_2000_assets(tmp_path: Path) -> None:
     (r,) = json.loads(out.read_text())["results"]
     assert r["n"] == 2000
     assert r["scan"]["diffs"] == []  # the scan found exactly what the dataset holds
+    assert r["scan_nosizes"]["diffs"] == []  # and without sizes, the same less bytes and empty files
+    assert "checks.file_sizes: false" in res.stdout
     assert r["scan"]["rows"] == 4026 and r["files"] == 4019
     watch = r["scan"]["watch"]
     assert watch["max_connections"] <= 2

@@ -6,9 +6,11 @@ media folder with known problems injected by exporter/seed.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
+import asyncpg
 import pytest
 
 from exporter.model import KINDS, REASONS
@@ -156,3 +158,103 @@ async def test_metrics_exact_counts(immich_factory: Any, era: str) -> None:
         assert status == 200 and "Immich thumbnail exporter" in body
         status, body, _ = await fetch(f"{url}/readyz")
         assert status == 200
+
+
+def _comparable(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in ("scanned_at", "duration_seconds", "regeneration")}
+
+
+async def _scan_summary(imm: Immich, **overrides: Any) -> tuple[dict[str, Any], list[str]]:
+    from exporter.config import load_config
+    from exporter.model import ProblemStore
+    from exporter.report import summary
+    from exporter.scanner import run_scan
+    from exporter.sources.postgres import PostgresSource
+
+    config = load_config(None, environ={}, overrides={"database.url": imm.dsn, "media.root": imm.media, **overrides})
+    pg = PostgresSource(config.database)
+    store = ProblemStore()
+    try:
+        result = await asyncio.wait_for(run_scan(pg, config, store), 60)
+        return summary(result), sorted(f"{p.asset_id} {p.kind} {p.reason}" for p in store)
+    finally:
+        store.close()
+        await pg.close()
+
+
+async def test_file_check_beside_counts_shares_one_snapshot(immich_factory: Any, monkeypatch: Any) -> None:
+    """With a connection to spare, the file list is read on a second connection while the first counts,
+    in the same snapshot: a row deleted in between is still seen, and the report is the one-connection
+    report exactly."""
+    from exporter import scanner
+
+    imm: Immich = await immich_factory("v1.136+")
+    alone, alone_problems = await _scan_summary(imm, **{"database.pool_size": 1})
+    assert alone["orphaned_files"] == DEFAULT_COUNTS["orphaned_files"]
+
+    used: list[bool] = []
+    real = scanner._beside
+
+    async def change_then_beside(*args: Any, **kwargs: Any) -> bool:
+        # Immich deletes a file row after the scan's snapshot was taken, before the file list is read.
+        conn = await asyncpg.connect(imm.dsn)
+        try:
+            deleted = await conn.fetchval(
+                "DELETE FROM asset_file WHERE ctid = (SELECT ctid FROM asset_file WHERE type = 'preview' "
+                "ORDER BY path LIMIT 1 OFFSET 10) RETURNING path"
+            )
+            assert deleted
+        finally:
+            await conn.close()
+        used.append(await real(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(scanner, "_beside", change_then_beside)
+    beside, beside_problems = await _scan_summary(imm, **{"database.pool_size": 2})
+    assert used == [True]
+    assert _comparable(beside) == _comparable(alone)
+    assert beside_problems == alone_problems
+    # The deletion is real: a scan in a fresh snapshot sees one more orphan.
+    monkeypatch.setattr(scanner, "_beside", real)
+    after, _ = await _scan_summary(imm)
+    assert after["orphaned_files"] == alone["orphaned_files"] + 1
+
+
+async def test_file_sizes_off(immich_factory: Any, tmp_path: Any) -> None:
+    """``checks.file_sizes: false``: no lstat per file, so no bytes and no file_empty; everything else as
+    with sizes."""
+    imm: Immich = await immich_factory("v1.136+")
+    cfg = tmp_path / "config.yml"
+    cfg.write_text(
+        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{file_sizes: false}}\n"
+    )
+    res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    s = doc["summary"]
+    empty = DEFAULT_COUNTS[("thumbnail", "file_empty")]
+    assert all("file_empty" not in s["missing"][k] for k in KINDS)
+    assert s["bytes"] is None and s["orphaned_bytes"] is None
+    assert s["files"] == DEFAULT_COUNTS["files"]  # an empty file is a file on disk, with sizes or without
+    assert _missing(s, "thumbnail", "file_missing") == DEFAULT_COUNTS[("thumbnail", "file_missing")]
+    assert _missing(s, "preview", "file_missing") == DEFAULT_COUNTS[("preview", "file_missing")]
+    assert _missing(s, "thumbnail", "file_unreadable") == DEFAULT_COUNTS[("thumbnail", "file_unreadable")]
+    assert s["orphaned_files"] == DEFAULT_COUNTS["orphaned_files"]
+    assert len(doc["problems"]) == s["problems"] == 15 - empty  # as with sizes (headers not read), less empty
+    table = run_cli("scan", "--config.file", str(cfg))
+    assert table.returncode == 0, table.stderr
+    assert "sizes not read" in table.stdout
+
+    overrides = {"media.root": imm.media, "checks.file_sizes": False}
+    async with running_exporter(overrides, env=imm.env()) as (exporter, url):
+        await wait_for(lambda: exporter.store.ready, timeout=30)
+        status, text, _ = await fetch(f"{url}/metrics")
+        assert status == 200
+        m = samples(text)
+        assert value(m, "immich_exporter_collection_success", collection="files") == 1
+        assert value(m, "immich_thumbnail_files", kind="thumbnail") == s["files"]["thumbnail"]
+        assert value(m, "immich_asset_files_missing", kind="thumbnail", reason="file_missing") == 3
+        # Not read, so not shown: never a 0 that would claim there are no empty files.
+        assert "immich_thumbnail_bytes{" not in text
+        assert "immich_thumbnail_orphaned_bytes " not in text
+        assert 'reason="file_empty"' not in text

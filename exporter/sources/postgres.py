@@ -143,8 +143,29 @@ class PostgresSource:
         except Exception as exc:
             await self.reset()
             raise SourceError(self.name, f"cannot connect to {self.target}: {describe_error(exc)}") from None
-        try:
+        async with self._using(pool, conn):
             yield conn
+
+    @contextlib.asynccontextmanager
+    async def spare_connection(self, wait: float = 1.0) -> AsyncIterator[asyncpg.Connection | None]:
+        """A further connection from the pool if one is free (or can be opened) within ``wait`` seconds,
+        else None: for work that can also be done one step at a time on the connection already held."""
+        pool = await self.pool()
+        try:
+            conn = await pool.acquire(timeout=wait)
+        except Exception as exc:
+            log.debug("no spare connection: %s", describe_error(exc))
+            conn = None
+        if conn is None:
+            yield None
+            return
+        async with self._using(pool, conn):
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _using(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> AsyncIterator[None]:
+        try:
+            yield
         except (
             asyncpg.PostgresConnectionError, ConnectionError, OSError, asyncpg.InterfaceError, *_SESSION_ENDED
         ) as exc:
