@@ -214,8 +214,10 @@ def _read_files(
         sts = list(map(os.lstat, named))
     except OSError:
         sts = None
-    modes = [st.st_mode for st in sts] if sts is not None else []
-    if sts is None or any(map(stat.S_ISDIR, modes)):
+    modes = list(map(_MODE, sts)) if sts is not None else []
+    # The usual leaf: regular files only, one check in C for "no directory, no link, nothing odd".
+    plain = sts is not None and all(map(stat.S_ISREG, modes))
+    if not plain and (sts is None or any(map(stat.S_ISDIR, modes))):
         # Directories inside (or a name that went away): key them, and walk entry by entry.
         keys = []
         for name in names:
@@ -226,10 +228,11 @@ def _read_files(
             keys.append(name + b"/" if is_dir else name)
         keys.sort()
         return keys
+    assert sts is not None
     # In a helper process the names to stat are already the ones to send (relative to the unit).
     out.paths.extend(named if base_slash == prefix else [prefix + n for n in names])
-    out.sizes.extend([st.st_size for st in sts])
-    if any(map(stat.S_ISLNK, modes)) or headers:
+    out.sizes.extend(map(_SIZE, sts))
+    if not plain or headers:
         for name, st, mode in zip(names, sts, modes, strict=True):
             if stat.S_ISLNK(mode):
                 out.flags.append(SYMLINK)
@@ -270,6 +273,7 @@ def _scan_files(
 
 _IS_LINK, _IS_FILE = os.DirEntry.is_symlink, os.DirEntry.is_file
 _NAME = operator.attrgetter("name")
+_MODE, _SIZE = operator.attrgetter("st_mode"), operator.attrgetter("st_size")
 _UNKNOWN_SIZES = array("q", [SIZE_UNKNOWN])
 
 
