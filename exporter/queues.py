@@ -43,7 +43,7 @@ from exporter.metrics import gauge
 from exporter.schema import SchemaError
 from exporter.snapshot import Part
 from exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi, QueueStats
-from exporter.sources.postgres import PostgresSource, SourceError, describe_error
+from exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from exporter.sources.redis import RedisSource, describe_redis_error, is_permission_error
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class QueueCollection:
         self._baseline_complete = False
         self._client_list_refused = False
         self._last_orphans: tuple[float, dict[str, int]] | None = None
+        self._orphans_error: str | None = None
         self._redis_state: bool | str | None = None
         # Immich API bookkeeping
         self._api_state: bool | str = NOT_CHECKED
@@ -210,6 +211,8 @@ class QueueCollection:
                     sources["postgres"] = pg_state
                     if pg_state is not True:
                         errors.append(f"postgres: {pg_state}")
+                if self._orphans_error:
+                    errors.append(f"postgres: {self._orphans_error}")
             self._redis_state = sources["redis"]
         if self.api is not None:
             api_deadline = min(deadline + 0.5, start + self.timeout - 0.05)
@@ -431,6 +434,7 @@ class QueueCollection:
         for minutes. A busy pool is not an outage: the round then reuses the counts of the last check
         (if at most ``ORPHAN_MAX_AGE`` old) and reports nothing about PostgreSQL; its probe does that."""
         queues = list(samples)
+        self._orphans_error = None
         wanted = sorted({asset for s in samples.values() for _, asset in s.asset_jobs})
         if not wanted:
             counts = dict.fromkeys(queues, 0)
@@ -442,6 +446,11 @@ class QueueCollection:
                 return self._previous_orphans(queues, "every PostgreSQL connection is busy"), None
             limit = min(float(self.config.database.statement_timeout), max(0.2, _left(deadline) - 0.3))
             present = await asyncio.wait_for(self._assets_present(wanted, limit), _left(deadline))
+        except QueryError as exc:
+            # The server answered but refused (a missing GRANT on the asset table): no orphan counts this
+            # round, and the round fails with that line, but PostgreSQL is not down (its probe says so).
+            self._orphans_error = f"orphaned-jobs query failed: {exc}"
+            return None, None
         except SourceError as exc:
             return None, str(exc)
         except SchemaError as exc:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from exporter.collectors import Collection, Outcome
 from exporter.scanner import probe_filesystem
+from exporter.schema import SchemaError
 from exporter.snapshot import Result, Store
 from exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 
@@ -87,6 +88,9 @@ class Runner:
             # The server answered but failed the query (a missing GRANT, statement_timeout): the round
             # failed, the source is not down (the probe says whether it is).
             error = f"{exc.source}: {exc}"
+        except SchemaError as exc:
+            # Not an Immich schema we know (or one that changed under us): one line, no traceback.
+            error = f"postgres: {exc}"
         except SourceError as exc:
             error = f"{exc.source}: {exc}"
             sources[exc.source] = str(exc)

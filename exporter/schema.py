@@ -52,13 +52,14 @@ class Schema:
 
 
 async def _columns(db: Queryable, table: str, timeout: float) -> set[str]:
+    # From pg_attribute, not information_schema.columns: the latter lists only the columns the role may
+    # read, so a missing GRANT would look like an unknown schema instead of "permission denied".
     rows = await db.fetch(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = current_schema() AND table_name = $1",
+        "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
         table,
         timeout=timeout,
     )
-    return {str(r["column_name"]) for r in rows}
+    return {str(r["attname"]) for r in rows}
 
 
 async def _exists(db: Queryable, table: str, timeout: float) -> bool:

@@ -72,6 +72,15 @@ async def test_unknown_schema(postgres: EmbeddedPostgres) -> None:
     await conn.close()
     res = run_cli("scan", env={"DB_URL": postgres.dsn_for("not_immich")})
     _clean_failure(res, "not an Immich database", "found: customers, invoices")
+    # Under serve: the inventory round fails with that line, no traceback; PostgreSQL is not down.
+    async with running_exporter({}, env={"DB_URL": postgres.dsn_for("not_immich")}) as (exporter, url):
+        await wait_for(lambda: exporter.store.ready, timeout=20)
+        _, text, _ = await fetch(f"{url}/metrics")
+        m = samples(text)
+        assert value(m, "immich_exporter_collection_success", collection="inventory") == 0
+        assert value(m, "immich_assets", asset_type="image") is None
+        _, page, _ = await fetch(f"{url}/")
+        assert "not an Immich database" in page and "internal error" not in page
 
 
 @pytest.mark.asyncio

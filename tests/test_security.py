@@ -579,3 +579,38 @@ async def test_password_rotation_without_restart(sec_pg: EmbeddedPostgres, tmp_p
         print(f"rotation ({how}): recovered {took:.2f}s after the file was updated")
     finally:
         shutil.rmtree(imm.media, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_orphan_check_without_grant_is_a_failed_round_not_an_outage(
+    sec_pg: EmbeddedPostgres, sec_valkey: EmbeddedValkey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue collection's orphaned-jobs lookup refused (no SELECT on the asset table): the orphan
+    series is left out and the round fails with that line, but PostgreSQL is not called down and the
+    queue depths are still shown."""
+    imm = await make_immich(sec_pg, "v1.136+")
+    try:
+        role = f"ro_{uuid.uuid4().hex[:8]}"
+        dsn = grant_read_only(sec_pg, imm.database, role, "ro-pw", "v1.136+")
+        sec_pg.psql(imm.database, f'REVOKE SELECT ON asset FROM "{role}";')
+        redis.Redis.from_url(sec_valkey.url).flushall()
+        await _add_jobs(sec_valkey.url, 3)
+        env = {"DB_URL": dsn, "REDIS_URL": sec_valkey.url}
+        async with running_exporter({"intervals.queues": "1s"}, env=env) as (ex, url):
+            await until(lambda: ex.store.ready, 20)
+            await asyncio.sleep(2.5)  # a few queue rounds and a probe
+            _, text, _ = await fetch(url + "/metrics")
+            s = samples(text)
+            assert value(s, "immich_exporter_source_up", source="postgres") == 1
+            assert value(s, "immich_exporter_source_up", source="redis") == 1
+            assert value(s, "immich_queue_jobs", queue="thumbnailGeneration", state="waiting") == 3
+            assert value(s, "immich_queue_orphaned_jobs", queue="thumbnailGeneration") is None
+            assert value(s, "immich_exporter_collection_success", collection="queues") == 0
+            _, page, _ = await fetch(url + "/")
+            assert "orphaned-jobs query failed" in page and "permission denied" in page
+            # The schema is still recognised (from the catalogue, which needs no GRANT): the inventory
+            # fails on the table's permission, not as an "unknown schema", and nothing logs a traceback.
+            assert "permission denied for table asset" in page and "unknown Immich schema" not in page
+        assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    finally:
+        shutil.rmtree(imm.media, ignore_errors=True)
