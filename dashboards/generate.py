@@ -317,7 +317,8 @@ def thumbnails_section(layout: Layout) -> None:
             8,
             timeseries(
                 "Thumbnail storage",
-                "Bytes on disk per kind, and bytes under thumbs/ that nothing in the database references.",
+                "Bytes on disk per kind, and bytes under thumbs/ that nothing in the database references "
+                "(no data with checks.file_sizes: false, which reads no sizes).",
                 [
                     target(f"sum by (kind) (immich_thumbnail_bytes{{{INSTANCE}}})", "{{kind}}"),
                     target(f"sum(immich_thumbnail_orphaned_bytes{{{INSTANCE}}})", "orphaned"),
