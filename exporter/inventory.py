@@ -41,6 +41,18 @@ def lacking_sql(schema: Schema, kinds: tuple[str, ...], with_job_status: bool) -
     return "\nUNION ALL ".join(parts)
 
 
+def _totals(schema: Schema) -> str:
+    """Eligible assets by type, and those without a thumbhash: one pass over the asset table."""
+    return f"""
+  SELECT
+    count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
+    count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
+    count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing
+  FROM {schema.assets} a
+  WHERE {schema.eligible("a")}
+"""
+
+
 def counts_sql(schema: Schema) -> str:
     eligible = schema.eligible("a")
     kinds = RECORD_KINDS
@@ -50,14 +62,7 @@ def counts_sql(schema: Schema) -> str:
     return f"""
 WITH lacking AS MATERIALIZED (
 {lacking_sql(schema, kinds, schema.has_job_status)}
-), totals AS (
-  SELECT
-    count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
-    count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
-    count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing
-  FROM {schema.assets} a
-  WHERE {eligible}
-), missing AS (
+), totals AS ({_totals(schema)}), missing AS (
   SELECT
   {missing},
   {job_status} AS metadata_pending
@@ -116,14 +121,7 @@ WITH lacking AS MATERIALIZED (
   FROM lacking l CROSS JOIN LATERAL (
     SELECT a.id, a."ownerId", a.type, a."originalPath" FROM {schema.assets} a WHERE a.id = l.id AND {eligible} LIMIT 1
   ) e
-), totals AS (
-  SELECT
-    count(*) FILTER (WHERE a.type = 'IMAGE') AS images,
-    count(*) FILTER (WHERE a.type = 'VIDEO') AS videos,
-    count(*) FILTER (WHERE a.thumbhash IS NULL) AS thumbhash_missing
-  FROM {schema.assets} a
-  WHERE {eligible}
-)
+), totals AS ({_totals(schema)})
 SELECT t.images, t.videos, t.thumbhash_missing,
   {missing},
   {job_status} AS metadata_pending,
