@@ -151,11 +151,12 @@ class PostgresSource:
         """A further connection from the pool if one is free (or can be opened) within ``wait`` seconds,
         else None: for work that can also be done one step at a time on the connection already held."""
         pool = await self.pool()
-        try:
-            conn = await pool.acquire(timeout=wait)
-        except Exception as exc:
-            log.debug("no spare connection: %s", describe_error(exc))
-            conn = None
+        conn = None
+        if pool.get_size() < pool.get_max_size() or pool.get_idle_size() > 0:  # else none will come soon
+            try:
+                conn = await pool.acquire(timeout=wait)
+            except Exception as exc:
+                log.debug("no spare connection: %s", describe_error(exc))
         if conn is None:
             yield None
             return
