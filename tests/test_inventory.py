@@ -86,27 +86,26 @@ async def test_scan_json_exact_counts(immich_factory: Any, era: str) -> None:
             assert p["path"]
 
 
-async def test_verify_headers_finds_corrupt_previews(immich_factory: Any, tmp_path: Any) -> None:
-    imm: Immich = await immich_factory("v1.136+")
+def _scan_with_checks(imm: Immich, tmp_path: Any, checks: str) -> tuple[dict[str, Any], str]:
+    """``scan --format json`` with a config file whose ``checks`` section is ``checks``: the document,
+    and the config file's path."""
     cfg = tmp_path / "config.yml"
-    cfg.write_text(
-        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{verify_headers: true}}\n"
-    )
+    cfg.write_text(f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{{checks}}}\n")
     res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
     assert res.returncode == 0, res.stderr
-    s = json.loads(res.stdout)["summary"]
+    return json.loads(res.stdout), str(cfg)
+
+
+async def test_verify_headers_finds_corrupt_previews(immich_factory: Any, tmp_path: Any) -> None:
+    imm: Immich = await immich_factory("v1.136+")
+    s = (await asyncio.to_thread(_scan_with_checks, imm, tmp_path, "verify_headers: true"))[0]["summary"]
     assert _missing(s, "preview", "file_corrupt") == DEFAULT_COUNTS[("preview", "file_corrupt")] == 2
 
 
 async def test_check_originals(immich_factory: Any, tmp_path: Any) -> None:
     imm: Immich = await immich_factory("v1.136+")
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(
-        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{check_originals: true}}\n"
-    )
-    res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["summary"]["originals_missing"] == imm.expected.originals_missing == 2
+    doc, _ = await asyncio.to_thread(_scan_with_checks, imm, tmp_path, "check_originals: true")
+    assert doc["summary"]["originals_missing"] == imm.expected.originals_missing == 2
 
 
 @pytest.mark.parametrize("era", sorted(ERAS))
@@ -224,13 +223,7 @@ async def test_file_sizes_off(immich_factory: Any, tmp_path: Any) -> None:
     """``checks.file_sizes: false``: no lstat per file, so no bytes and no file_empty; everything else as
     with sizes."""
     imm: Immich = await immich_factory("v1.136+")
-    cfg = tmp_path / "config.yml"
-    cfg.write_text(
-        f"database: {{url: '{imm.dsn}'}}\nmedia: {{root: '{imm.media}'}}\nchecks: {{file_sizes: false}}\n"
-    )
-    res = run_cli("scan", "--format", "json", "--config.file", str(cfg))
-    assert res.returncode == 0, res.stderr
-    doc = json.loads(res.stdout)
+    doc, cfg = await asyncio.to_thread(_scan_with_checks, imm, tmp_path, "file_sizes: false")
     s = doc["summary"]
     empty = DEFAULT_COUNTS[("thumbnail", "file_empty")]
     assert all("file_empty" not in s["missing"][k] for k in KINDS)
@@ -241,7 +234,7 @@ async def test_file_sizes_off(immich_factory: Any, tmp_path: Any) -> None:
     assert _missing(s, "thumbnail", "file_unreadable") == DEFAULT_COUNTS[("thumbnail", "file_unreadable")]
     assert s["orphaned_files"] == DEFAULT_COUNTS["orphaned_files"]
     assert len(doc["problems"]) == s["problems"] == 15 - empty  # as with sizes (headers not read), less empty
-    table = run_cli("scan", "--config.file", str(cfg))
+    table = run_cli("scan", "--config.file", cfg)
     assert table.returncode == 0, table.stderr
     assert "sizes not read" in table.stdout
 
