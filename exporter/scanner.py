@@ -103,18 +103,30 @@ async def _export_snapshot(conn: asyncpg.Connection, timeout: float) -> str | No
 
 
 async def _beside(
-    pg: PostgresSource, snapshot: str, work: Callable[[asyncpg.Connection], Awaitable[None]], timeout: float
+    pg: PostgresSource,
+    snapshot: str,
+    work: Callable[[asyncpg.Connection], Awaitable[None]],
+    timeout: float,
+    holding: asyncio.Future[bool],
 ) -> bool:
-    """Run ``work`` on a second connection, in the scan's ``snapshot``. False, having done nothing, when
-    the pool has no connection to spare (``database.pool_size: 1``, or another collection holds it)."""
-    async with pg.spare_connection() as other:
-        if other is None:
-            return False
-        async with other.transaction(isolation="repeatable_read", readonly=True):
-            await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=timeout)
-            await _gentle(other, timeout)
-            await work(other)
-    return True
+    """Run ``work`` on a second connection, in the scan's ``snapshot``. ``holding`` is set once this
+    session holds the snapshot (True), or has given up without one (False: the pool has no connection to
+    spare, ``database.pool_size: 1`` or another collection holds it); only then may the exporting
+    transaction end. Returns whether the work was done here."""
+    try:
+        async with pg.spare_connection() as other:
+            if other is None:
+                holding.set_result(False)
+                return False
+            async with other.transaction(isolation="repeatable_read", readonly=True):
+                await other.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'", timeout=timeout)
+                holding.set_result(True)
+                await _gentle(other, timeout)
+                await work(other)
+        return True
+    finally:
+        if not holding.done():
+            holding.set_result(False)
 
 
 async def run_scan(
@@ -167,11 +179,16 @@ async def run_scan(
                     progress=progress,
                     disk=disk,
                 )
+                if config.checks.check_originals:
+                    await check_originals(
+                        on, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
+                    )
 
             # PostgreSQL sorts the file list (seconds, at a million assets) on a second connection, in the
             # same snapshot, while this one counts; with no connection to spare, one after the other.
             snapshot = await _export_snapshot(conn, timeout) if mapper is not None and beside else None
-            second = asyncio.create_task(_beside(pg, snapshot, files, timeout)) if snapshot else None
+            holding: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            second = asyncio.create_task(_beside(pg, snapshot, files, timeout, holding)) if snapshot else None
             try:
                 # Counts and the no_record problems come from one query: its first row has the counts.
                 records = count_and_stream_records(conn, schema, config.database.fetch_size, timeout)
@@ -184,20 +201,23 @@ async def run_scan(
                         problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
                     problems.add(problem)
                     result.no_record_problems += 1
-                if mapper is not None and (second is None or not await second):
+                # This transaction may end (and give its connection back, rather than sit idle in a
+                # transaction for the whole file check) once the second session holds the snapshot.
+                if second is not None and not await holding:
+                    await second  # it did nothing: the file check runs here, below
+                    second = None
+                if mapper is not None and second is None:
                     await files(conn)
-            finally:
+            except BaseException:
                 if second is not None and not second.done():
                     second.cancel()
                     await asyncio.gather(second, return_exceptions=True)
-            if mapper is None:
-                result.duration = time.time() - started
-                return result
-            assert stats is not None
-            if config.checks.check_originals:
-                await check_originals(
-                    conn, schema, mapper, stats, fetch_size=config.database.fetch_size, timeout=timeout
-                )
+                raise
+        if second is not None:
+            await second
+        if mapper is None:
+            result.duration = time.time() - started
+            return result
     finally:
         if disk is not None:
             await disk.close()

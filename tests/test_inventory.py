@@ -251,3 +251,25 @@ async def test_file_sizes_off(immich_factory: Any, tmp_path: Any) -> None:
         assert "immich_thumbnail_bytes{" not in text
         assert "immich_thumbnail_orphaned_bytes " not in text
         assert 'reason="file_empty"' not in text
+
+
+async def test_first_session_does_not_idle_through_a_long_file_check(immich_factory: Any, monkeypatch: Any) -> None:
+    """The counting session's transaction ends once the second session holds the snapshot: it does not
+    sit idle in a transaction for the whole file check, where ``idle_in_transaction_session_timeout``
+    (twice ``statement_timeout``: 2 s here) would end it and fail the scan."""
+    from exporter import scanner
+
+    imm: Immich = await immich_factory("v1.136+")
+    baseline, baseline_problems = await _scan_summary(imm)
+    real = scanner.reconcile
+
+    async def slow_reconcile(conn: Any, *args: Any, **kwargs: Any) -> None:
+        for _ in range(7):  # 3.5 s of a file check that keeps its own session busy
+            await conn.fetchval("SELECT 1")
+            await asyncio.sleep(0.5)
+        await real(conn, *args, **kwargs)
+
+    monkeypatch.setattr(scanner, "reconcile", slow_reconcile)
+    slow, slow_problems = await _scan_summary(imm, **{"database.statement_timeout": "1s", "database.pool_size": 2})
+    assert _comparable(slow) == _comparable(baseline)
+    assert slow_problems == baseline_problems
