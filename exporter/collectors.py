@@ -86,12 +86,11 @@ def file_families(result: ScanResult, check_originals: bool) -> list[Metric]:
             ((k, r), float(stats.missing[(k, r)])) for k in KINDS for r in reasons
         ]),
         gauge("immich_thumbnail_files", [((k,), float(stats.files[k])) for k in KINDS]),
+        *([gauge("immich_thumbnail_bytes", [((k,), float(stats.bytes[k])) for k in KINDS])] if sized else []),
         gauge("immich_thumbnail_orphaned_files", [((), float(stats.orphaned_files))]),
+        *([gauge("immich_thumbnail_orphaned_bytes", [((), float(stats.orphaned_bytes))])] if sized else []),
         gauge("immich_exporter_paths_refused", [((k,), float(stats.refused[k])) for k in KINDS]),
     ]
-    if sized:
-        fams.insert(2, gauge("immich_thumbnail_bytes", [((k,), float(stats.bytes[k])) for k in KINDS]))
-        fams.insert(4, gauge("immich_thumbnail_orphaned_bytes", [((), float(stats.orphaned_bytes))]))
     if check_originals and stats.originals_missing is not None:
         fams.append(gauge("immich_assets_original_missing", [((), float(stats.originals_missing))]))
     return fams
