@@ -85,13 +85,8 @@ async def server_version(conn: asyncpg.Connection, schema: Schema, timeout: floa
     return f"v{text}" if text[:1].isdigit() else text
 
 
-async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> InventoryCounts:
-    if conn.is_in_transaction():
-        # The anti-joins are cheapest as merges of index-only scans; left to itself the planner often
-        # hashes a million ids for one of them instead (about 1 s more at a million assets).
-        await conn.execute("SET LOCAL enable_hashjoin = off", timeout=timeout)
-    row = await conn.fetchrow(counts_sql(schema), timeout=timeout)
-    assert row is not None
+async def _counts(conn: asyncpg.Connection, schema: Schema, row: Any, timeout: float) -> InventoryCounts:
+    """The counts carried by a row of ``counts_sql`` or ``counts_and_records_sql``."""
     return InventoryCounts(
         schema=schema.era,
         version=await server_version(conn, schema, timeout),
@@ -100,6 +95,16 @@ async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> Inv
         thumbhash_missing=int(row["thumbhash_missing"]),
         metadata_pending=int(row["metadata_pending"]),
     )
+
+
+async def count(conn: asyncpg.Connection, schema: Schema, timeout: float) -> InventoryCounts:
+    if conn.is_in_transaction():
+        # The anti-joins are cheapest as merges of index-only scans; left to itself the planner often
+        # hashes a million ids for one of them instead (about 1 s more at a million assets).
+        await conn.execute("SET LOCAL enable_hashjoin = off", timeout=timeout)
+    row = await conn.fetchrow(counts_sql(schema), timeout=timeout)
+    assert row is not None
+    return await _counts(conn, schema, row, timeout)
 
 
 def counts_and_records_sql(schema: Schema) -> str:
@@ -143,14 +148,7 @@ async def count_and_stream_records(
     async for row in cursor:
         if first:
             first = False
-            yield InventoryCounts(
-                schema=schema.era,
-                version=await server_version(conn, schema, timeout),
-                assets={"image": int(row["images"]), "video": int(row["videos"])},
-                no_record={kind: int(row[f"no_{kind}"]) for kind in RECORD_KINDS},
-                thumbhash_missing=int(row["thumbhash_missing"]),
-                metadata_pending=int(row["metadata_pending"]),
-            )
+            yield await _counts(conn, schema, row, timeout)
         if row["kind"] is None:
             continue
         yield Problem(
