@@ -99,7 +99,7 @@ def valkey_binary() -> str:
     )
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """Direct children of ``pid``, from /proc (empty where there is no /proc)."""
     out: list[int] = []
     with contextlib.suppress(OSError):
@@ -155,7 +155,7 @@ class _Process:
         self._signal(sig)
         if self.proc is None or self.proc.poll() is not None:
             return
-        for pid in _children(self.proc.pid):
+        for pid in child_pids(self.proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from exporter.embedded import EmbeddedPostgres, _Process
+from exporter.embedded import EmbeddedPostgres, _Process, child_pids
 from exporter.sources.postgres import APPLICATION_NAME
 from tests.helpers import samples
 
@@ -67,20 +67,16 @@ async def exporter_connections(pg: EmbeddedPostgres, database: str | None = None
 def walker_children() -> list[tuple[int, str]]:
     """The file-walker helper processes this process started, as (pid, state): ``Z`` is a zombie."""
     out = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in child_pids(os.getpid()):
         try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
+            with open(f"/proc/{pid}/stat", "rb") as fh:
                 stat = fh.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 cmdline = fh.read()
-        except OSError:
+        except OSError:  # gone since it was listed
             continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == me and b"_walker" in cmdline:
-            out.append((int(entry), fields[0].decode()))
+        if b"_walker" in cmdline:
+            out.append((pid, stat[stat.rindex(b")") + 2 :].split()[0].decode()))
     return out
 
 
