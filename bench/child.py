@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from exporter.config import Config, load_config
+from immich_thumbnail_exporter.config import Config, load_config
 
 
 def peak_rss_bytes() -> int:
@@ -78,10 +78,10 @@ class RssWatch(threading.Thread):
 
 
 async def scan(dsn: str, media: str, extra: dict[str, Any]) -> dict[str, Any]:
-    from exporter.model import ProblemStore
-    from exporter.report import summary
-    from exporter.scanner import run_scan
-    from exporter.sources.postgres import PostgresSource
+    from immich_thumbnail_exporter.model import ProblemStore
+    from immich_thumbnail_exporter.output.scan_report import summary
+    from immich_thumbnail_exporter.scan.run import run_scan
+    from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
     cfg = config(dsn, media, extra)
     pg = PostgresSource(cfg.database)
@@ -119,8 +119,8 @@ def emit(event: dict[str, Any]) -> None:
 
 
 async def serve(dsn: str, media: str, extra: dict[str, Any]) -> None:
-    from exporter.server import Exporter
-    from exporter.webconfig import load_web_config
+    from immich_thumbnail_exporter.app import Exporter
+    from immich_thumbnail_exporter.exposition.webconfig import load_web_config
 
     # Back-to-back file scans: a long interval (it is also the scan's deadline), and the loop is woken as
     # soon as a scan ends. Inventory every 30 s, as it would be beside them.

@@ -40,8 +40,8 @@ from typing import Any
 import asyncpg
 
 from bench import CACHE, FORMAT_VERSION
-from exporter.embedded import EmbeddedPostgres
-from exporter.seed import ERAS, ddl_text, jpeg, webp
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres
+from immich_thumbnail_exporter.demo.seed import ERAS, ddl_text, jpeg, webp
 
 ERA = "v1.136+"
 LOCATION = "/data"
@@ -187,7 +187,7 @@ TEMPLATES: dict[str, bytes] = {
 
 
 def expected(gen: Generator) -> dict[str, Any]:
-    """What a scan must report (``exporter.report.summary`` keys), computed from the generator alone."""
+    """What a scan must report (``output.scan_report.summary`` keys), computed from the generator alone."""
     assets: Counter[str] = Counter()
     missing: dict[str, Counter[str]] = {"thumbnail": Counter(), "preview": Counter(), "fullsize": Counter()}
     files: Counter[str] = Counter()

@@ -25,11 +25,11 @@ import aiohttp
 import asyncpg
 
 from bench.dataset import DATABASE, Dataset
-from exporter.embedded import EmbeddedPostgres
-from exporter.files import files_sql
-from exporter.inventory import count, counts_sql
-from exporter.schema import detect
-from exporter.sources.postgres import APPLICATION_NAME
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres
+from immich_thumbnail_exporter.scan.files import files_sql
+from immich_thumbnail_exporter.scan.inventory import count, counts_sql
+from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
+from immich_thumbnail_exporter.sources.schema import detect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def _walk_plan(node: dict[str, Any], sorts: list[str], nodes: list[str], depth: 
 
 
 async def _scan_settings(conn: asyncpg.Connection) -> None:
-    """The settings ``run_scan`` gives its transaction (see exporter/scanner.py and sources/postgres.py)."""
+    """The settings ``run_scan`` gives its transaction (see scan/run.py and sources/postgres.py)."""
     await conn.execute("SET LOCAL jit = off")
     await conn.execute("SET LOCAL work_mem = '64MB'")
     await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
@@ -184,7 +184,7 @@ class SqlFigures:
 
 def stream_sqls(schema: Any) -> list[str]:
     """The statements the file check streams (one today; the ordered-by-id plan may add more)."""
-    from exporter import files
+    from immich_thumbnail_exporter.scan import files
 
     sqls = getattr(files, "stream_sqls", None)
     if sqls is not None:
@@ -218,7 +218,7 @@ async def measure_sql(dsn: str, runs: int) -> SqlFigures:
                 paths_t.append(t_paths)
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await _scan_settings(conn)
-            await conn.execute("SET LOCAL enable_hashjoin = off")  # as exporter.inventory.count does
+            await conn.execute("SET LOCAL enable_hashjoin = off")  # as scan.inventory.count does
             inv_explain = await explain(conn, inv)
             files_explain = [await explain(conn, sql) for sql in streams]
     finally:

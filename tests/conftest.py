@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey
-from exporter.seed import ERAS, Expected, Plan, create_database, seed
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey
+from immich_thumbnail_exporter.demo.seed import ERAS, Expected, Plan, create_database, seed
 
 _counter = itertools.count()
 

@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from exporter.embedded import EmbeddedPostgres, _Process, child_pids
-from exporter.sources.postgres import APPLICATION_NAME
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, _Process, child_pids
+from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.helpers import samples
 
 

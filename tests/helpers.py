@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.config import load_config
-from exporter.server import Exporter
-from exporter.webconfig import load_web_config
+from immich_thumbnail_exporter.app import Exporter
+from immich_thumbnail_exporter.config import load_config
+from immich_thumbnail_exporter.exposition.webconfig import load_web_config
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m exporter`` with a clean environment plus ``env``."""
+    """Run ``python -m immich_thumbnail_exporter`` with a clean environment plus ``env``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     base.update(env or {})
     return subprocess.run(

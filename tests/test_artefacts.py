@@ -117,10 +117,10 @@ def artefact_metrics() -> ModuleType:
 
 def exporter_config() -> ModuleType:
     try:
-        import exporter.config as config
+        import immich_thumbnail_exporter.config as config
     except ImportError:
         sys.path.insert(0, str(ROOT))
-        import exporter.config as config
+        import immich_thumbnail_exporter.config as config
     return config
 
 

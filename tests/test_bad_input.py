@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exporter.embedded import EmbeddedPostgres, free_port
-from exporter.seed import create_database
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, free_port
+from immich_thumbnail_exporter.demo.seed import create_database
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
 
@@ -89,7 +89,8 @@ async def test_pre_asset_files_schema_refused(postgres: EmbeddedPostgres) -> Non
 
     await create_database(postgres.dsn, "immich_old")
     conn = await asyncpg.connect(postgres.dsn_for("immich_old"))
-    await conn.execute(resources.files("exporter.schemas").joinpath("prefiles_v1_106.sql").read_text())
+    ddl = resources.files("immich_thumbnail_exporter.demo.schemas").joinpath("prefiles_v1_106.sql")
+    await conn.execute(ddl.read_text())
     await conn.close()
     res = run_cli("check-config", env={"DB_URL": postgres.dsn_for("immich_old")})
     _clean_failure(res, "unsupported Immich schema", "previewPath", "v1.112 or older")

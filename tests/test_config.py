@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.config import ConfigError, Secret, describe, load_config, parse_duration, redact_url
+from immich_thumbnail_exporter.config import ConfigError, Secret, describe, load_config, parse_duration, redact_url
 
 
 def test_defaults() -> None:

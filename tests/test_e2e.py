@@ -27,7 +27,7 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 
-from exporter.embedded import free_port
+from immich_thumbnail_exporter.demo.embedded import free_port
 from tests.artefact_metrics import dashboard_expressions
 from tests.conftest import ROOT, Immich, wait_for
 from tests.helpers import running_exporter

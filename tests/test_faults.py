@@ -24,10 +24,10 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer as AiohttpServer
 
-import exporter.scanner
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from exporter.seed import Plan
-from exporter.server import Exporter
+from immich_thumbnail_exporter.app import Exporter
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from immich_thumbnail_exporter.demo.seed import Plan
+from immich_thumbnail_exporter.scan import run as scanner
 from tests.conftest import Immich, make_immich
 from tests.faultkit import (
     Resources,
@@ -176,7 +176,7 @@ async def test_postgres_frozen(imm: Immich) -> None:
 
 def hook_reconcile(monkeypatch: pytest.MonkeyPatch, after_rows: int, action: Callable[[], None]) -> dict[str, int]:
     """Make the files collection call ``action`` once, in the middle of its merge (after a few batches)."""
-    real = exporter.scanner.reconcile
+    real = scanner.reconcile
     state = {"fired": 0, "scans": 0, "armed": 0}
 
     async def reconcile(*args: Any, **kwargs: Any) -> None:
@@ -192,7 +192,7 @@ def hook_reconcile(monkeypatch: pytest.MonkeyPatch, after_rows: int, action: Cal
 
         await real(*args, progress=progress, **kwargs)
 
-    monkeypatch.setattr(exporter.scanner, "reconcile", reconcile)
+    monkeypatch.setattr(scanner, "reconcile", reconcile)
     return state
 
 

@@ -9,7 +9,7 @@ read anything outside the media root: an audit hook watches every ``open``, ``os
 results if it were ever read.
 
 BullMQ job hashes and event entries with missing, non-JSON, huge or absurd fields (parsed in
-``exporter/queues.py`` and ``exporter/events.py``) must never fail a round: pure functions are fuzzed,
+``collectors/queues.py`` and ``collectors/job_events.py``) must never fail a round: pure functions are fuzzed,
 and malformed jobs are written into a real Valkey beside good ones.
 """
 
@@ -29,10 +29,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from exporter.files import Reconciler, original_exists
-from exporter.model import KINDS, REASONS, FileStats, Problem
-from exporter.paths import IMMICH_CWD, PathMapper
-from exporter.seed import jpeg, webp
+from immich_thumbnail_exporter.demo.seed import jpeg, webp
+from immich_thumbnail_exporter.model import KINDS, REASONS, FileStats, Problem
+from immich_thumbnail_exporter.scan.files import Reconciler, original_exists
+from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
 SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
@@ -371,8 +371,8 @@ def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify:
 
 # -- BullMQ job hashes and event entries: missing, non-JSON, huge ---------------------------------------
 
-from exporter import events as bull_events  # noqa: E402
-from exporter import queues as bull_queues  # noqa: E402
+from immich_thumbnail_exporter.collectors import job_events as bull_events  # noqa: E402
+from immich_thumbnail_exporter.collectors import queues as bull_queues  # noqa: E402
 
 UUID = "0b9d2a8e-6d8c-4c6e-9d55-2f5c3a1e7b10"
 json_docs = st.recursive(
@@ -485,8 +485,8 @@ async def test_bad_job_hash_and_events_on_real_valkey(valkey: Any, case: str) ->
     """One malformed job among good ones: the round still succeeds and every queue series is there."""
     import redis as sync_redis
 
-    from exporter.config import load_config
-    from exporter.sources.postgres import PostgresSource
+    from immich_thumbnail_exporter.config import load_config
+    from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
     spec = {k: v for k, v in BAD_JOBS[case].items() if not k.startswith("_")}
     admin = sync_redis.Redis.from_url(valkey.url)

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from exporter import __version__
-from exporter.metrics import DEFS
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.exposition.metrics import DEFS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter
 

@@ -14,12 +14,12 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer as AiohttpServer
 
-from exporter.config import Config, load_config
-from exporter.embedded import EmbeddedValkey
-from exporter.queues import QueueCollection, check_connections
-from exporter.snapshot import Result, Store
-from exporter.sources.immich_api import ApiAuthError, ImmichApi, QueueStats
-from exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections
+from immich_thumbnail_exporter.config import Config, load_config
+from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
+from immich_thumbnail_exporter.exposition.store import Result, Store
+from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ImmichApi, QueueStats
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.test_queues import Samples, flat, jobs, value
 
 ADMIN_KEY = "admin-key"
@@ -174,7 +174,7 @@ def _same_labels(s: Samples) -> None:
 
 @pytest.mark.asyncio
 async def test_api_only_depth(immich: FakeImmich, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="immich_thumbnail_exporter")
     col = await api_collection(api_config(immich))
     try:
         outcome = await col.collect()
@@ -220,7 +220,7 @@ async def test_api_stands_in_while_redis_is_down(immich: FakeImmich, valkey: Emb
 async def test_bad_key_is_logged_once_and_polled_slowly(
     immich: FakeImmich, key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="exporter")
+    caplog.set_level(logging.INFO, logger="immich_thumbnail_exporter")
     col = await api_collection(api_config(immich, key))
     store = Store(["queues"], ["immich_api"])
     try:

@@ -1,7 +1,7 @@
 """Exact counts for every schema era, through ``scan --format json`` and through ``/metrics``.
 
-Each era gets a database built from Immich's own table and column names (exporter/schemas/*.sql) and a
-media folder with known problems injected by exporter/seed.py.
+Each era gets a database built from Immich's own table and column names (``demo/schemas/*.sql``)
+and a media folder with known problems injected by ``demo/seed.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from exporter.model import KINDS, REASONS
-from exporter.seed import ERAS
+from immich_thumbnail_exporter.demo.seed import ERAS
+from immich_thumbnail_exporter.model import KINDS, REASONS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
 
@@ -164,11 +164,11 @@ def _comparable(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _scan_summary(imm: Immich, **overrides: Any) -> tuple[dict[str, Any], list[str]]:
-    from exporter.config import load_config
-    from exporter.model import ProblemStore
-    from exporter.report import summary
-    from exporter.scanner import run_scan
-    from exporter.sources.postgres import PostgresSource
+    from immich_thumbnail_exporter.config import load_config
+    from immich_thumbnail_exporter.model import ProblemStore
+    from immich_thumbnail_exporter.output.scan_report import summary
+    from immich_thumbnail_exporter.scan.run import run_scan
+    from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
     config = load_config(None, environ={}, overrides={"database.url": imm.dsn, "media.root": imm.media, **overrides})
     pg = PostgresSource(config.database)
@@ -185,7 +185,7 @@ async def test_file_check_beside_counts_shares_one_snapshot(immich_factory: Any,
     """With a connection to spare, the file list is read on a second connection while the first counts,
     in the same snapshot: a row deleted in between is still seen, and the report is the one-connection
     report exactly."""
-    from exporter import scanner
+    from immich_thumbnail_exporter.scan import run as scanner
 
     imm: Immich = await immich_factory("v1.136+")
     alone, alone_problems = await _scan_summary(imm, **{"database.pool_size": 1})
@@ -257,7 +257,7 @@ async def test_first_session_does_not_idle_through_a_long_file_check(immich_fact
     """The counting session's transaction ends once the second session holds the snapshot: it does not
     sit idle in a transaction for the whole file check, where ``idle_in_transaction_session_timeout``
     (twice ``statement_timeout``: 2 s here) would end it and fail the scan."""
-    from exporter import scanner
+    from immich_thumbnail_exporter.scan import run as scanner
 
     imm: Immich = await immich_factory("v1.136+")
     baseline, baseline_problems = await _scan_summary(imm)

@@ -22,11 +22,11 @@ import redis.asyncio as aioredis
 from bullmq import Queue, Worker
 from prometheus_client.core import Metric
 
-from exporter.collectors import Outcome
-from exporter.config import Config, load_config
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
-from exporter.queues import QueueCollection, check_connections, is_asset_job, worker_queue
-from exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.collectors.base import Outcome
+from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections, is_asset_job, worker_queue
+from immich_thumbnail_exporter.config import Config, load_config
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import ROOT, Immich, make_immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 
@@ -577,7 +577,7 @@ async def test_acl_user_password_file_and_client_list_refused(
             "REDIS_HOSTNAME": "127.0.0.1", "REDIS_PORT": str(valkey.port), "REDIS_USERNAME": user,
             "REDIS_PASSWORD_FILE": str(secret), "DB_URL": immich_db.dsn,
         }, overrides={"intervals.queues": "2s"})
-        caplog.set_level(logging.WARNING, logger="exporter.queues")
+        caplog.set_level(logging.WARNING, logger="immich_thumbnail_exporter.collectors.queues")
         async with collection(config) as col, bull_queue(valkey) as queue:
             await add_jobs(queue, new_ids(1))
             s = flat(await collect_ok(col))

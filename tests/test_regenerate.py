@@ -29,19 +29,19 @@ import pytest_asyncio
 from aiohttp import web
 from bullmq import Queue, Worker
 
-from exporter import report as scan_report
-from exporter.collectors import FilesCollection
-from exporter.config import Config, load_config
-from exporter.embedded import EmbeddedValkey
-from exporter.ledger import FILENAME, Ledger
-from exporter.model import ProblemStore
-from exporter.paths import PathMapper
-from exporter.regenerate import Options, RemediationCollection, RunReport, regenerate
-from exporter.remediation import thumbnail_throughput
-from exporter.scanner import run_scan
-from exporter.seed import ERAS, Plan, jpeg, webp
-from exporter.snapshot import Result, Store
-from exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.collectors.base import FilesCollection
+from immich_thumbnail_exporter.config import Config, load_config
+from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
+from immich_thumbnail_exporter.demo.seed import ERAS, Plan, jpeg, webp
+from immich_thumbnail_exporter.exposition.store import Result, Store
+from immich_thumbnail_exporter.model import ProblemStore
+from immich_thumbnail_exporter.output import scan_report
+from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
+from immich_thumbnail_exporter.remediation.engine import Options, RemediationCollection, RunReport, regenerate
+from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
+from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.paths import PathMapper
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 

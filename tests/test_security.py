@@ -37,9 +37,9 @@ import pytest
 import redis
 import yarl
 
-from exporter.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from exporter.seed import ERAS
-from exporter.sources.postgres import APPLICATION_NAME
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from immich_thumbnail_exporter.demo.seed import ERAS
+from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.conftest import Immich, make_immich
 from tests.faultkit import dedicated_postgres, until
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
@@ -439,7 +439,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
     """Run the CLI without blocking the loop (the fake Immich answers from it); stdout + stderr."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "exporter", *args, env={**base, **env},
+        sys.executable, "-m", "immich_thumbnail_exporter", *args, env={**base, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 120)
@@ -453,7 +453,7 @@ async def _serve_and_read(env: dict[str, str], imm: Immich, tmp_path: Path, want
     cfg.write_text("intervals: {queues: 1s, inventory: 2s, files: 2s}\n")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "exporter", "serve", "--config.file", str(cfg), "--log.level", "debug",
+        sys.executable, "-m", "immich_thumbnail_exporter", "serve", "--config.file", str(cfg), "--log.level", "debug",
         "--media.root", imm.media, "--web.listen-address", f"127.0.0.1:{port}",
         env={**base, **env}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from exporter.embedded import free_port
+from immich_thumbnail_exporter.demo.embedded import free_port
 from tests.conftest import Immich
 
 
@@ -45,7 +45,8 @@ def _serve_and_stop(imm: Immich) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     env.update(imm.env())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}", "--media.root", imm.media],
+        [sys.executable, "-m", "immich_thumbnail_exporter", "--web.listen-address", f"127.0.0.1:{port}",
+         "--media.root", imm.media],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -92,7 +93,7 @@ def test_listen_address_in_use() -> None:
         s.listen()
         port = s.getsockname()[1]
         res = subprocess.run(
-            [sys.executable, "-m", "exporter", "serve", "--web.listen-address", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "immich_thumbnail_exporter", "serve", "--web.listen-address", f"127.0.0.1:{port}"],
             env={**os.environ, "DB_HOSTNAME": "127.0.0.1", "DB_PORT": str(free_port())},
             capture_output=True, text=True, timeout=30,
         )
@@ -101,14 +102,15 @@ def test_listen_address_in_use() -> None:
 
 
 def test_bad_listen_address() -> None:
-    res = subprocess.run([sys.executable, "-m", "exporter", "--web.listen-address", "nonsense"],
+    res = subprocess.run([sys.executable, "-m", "immich_thumbnail_exporter", "--web.listen-address", "nonsense"],
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "--web.listen-address: expected host:port" in res.stderr
 
 
 def test_version_flag() -> None:
-    from exporter import __version__
+    from immich_thumbnail_exporter import __version__
 
-    res = subprocess.run([sys.executable, "-m", "exporter", "--version"], capture_output=True, text=True, timeout=30)
+    res = subprocess.run([sys.executable, "-m", "immich_thumbnail_exporter", "--version"],
+                         capture_output=True, text=True, timeout=30)
     assert res.returncode == 0 and __version__ in res.stdout

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from exporter.embedded import EmbeddedValkey
-from exporter.seed import Plan
-from exporter.server import Exporter
+from immich_thumbnail_exporter.app import Exporter
+from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
+from immich_thumbnail_exporter.demo.seed import Plan
 from tests.conftest import ROOT, Immich
 from tests.faultkit import Resources, exporter_connections, until, walker_children, write_report
 from tests.helpers import fetch, running_exporter

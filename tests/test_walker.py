@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter._walker import FILE, SIZE_UNKNOWN, SYMLINK
-from exporter.files import DiskWalk
+from immich_thumbnail_exporter.scan.files import DiskWalk
+from immich_thumbnail_exporter.scan.walker import FILE, SIZE_UNKNOWN, SYMLINK
 
 pytestmark = pytest.mark.asyncio
 

@@ -29,7 +29,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.webconfig import (
+from immich_thumbnail_exporter.exposition.webconfig import (
     ALLOWED_HEADERS,
     CIPHER_SUITES,
     CLIENT_AUTH_TYPES,

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, replace
 
 import asyncpg
 
-from exporter.config import Config
-from exporter.files import DiskWalk, check_originals, original_exists, reconcile
-from exporter.inventory import count, count_and_stream_records, media_location
-from exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
-from exporter.paths import PathMapper
-from exporter.sources.postgres import PostgresSource, SourceError
+from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
+from immich_thumbnail_exporter.scan.files import DiskWalk, check_originals, original_exists, reconcile
+from immich_thumbnail_exporter.scan.inventory import count, count_and_stream_records, media_location
+from immich_thumbnail_exporter.sources.paths import PathMapper
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from exporter import __version__
-from exporter.config import ImmichConfig
-from exporter.sources.postgres import SourceError
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.config import ImmichConfig
+from immich_thumbnail_exporter.sources.postgres import SourceError
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from exporter import __version__
-from exporter.model import KINDS, REASONS, Problem
-from exporter.snapshot import Store, StoreCollector
-from exporter.webconfig import WebConfig
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.exposition.store import Store, StoreCollector
+from immich_thumbnail_exporter.exposition.webconfig import WebConfig
+from immich_thumbnail_exporter.model import KINDS, REASONS, Problem
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import asyncpg
 
-from exporter.model import InventoryCounts, Problem
-from exporter.paths import DEFAULT_LOCATION, LEGACY_LOCATION, location_from_sample
-from exporter.schema import Schema
+from immich_thumbnail_exporter.model import InventoryCounts, Problem
+from immich_thumbnail_exporter.sources.paths import DEFAULT_LOCATION, LEGACY_LOCATION, location_from_sample
+from immich_thumbnail_exporter.sources.schema import Schema
 
 # Kinds every eligible asset must have a row for. Fullsize rows exist only for originals that browsers
 # cannot show, and only when the admin enabled them; Immich decides that from the decoded file, so a

@@ -42,8 +42,8 @@ try:  # redis-py 7+: no "maintenance notifications" handshake (a managed-cloud f
 except ImportError:  # pragma: no cover - older redis-py
     MaintNotificationsConfig = None  # type: ignore[assignment,misc]
 
-from exporter.config import RedisConfig, redact_url
-from exporter.sources.postgres import SourceError
+from immich_thumbnail_exporter.config import RedisConfig, redact_url
+from immich_thumbnail_exporter.sources.postgres import SourceError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Every round (``intervals.queues``), for each queue, a bounded number of pipeline
 * ``immich_queue_orphaned_jobs``: waiting and active jobs (up to ``redis.orphan_sample`` per queue) of
   per-asset job types whose ``data.id`` is not an asset in the database (one PostgreSQL query per round);
 * ``immich_queue_workers``: ``CLIENT LIST`` connections named like BullMQ workers of the queue;
-* the job counters and histograms from the event streams (``exporter/events.py``).
+* the job counters and histograms from the event streams (``immich_thumbnail_exporter/collectors/job_events.py``).
 
 Queues are discovered with a bounded ``SCAN MATCH <prefix>:*:meta`` (never ``KEYS``) plus a direct check
 of Immich's known queue names, at most every ``DISCOVERY_INTERVAL`` seconds.
@@ -36,15 +36,15 @@ import redis.asyncio as aioredis
 from prometheus_client.core import Metric
 from redis.exceptions import ResponseError
 
-from exporter.collectors import Outcome
-from exporter.config import Config
-from exporter.events import EventTracker, loads, to_int
-from exporter.metrics import gauge
-from exporter.schema import SchemaError
-from exporter.snapshot import Part
-from exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi, QueueStats
-from exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
-from exporter.sources.redis import RedisSource, describe_redis_error, is_permission_error
+from immich_thumbnail_exporter.collectors.base import Outcome
+from immich_thumbnail_exporter.collectors.job_events import EventTracker, loads, to_int
+from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.exposition.metrics import gauge
+from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi, QueueStats
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
+from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error, is_permission_error
+from immich_thumbnail_exporter.sources.schema import SchemaError
 
 log = logging.getLogger(__name__)
 

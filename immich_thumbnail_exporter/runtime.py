@@ -17,11 +17,11 @@ import logging
 import time
 from collections.abc import Sequence
 
-from exporter.collectors import Collection, Outcome
-from exporter.scanner import probe_filesystem
-from exporter.schema import SchemaError
-from exporter.snapshot import Result, Store
-from exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
+from immich_thumbnail_exporter.collectors.base import Collection, Outcome
+from immich_thumbnail_exporter.exposition.store import Result, Store
+from immich_thumbnail_exporter.scan.run import probe_filesystem
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
+from immich_thumbnail_exporter.sources.schema import SchemaError
 
 log = logging.getLogger(__name__)
 

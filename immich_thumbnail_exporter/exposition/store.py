@@ -18,8 +18,8 @@ from typing import Any
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from exporter import __version__
-from exporter.metrics import gauge, merge
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.exposition.metrics import gauge, merge
 
 SOURCES = ("postgres", "redis", "immich_api", "filesystem")
 

@@ -1,6 +1,6 @@
 """Build a realistic post-restore Immich: a database of one schema era plus its media folder.
 
-Used by ``demo``, the tests and the benchmark. The tables come from ``exporter/schemas/<era>.sql``,
+Used by ``demo``, the tests and the benchmark. The tables come from ``demo/schemas/<era>.sql``,
 written from Immich's own migrations; this module fills them through the catalogue (every NOT NULL
 column without a default gets a plausible value), so one seeder serves every era.
 
@@ -106,7 +106,7 @@ class Expected:
 
 
 def ddl_text(era: Era) -> str:
-    return resources.files("exporter.schemas").joinpath(era.ddl).read_text(encoding="utf-8")
+    return resources.files("immich_thumbnail_exporter.demo.schemas").joinpath(era.ddl).read_text(encoding="utf-8")
 
 
 async def _columns(conn: asyncpg.Connection, table: str) -> list[asyncpg.Record]:

@@ -25,15 +25,15 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from exporter.config import Config, RedisConfig
-from exporter.events import loads
-from exporter.files import header_verdict
-from exporter.inventory import RECORD_KINDS, media_location
-from exporter.ledger import Ledger
-from exporter.paths import PathMapper
-from exporter.schema import Schema
-from exporter.sources.immich_api import ApiError, ImmichApi
-from exporter.sources.postgres import PostgresSource, SourceError, describe_error
+from immich_thumbnail_exporter.collectors.job_events import loads
+from immich_thumbnail_exporter.config import Config, RedisConfig
+from immich_thumbnail_exporter.remediation.ledger import Ledger
+from immich_thumbnail_exporter.scan.files import header_verdict
+from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS, media_location
+from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
+from immich_thumbnail_exporter.sources.paths import PathMapper
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError, describe_error
+from immich_thumbnail_exporter.sources.schema import Schema
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

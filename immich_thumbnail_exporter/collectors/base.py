@@ -13,13 +13,13 @@ from typing import Any, Protocol
 
 from prometheus_client.core import Metric
 
-from exporter.config import Config
-from exporter.inventory import RECORD_KINDS
-from exporter.metrics import gauge
-from exporter.model import KINDS, REASONS, InventoryCounts, Problem, ProblemStore
-from exporter.scanner import ScanResult, run_inventory, run_scan
-from exporter.snapshot import Part
-from exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.exposition.metrics import gauge
+from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.model import KINDS, REASONS, InventoryCounts, Problem, ProblemStore
+from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS
+from immich_thumbnail_exporter.scan.run import ScanResult, run_inventory, run_scan
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ import redis.asyncio as aioredis
 from prometheus_client.core import HistogramMetricFamily, Metric
 from redis.exceptions import ResponseError
 
-from exporter.metrics import counter, family
-from exporter.sources.postgres import SourceError
-from exporter.sources.redis import SOURCE, RedisSource, describe_redis_error, is_permission_error
+from immich_thumbnail_exporter.exposition.metrics import counter, family
+from immich_thumbnail_exporter.sources.postgres import SourceError
+from immich_thumbnail_exporter.sources.redis import SOURCE, RedisSource, describe_redis_error, is_permission_error
 
 log = logging.getLogger(__name__)
 

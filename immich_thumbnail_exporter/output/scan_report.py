@@ -10,13 +10,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from exporter.inventory import RECORD_KINDS
-from exporter.model import KINDS, REASONS, Problem, ProblemStore
-from exporter.scanner import ScanResult
+from immich_thumbnail_exporter.model import KINDS, REASONS, Problem, ProblemStore
+from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS
+from immich_thumbnail_exporter.scan.run import ScanResult
 
 if TYPE_CHECKING:
-    from exporter.config import Config
-    from exporter.remediation import Throughput
+    from immich_thumbnail_exporter.config import Config
+    from immich_thumbnail_exporter.remediation.check import Throughput
 
 PROBLEM_FIELDS = (
     "asset_id", "owner_id", "asset_type", "kind", "reason", "path", "original_path", "original_exists",
@@ -108,8 +108,8 @@ def observe_queue(config: Config) -> Throughput | str | None:
         return None
     import asyncio
 
-    from exporter.remediation import thumbnail_throughput
-    from exporter.sources.postgres import SourceError
+    from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
+    from immich_thumbnail_exporter.sources.postgres import SourceError
 
     try:
         return asyncio.run(thumbnail_throughput(config.redis))

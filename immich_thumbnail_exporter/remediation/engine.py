@@ -35,12 +35,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from exporter.collectors import Outcome
-from exporter.config import Config, parse_duration
-from exporter.ledger import AWAITING, RETRYABLE, Entry, Ledger, LedgerError
-from exporter.metrics import counter
-from exporter.model import KINDS, REASONS, Problem, ProblemStore
-from exporter.remediation import (
+from immich_thumbnail_exporter.collectors.base import Outcome
+from immich_thumbnail_exporter.config import Config, parse_duration
+from immich_thumbnail_exporter.exposition.metrics import counter
+from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.model import KINDS, REASONS, Problem, ProblemStore
+from immich_thumbnail_exporter.remediation.check import (
     REASON_TEXT,
     AssetCheck,
     BatchOutcome,
@@ -51,11 +51,11 @@ from exporter.remediation import (
     submit_batch,
     valid_asset_id,
 )
-from exporter.scanner import run_scan
-from exporter.schema import SchemaError
-from exporter.snapshot import Part
-from exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
-from exporter.sources.postgres import PostgresSource, SourceError
+from immich_thumbnail_exporter.remediation.ledger import AWAITING, RETRYABLE, Entry, Ledger, LedgerError
+from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
+from immich_thumbnail_exporter.sources.schema import SchemaError
 
 log = logging.getLogger(__name__)
 

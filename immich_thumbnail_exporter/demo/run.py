@@ -19,12 +19,12 @@ import tempfile
 import uuid
 from typing import Any
 
-from exporter.config import load_config
-from exporter.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
-from exporter.http import parse_listen_address
-from exporter.seed import Expected, Plan, create_database, seed
-from exporter.server import Exporter
-from exporter.webconfig import load_web_config
+from immich_thumbnail_exporter.app import Exporter
+from immich_thumbnail_exporter.config import load_config
+from immich_thumbnail_exporter.demo.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
+from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
+from immich_thumbnail_exporter.exposition.http import parse_listen_address
+from immich_thumbnail_exporter.exposition.webconfig import load_web_config
 
 log = logging.getLogger(__name__)
 

@@ -10,14 +10,14 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter import __version__
-from exporter.collectors import Collection, FilesCollection, InventoryCollection
-from exporter.config import Config
-from exporter.http import build_app
-from exporter.runtime import Runner
-from exporter.snapshot import Store
-from exporter.sources.postgres import PostgresSource
-from exporter.webconfig import WebConfig
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.collectors.base import Collection, FilesCollection, InventoryCollection
+from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.exposition.http import build_app
+from immich_thumbnail_exporter.exposition.store import Store
+from immich_thumbnail_exporter.exposition.webconfig import WebConfig
+from immich_thumbnail_exporter.runtime import Runner
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collecti
             log.info("media.root is not set: the files collection is off (database checks only)")
     if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
         try:
-            from exporter.queues import QueueCollection
+            from immich_thumbnail_exporter.collectors.queues import QueueCollection
         except ImportError:
             log.warning("queue collection not available in this build")
         else:
@@ -47,7 +47,7 @@ def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collecti
                 sources.append("immich_api")
     if config.remediation.enabled:
         try:
-            from exporter.regenerate import RemediationCollection
+            from immich_thumbnail_exporter.remediation.engine import RemediationCollection
         except ImportError:
             log.warning("remediation not available in this build")
         else:

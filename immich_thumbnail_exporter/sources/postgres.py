@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from exporter.config import DatabaseConfig, redact_url
-from exporter.schema import Schema, detect
+from immich_thumbnail_exporter.config import DatabaseConfig, redact_url
+from immich_thumbnail_exporter.sources.schema import Schema, detect
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ listing: half the walk's CPU).
 
 Where the time goes, and how it is kept small (``python -m bench``; README, "Performance"): at a million
 assets, listing 356k folders and ``lstat`` of 2M files is 60% of the CPU a scan needs, so the walk runs
-in two helper processes (``exporter/_walker.py``, at low priority), each taking every other
+in two helper processes (``immich_thumbnail_exporter/scan/walker.py``, at low priority), each taking every other
 ``thumbs/<owner>/<xx>`` subtree, reading each folder in bulk (``listdir``, ``lstat`` mapped in C) and
 working ahead into a bounded buffer while PostgreSQL counts and sorts. They send frames (paths joined by
 NUL, sizes, flags) that cost the exporter a ``split``. The database stream is narrow (path bytes, a kind
@@ -45,8 +45,10 @@ from typing import Any
 
 import asyncpg
 
-from exporter import _walker
-from exporter._walker import (
+from immich_thumbnail_exporter.logs import warn_once
+from immich_thumbnail_exporter.model import FileStats, Problem
+from immich_thumbnail_exporter.scan import walker as _walker
+from immich_thumbnail_exporter.scan.walker import (
     FILE,
     HEAD_BAD,
     HEAD_UNREADABLE,
@@ -60,10 +62,8 @@ from exporter._walker import (
     list_level,
     walk_tree,
 )
-from exporter.logs import warn_once
-from exporter.model import FileStats, Problem
-from exporter.paths import IMMICH_CWD, PathMapper, normalized_sql
-from exporter.schema import Schema
+from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper, normalized_sql
+from immich_thumbnail_exporter.sources.schema import Schema
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ SLICE = 2000
 STREAM_BATCH = 500
 # How far each walker may work ahead of the merge.
 WALKER_BUFFER = 32 << 20
-WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_walker.py")
+WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "walker.py")
 WALKER_RUNNABLE = bool(sys.executable) and os.path.exists(WALKER)
 # Started through ``nice`` when there is one, so that even the interpreter's start-up (tens of
 # milliseconds, every scan) runs at the walker's low priority; the walker lowers its own otherwise.

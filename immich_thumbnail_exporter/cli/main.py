@@ -16,14 +16,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from exporter import __version__
-from exporter.config import Config, ConfigError, describe, load_config
-from exporter.model import FileStats, ProblemStore
-from exporter.schema import SchemaError
-from exporter.sources.postgres import PostgresSource, SourceError
-from exporter.webconfig import WebConfigError, load_web_config
+from immich_thumbnail_exporter import __version__
+from immich_thumbnail_exporter.config import Config, ConfigError, describe, load_config
+from immich_thumbnail_exporter.exposition.webconfig import WebConfigError, load_web_config
+from immich_thumbnail_exporter.model import FileStats, ProblemStore
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
+from immich_thumbnail_exporter.sources.schema import SchemaError
 
-log = logging.getLogger("exporter")
+log = logging.getLogger("immich_thumbnail_exporter")
 
 COMMANDS = ("serve", "scan", "regenerate", "check-config", "demo")
 COLLECTORS = ("inventory", "files", "queues")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_regenerate_flags(parser: argparse.ArgumentParser) -> None:
     try:
-        from exporter.regenerate import add_arguments
+        from immich_thumbnail_exporter.remediation.engine import add_arguments
     except ImportError:  # the command is being built; the parser still documents the contract
         return
     add_arguments(parser)
@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
     if args.command == "demo":
-        from exporter import logs
-        from exporter.demo import run_demo
+        from immich_thumbnail_exporter import logs
+        from immich_thumbnail_exporter.demo.run import run_demo
 
         logs.setup(args.log_level, args.log_format)
         return run_demo(args)
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config_file, overrides=overrides(args))
     except ConfigError as exc:
         return _fail(exc.problems)
-    from exporter import logs
+    from immich_thumbnail_exporter import logs
 
     logs.setup(config.log.level, config.log.format)
     handler: dict[str, Callable[[Config, argparse.Namespace], int]] = {
@@ -164,13 +164,13 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
         web_config = load_web_config(config.web.config_file)
     except WebConfigError as exc:
         return _fail([str(exc)])
-    from exporter.http import parse_listen_address
+    from immich_thumbnail_exporter.exposition.http import parse_listen_address
 
     try:
         host, port = parse_listen_address(config.web.listen_address)
     except ValueError as exc:
         return _fail([str(exc)])
-    from exporter.server import serve
+    from immich_thumbnail_exporter.app import serve
 
     return asyncio.run(serve(config, web_config, host, port))
 
@@ -207,7 +207,7 @@ class Progress:
 
 
 async def _scan(config: Config, problems: ProblemStore, progress: Progress) -> Any:
-    from exporter.scanner import run_scan
+    from immich_thumbnail_exporter.scan.run import run_scan
 
     pg = PostgresSource(config.database)
     try:
@@ -217,7 +217,7 @@ async def _scan(config: Config, problems: ProblemStore, progress: Progress) -> A
 
 
 def cmd_scan(config: Config, args: argparse.Namespace) -> int:
-    from exporter import report
+    from immich_thumbnail_exporter.output import scan_report as report
 
     progress = Progress(enabled=not args.no_progress and sys.stderr.isatty())
     problems = ProblemStore()
@@ -250,7 +250,7 @@ def cmd_scan(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _check_connections(config: Config) -> list[str]:
-    from exporter.scanner import media_identity
+    from immich_thumbnail_exporter.scan.run import media_identity
 
     problems: list[str] = []
     pg = PostgresSource(config.database)
@@ -270,7 +270,7 @@ async def _check_connections(config: Config) -> list[str]:
     else:
         print("note: media.root not set: only database checks will run")
     with contextlib.suppress(ImportError):
-        from exporter.queues import check_connections
+        from immich_thumbnail_exporter.collectors.queues import check_connections
 
         problems.extend(await check_connections(config))
     return problems
@@ -296,7 +296,7 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_regenerate(config: Config, args: argparse.Namespace) -> int:
     try:
-        from exporter.regenerate import run_command
+        from immich_thumbnail_exporter.remediation.engine import run_command
     except ImportError:
         return _fail(["regenerate is not available in this build"])
     return int(run_command(config, args))

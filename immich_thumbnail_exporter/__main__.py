@@ -1,0 +1,3 @@
+from immich_thumbnail_exporter.cli.main import main
+
+raise SystemExit(main())
