@@ -22,6 +22,8 @@ from urllib.parse import quote, urlsplit
 
 import yaml
 
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+
 
 class ConfigError(Exception):
     """One or more configuration problems; ``problems`` holds one line each."""
@@ -250,8 +252,6 @@ ENV_MAP: dict[str, str] = {
 
 _LOG_LEVELS = ("debug", "info", "warn", "error")
 _LOG_FORMATS = ("logfmt", "json")
-_KINDS = ("thumbnail", "preview", "fullsize")
-_REMEDIATION_REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
 
 
 def _type_name(tp: Any) -> str:
@@ -472,16 +472,16 @@ def validate(config: Config) -> list[str]:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             errors.append(f"immich.url: expected an http(s) URL, got {redact_url(config.immich.url)!r}")
     for kind in config.remediation.kinds:
-        if kind not in _KINDS:
-            errors.append(f"remediation.kinds: unknown kind {kind!r} (expected {', '.join(_KINDS)})")
+        if kind not in KINDS:
+            errors.append(f"remediation.kinds: unknown kind {kind!r} (expected {', '.join(KINDS)})")
     if config.remediation.enabled and not config.immich.enabled:
         errors.append("remediation.enabled: needs immich.url and immich.api_key (regeneration goes via the API)")
     if config.remediation.requests_per_second <= 0:
         errors.append("remediation.requests_per_second: expected a positive number")
     for reason in config.remediation.reasons:
-        if reason not in _REMEDIATION_REASONS:
+        if reason not in REASONS:
             errors.append(
-                f"remediation.reasons: unknown reason {reason!r} (expected {', '.join(_REMEDIATION_REASONS)})"
+                f"remediation.reasons: unknown reason {reason!r} (expected {', '.join(REASONS)})"
             )
     if config.remediation.max_attempts < 1:
         errors.append("remediation.max_attempts: expected 1 or more")

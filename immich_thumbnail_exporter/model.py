@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-KINDS = ("thumbnail", "preview", "fullsize")
-REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
 ASSET_TYPES = ("image", "video")
 
 

@@ -22,7 +22,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 1
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     base.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "exporter", *args],
+        [sys.executable, "-m", "immich_thumbnail_exporter", *args],
         env=base, capture_output=True, text=True, timeout=timeout,
     )
 

@@ -538,8 +538,8 @@ async def test_media_unreadable(imm: Immich, tmp_path: Any) -> None:
     env["DB_URL"] = imm.dsn
     proc = await asyncio.create_subprocess_exec(
         "setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--",
-        sys.executable, "-m", "exporter", "serve", "--config.file", str(cfg), "--media.root", imm.media,
-        "--web.listen-address", f"127.0.0.1:{port}", env=env,
+        sys.executable, "-m", "immich_thumbnail_exporter", "serve", "--config.file", str(cfg),
+        "--media.root", imm.media, "--web.listen-address", f"127.0.0.1:{port}", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     thumbs = os.path.join(imm.media, "thumbs")

@@ -30,9 +30,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from immich_thumbnail_exporter.demo.seed import jpeg, webp
-from immich_thumbnail_exporter.model import KINDS, REASONS, FileStats, Problem
+from immich_thumbnail_exporter.model import FileStats, Problem
 from immich_thumbnail_exporter.scan.files import Reconciler, original_exists
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, is_asset_job
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
 SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
@@ -413,7 +414,7 @@ def test_worker_names_never_raise(name: str) -> None:
     queue = bull_queues.worker_queue(name, "immich_bull", {"dGh1bWJuYWlsR2VuZXJhdGlvbg==": "thumbnailGeneration"},
                                      {"thumbnailGeneration"})
     assert queue in (None, "thumbnailGeneration")
-    assert bull_queues.is_asset_job(name) in (True, False)
+    assert is_asset_job(name) in (True, False)
 
 
 entry_ids = st.one_of(

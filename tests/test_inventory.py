@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from immich_thumbnail_exporter.demo.seed import ERAS
-from immich_thumbnail_exporter.model import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
 

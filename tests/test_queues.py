@@ -23,10 +23,11 @@ from bullmq import Queue, Worker
 from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
-from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections, is_asset_job, worker_queue
+from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections, worker_queue
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.vocabulary import is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 

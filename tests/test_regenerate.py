@@ -319,7 +319,7 @@ async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
     base.update(env)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "exporter", *args, env=base,
+        sys.executable, "-m", "immich_thumbnail_exporter", *args, env=base,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)

@@ -16,14 +16,13 @@ from prometheus_client.core import Metric
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.metrics import gauge
 from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import KINDS, REASONS, InventoryCounts, Problem, ProblemStore
-from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS
+from immich_thumbnail_exporter.model import InventoryCounts, Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult, run_inventory, run_scan
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.vocabulary import FILE_REASONS, KINDS, RECORD_KINDS
 
 log = logging.getLogger(__name__)
 
-FILE_REASONS = tuple(r for r in REASONS if r != "no_record")
 
 
 @dataclass

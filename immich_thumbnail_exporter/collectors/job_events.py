@@ -47,6 +47,7 @@ from redis.exceptions import ResponseError
 from immich_thumbnail_exporter.exposition.metrics import counter, family
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import SOURCE, RedisSource, describe_redis_error, is_permission_error
+from immich_thumbnail_exporter.vocabulary import JOB_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400,
 )
-# Immich's JobStatus values: a handler's return value, when it reaches BullMQ.
-OUTCOMES = ("success", "skipped", "failed")
 
 BATCH = 1000  # entries per XRANGE
 MAX_EVENTS_PER_ROUND = 20_000  # per queue; the rest is read next round
@@ -84,7 +83,7 @@ def outcome_of(returnvalue: str | None) -> str:
         value = loads(returnvalue)
     except ValueError:
         value = returnvalue.strip()[:64]
-    if isinstance(value, str) and value.lower() in OUTCOMES:
+    if isinstance(value, str) and value.lower() in JOB_STATUSES:
         return value.lower()
     return "success"
 

@@ -45,16 +45,10 @@ from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError,
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error, is_permission_error
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.vocabulary import KNOWN_QUEUES, QUEUE_STATES, is_asset_job
 
 log = logging.getLogger(__name__)
 
-# Immich's queue names (QueueName), all eras: checked directly besides what SCAN finds.
-KNOWN_QUEUES = (
-    "thumbnailGeneration", "metadataExtraction", "videoConversion", "faceDetection", "facialRecognition",
-    "smartSearch", "duplicateDetection", "backgroundTask", "storageTemplateMigration", "migration", "search",
-    "sidecar", "library", "notifications", "backupDatabase", "ocr", "workflow", "editor",
-)
-STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
 
 DISCOVERY_INTERVAL = 300.0  # seconds between SCANs for queues
 DISCOVERY_RETRY = 60.0  # ... while none has been found
@@ -69,27 +63,7 @@ VERSION_INTERVAL = 300.0
 ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreSQL's pool is busy
 NOT_CHECKED = "not checked yet"
 
-# Per-asset jobs: their ``data.id`` is an asset id. Person and face jobs (``PersonGenerateThumbnail``,
-# ``FacialRecognition``) carry other ids and are not checked; neither are deletions.
-ASSET_JOBS = frozenset({
-    # v1.137+
-    "AssetGenerateThumbnails", "AssetExtractMetadata", "AssetEncodeVideo", "AssetDetectFaces",
-    "AssetDetectDuplicates", "SmartSearch", "SidecarCheck", "SidecarWrite", "SidecarSync",
-    "StorageTemplateMigrationSingle", "Ocr", "AssetEditThumbnailGeneration", "AssetFileMigration",
-    # before v1.137
-    "generate-preview", "generate-thumbnail", "generate-thumbnails", "generate-jpeg-thumbnail",
-    "generate-webp-thumbnail", "generate-thumbhash-thumbnail", "metadata-extraction", "video-conversion",
-    "smart-search", "encode-clip", "face-detection", "duplicate-detection", "sidecar-sync", "sidecar-write",
-    "sidecar-check", "storage-template-migration-single", "link-live-photos",
-})
-NOT_ASSET_JOBS = frozenset({"AssetDelete", "AssetDeleteCheck"})
 UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-
-
-def is_asset_job(name: str | None) -> bool:
-    if not name or name in NOT_ASSET_JOBS or name.endswith("QueueAll"):
-        return False
-    return name in ASSET_JOBS or (name.startswith("Asset") and name[5:6].isupper())
 
 
 def glob_escape(text: str) -> str:
@@ -239,7 +213,7 @@ class QueueCollection:
             log.debug("event streams not fully read this round: %s", ", ".join(stats.behind))
 
         jobs = gauge("immich_queue_jobs", [
-            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in STATES
+            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in QUEUE_STATES
         ])
         paused = gauge("immich_queue_paused", [((q,), 1.0 if samples[q].paused else 0.0) for q in queues])
         stalled = gauge("immich_queue_stalled_jobs", [((q,), float(samples[q].stalled)) for q in queues])
@@ -546,7 +520,7 @@ class QueueCollection:
     def _api_part(self, stats: list[QueueStats]) -> Part:
         rows = sorted(stats, key=lambda s: s.name)
         jobs = gauge("immich_queue_jobs", [
-            ((s.name, state), float(s.counts[state])) for s in rows for state in STATES if state in s.counts
+            ((s.name, state), float(s.counts[state])) for s in rows for state in QUEUE_STATES if state in s.counts
         ])
         paused = gauge("immich_queue_paused", [((s.name,), 1.0 if s.paused else 0.0) for s in rows])
         return Part(frozenset({"immich_api"}), (jobs, paused))

@@ -10,9 +10,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from immich_thumbnail_exporter.model import KINDS, REASONS, Problem, ProblemStore
-from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS
+from immich_thumbnail_exporter.model import Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, RECORD_KINDS
 
 if TYPE_CHECKING:
     from immich_thumbnail_exporter.config import Config

@@ -29,19 +29,16 @@ from immich_thumbnail_exporter.collectors.job_events import loads
 from immich_thumbnail_exporter.config import Config, RedisConfig
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.scan.files import header_verdict
-from immich_thumbnail_exporter.scan.inventory import RECORD_KINDS, media_location
+from immich_thumbnail_exporter.scan.inventory import media_location
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError, describe_error
 from immich_thumbnail_exporter.sources.schema import Schema
+from immich_thumbnail_exporter.vocabulary import RECORD_KINDS, THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-THUMBNAIL_QUEUE = "thumbnailGeneration"
-# Per-asset thumbnail jobs through the eras (face thumbnails and queue-all jobs are not per asset).
-ASSET_JOB_NAMES = frozenset({"AssetGenerateThumbnails", "generate-thumbnails", "generate-preview",
-                             "generate-thumbnail", "generate-webp-thumbnail", "generate-jpeg-thumbnail"})
 # Job ids read from the queue per lookup: bounded whatever the queue's length.
 QUEUE_LOOKUP_LIMIT = 20_000
 EVENTS_SAMPLE = 5_000
@@ -293,7 +290,7 @@ async def _queue_view(client: aioredis.Redis, prefix: str, limit: int) -> QueueV
         for job_id, _ in chunk:
             pipe.hmget(f"{q}:{job_id}", "name", "data")
         for (_, state), (name, data) in zip(chunk, await pipe.execute(), strict=True):
-            if name not in ASSET_JOB_NAMES or not data:
+            if name not in THUMBNAIL_JOB_NAMES or not data:
                 continue
             try:
                 doc = loads(data)

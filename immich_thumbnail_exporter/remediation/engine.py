@@ -39,7 +39,7 @@ from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config, parse_duration
 from immich_thumbnail_exporter.exposition.metrics import counter
 from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import KINDS, REASONS, Problem, ProblemStore
+from immich_thumbnail_exporter.model import Problem, ProblemStore
 from immich_thumbnail_exporter.remediation.check import (
     REASON_TEXT,
     AssetCheck,
@@ -56,6 +56,7 @@ from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 log = logging.getLogger(__name__)
 

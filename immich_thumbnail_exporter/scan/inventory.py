@@ -16,11 +16,11 @@ import asyncpg
 from immich_thumbnail_exporter.model import InventoryCounts, Problem
 from immich_thumbnail_exporter.sources.paths import DEFAULT_LOCATION, LEGACY_LOCATION, location_from_sample
 from immich_thumbnail_exporter.sources.schema import Schema
+from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
 
 # Kinds every eligible asset must have a row for. Fullsize rows exist only for originals that browsers
 # cannot show, and only when the admin enabled them; Immich decides that from the decoded file, so a
 # missing fullsize row is not a problem we can judge from the database.
-RECORD_KINDS = ("thumbnail", "preview")
 
 
 def lacking_sql(schema: Schema, kinds: tuple[str, ...], with_job_status: bool) -> str:

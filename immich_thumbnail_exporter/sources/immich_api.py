@@ -21,6 +21,7 @@ import aiohttp
 from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.config import ImmichConfig
 from immich_thumbnail_exporter.sources.postgres import SourceError
+from immich_thumbnail_exporter.vocabulary import QUEUE_STATES
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,6 @@ class ApiNotFound(ApiError):
     """404: the endpoint does not exist on this Immich version."""
 
 
-# Job states as BullMQ and Immich's API name them; the API has no "prioritized" count.
-QUEUE_STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""The words the exporter speaks: label values, job names, queue names and states, in one place.
+
+Config validation, CLI choices, HTTP filters, metric families and reports all take their values from
+here, so a new kind or reason is added once and cannot drift between them.
+"""
+
+from __future__ import annotations
+
+# Thumbnail-type files an asset can have (``asset_file.type``), the ``kind`` label.
+KINDS = ("thumbnail", "preview", "fullsize")
+# Kinds whose absence Immich's "Missing" rule looks at for every eligible asset (fullsize only for some).
+RECORD_KINDS = ("thumbnail", "preview")
+# Why a file counts as missing, the ``reason`` label: first the database's view, then the disk's.
+REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
+FILE_REASONS = tuple(r for r in REASONS if r != "no_record")
+
+# BullMQ job states as the ``state`` label names them (Immich's API has no "prioritized" count).
+QUEUE_STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
+
+# Immich's queue names (``QueueName``), all eras: checked directly besides what SCAN finds.
+KNOWN_QUEUES = (
+    "thumbnailGeneration", "metadataExtraction", "videoConversion", "faceDetection", "facialRecognition",
+    "smartSearch", "duplicateDetection", "backgroundTask", "storageTemplateMigration", "migration", "search",
+    "sidecar", "library", "notifications", "backupDatabase", "ocr", "workflow", "editor",
+)
+THUMBNAIL_QUEUE = "thumbnailGeneration"
+
+# Per-asset thumbnail jobs through the eras, data ``{"id": <assetId>}`` (face thumbnails and queue-all
+# jobs are not per asset).
+THUMBNAIL_JOB_NAMES = frozenset({"AssetGenerateThumbnails", "generate-thumbnails", "generate-preview",
+                                 "generate-thumbnail", "generate-webp-thumbnail", "generate-jpeg-thumbnail"})
+
+# Per-asset jobs of any queue: their ``data.id`` is an asset id. Person and face jobs
+# (``PersonGenerateThumbnail``, ``FacialRecognition``) carry other ids; deletions are not checked.
+ASSET_JOBS = frozenset({
+    # v1.137+
+    "AssetGenerateThumbnails", "AssetExtractMetadata", "AssetEncodeVideo", "AssetDetectFaces",
+    "AssetDetectDuplicates", "SmartSearch", "SidecarCheck", "SidecarWrite", "SidecarSync",
+    "StorageTemplateMigrationSingle", "Ocr", "AssetEditThumbnailGeneration", "AssetFileMigration",
+    # before v1.137
+    "generate-preview", "generate-thumbnail", "generate-thumbnails", "generate-jpeg-thumbnail",
+    "generate-webp-thumbnail", "generate-thumbhash-thumbnail", "metadata-extraction", "video-conversion",
+    "smart-search", "encode-clip", "face-detection", "duplicate-detection", "sidecar-sync", "sidecar-write",
+    "sidecar-check", "storage-template-migration-single", "link-live-photos",
+})
+NOT_ASSET_JOBS = frozenset({"AssetDelete", "AssetDeleteCheck"})
+
+
+def is_asset_job(name: str | None) -> bool:
+    if not name or name in NOT_ASSET_JOBS or name.endswith("QueueAll"):
+        return False
+    return name in ASSET_JOBS or (name.startswith("Asset") and name[5:6].isupper())
+
+
+# A status a job's return value may carry (``immich_jobs_finished_total{outcome}``).
+JOB_STATUSES = ("success", "skipped", "failed")
