@@ -23,9 +23,11 @@ from bullmq import Queue, Worker
 from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
-from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections, worker_queue
+from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
+from immich_thumbnail_exporter.sources.bullmq import worker_queue
+from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for

@@ -270,7 +270,7 @@ async def _check_connections(config: Config) -> list[str]:
     else:
         print("note: media.root not set: only database checks will run")
     with contextlib.suppress(ImportError):
-        from immich_thumbnail_exporter.collectors.queues import check_connections
+        from immich_thumbnail_exporter.sources.connections import check_connections
 
         problems.extend(await check_connections(config))
     return problems

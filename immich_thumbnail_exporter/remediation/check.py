@@ -25,11 +25,11 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from immich_thumbnail_exporter.collectors.job_events import loads
 from immich_thumbnail_exporter.config import Config, RedisConfig
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.scan.files import header_verdict
 from immich_thumbnail_exporter.scan.inventory import media_location
+from immich_thumbnail_exporter.sources.bullmq import loads
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError, describe_error
