@@ -54,3 +54,8 @@ def is_asset_job(name: str | None) -> bool:
 
 # A status a job's return value may carry (``immich_jobs_finished_total{outcome}``).
 JOB_STATUSES = ("success", "skipped", "failed")
+# Every ``outcome``: ``completed`` = finished with no status reported (Immich's processor returns nothing),
+# a status where a server passes one, ``error`` = thrown (a BullMQ ``failed`` event).
+COMPLETED = "completed"
+ERROR = "error"
+JOB_OUTCOMES = (COMPLETED, *JOB_STATUSES, ERROR)

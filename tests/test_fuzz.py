@@ -33,7 +33,7 @@ from immich_thumbnail_exporter.demo.seed import jpeg, webp
 from immich_thumbnail_exporter.model import FileStats, Problem
 from immich_thumbnail_exporter.scan.files import Reconciler, original_exists
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, is_asset_job
+from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, KINDS, REASONS, is_asset_job
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
 SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
@@ -402,7 +402,7 @@ def _infinite(value: str | None) -> bool:
 def test_job_fields_never_raise(value: str | None) -> None:
     asset = bullmq.asset_id_of(value)
     assert asset is None or asset == UUID
-    assert bull_events.outcome_of(value) in ("success", "skipped", "failed")
+    assert bull_events.outcome_of(value) in ("completed", "success", "skipped", "failed")
     n = bullmq.to_int(value)
     assert n is None or (isinstance(n, int) and abs(n) <= 2**53)
 
@@ -444,7 +444,7 @@ def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[s
     for (_, job), n in tracker.accepted.items():
         assert n > 0 and (job == bull_events.UNKNOWN or len(job) <= bull_events.MAX_NAME_LENGTH)
     assert len({j for _, j in tracker.accepted} | {j for _, j, _ in tracker.finished}) <= bull_events.MAX_JOB_NAMES + 1
-    assert all(o in ("success", "skipped", "failed", "error") for _, _, o in tracker.finished)
+    assert all(o in JOB_OUTCOMES for _, _, o in tracker.finished)
     assert tracker.tracked_jobs <= bull_events.MAX_TRACKED_JOBS
 
     class Families(Collector):

@@ -29,7 +29,7 @@ from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedVa
 from immich_thumbnail_exporter.sources.bullmq import worker_queue
 from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
-from immich_thumbnail_exporter.vocabulary import is_asset_job
+from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 
@@ -206,7 +206,7 @@ async def test_waiting_jobs_without_a_worker(valkey: EmbeddedValkey, immich_db: 
         s = flat(await collect_ok(col))
         assert jobs(s, "waiting") == 5
         assert accepted(s) == 2
-        assert finished(s, "success") == 0
+        assert finished(s, "completed") == finished(s, "success") == 0
 
 
 @pytest.mark.asyncio
@@ -263,10 +263,12 @@ async def test_worker_outcomes_are_counted_exactly(valkey: EmbeddedValkey, immic
             assert value(s, "immich_queue_workers", queue=QUEUE) >= 1  # Python bullmq: one per connection
         finally:
             await worker.close()
-        assert finished(mid, "success") + finished(mid, "failed") <= 3
+        assert sum(finished(mid, o) for o in JOB_OUTCOMES) <= 3
         assert accepted(s) == 7
-        # success, success, None (no status), a non-status value -> success; "failed"; "skipped"; thrown -> error
-        assert finished(s, "success") == 4
+        # A status passed through is the outcome; None (Immich's processor) and a value that is no status
+        # are "completed": nothing was reported. A thrown error is "error".
+        assert finished(s, "success") == 2
+        assert finished(s, "completed") == 2
         assert finished(s, "failed") == 1
         assert finished(s, "skipped") == 1
         assert finished(s, "error") == 1
@@ -366,12 +368,13 @@ async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: I
         client.xadd(events_key(), {"no": "event field"})
         client.xadd(events_key(), {"event": "completed", "returnvalue": '"success"'})  # no jobId
         client.xadd(events_key(), {"event": "completed", "jobId": "9999", "returnvalue": "not json"})
+        client.xadd(events_key(), {"event": "completed", "jobId": "9997"})  # no return value at all
         client.xadd(events_key(), {"event": "failed", "jobId": "9998", "failedReason": "x"})
         client.xadd(events_key(), {"event": "something-new", "jobId": "1"})
         outcome = await collect_ok(col)
         s = flat(outcome)
         assert accepted(s) == 1
-        assert finished(s, "success", job="unknown") == 1
+        assert finished(s, "completed", job="unknown") == 2
         assert finished(s, "error", job="unknown") == 1
         assert outcome.detail["events_malformed"] == 2
 

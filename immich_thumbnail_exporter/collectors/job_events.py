@@ -4,7 +4,8 @@
 
 * ``added`` (``jobId``, ``name``): ``immich_jobs_accepted_total{queue,job_name}``;
 * ``completed`` (``returnvalue``): ``immich_jobs_finished_total{outcome}`` from the job's return value
-  (see ``outcome_of``); ``failed`` (a thrown error, the job kept in the failed set): outcome ``error``;
+  (``completed`` when it reports no status, as on every Immich; see ``outcome_of``); ``failed`` (a
+  thrown error, the job kept in the failed set): outcome ``error``;
 * ``active``: the job started; its wait (added -> first active) and run (last active -> finished)
   times feed ``immich_job_wait_seconds`` and ``immich_job_run_seconds``.
 
@@ -33,7 +34,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 from immich_thumbnail_exporter.exposition.metrics import counter, family
 from immich_thumbnail_exporter.sources.bullmq import BullMQ, JobHash, loads
 from immich_thumbnail_exporter.sources.bullmq_events import Entry, parse_id
-from immich_thumbnail_exporter.vocabulary import JOB_STATUSES
+from immich_thumbnail_exporter.vocabulary import COMPLETED, ERROR, JOB_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +52,16 @@ UNKNOWN = "unknown"
 
 
 def outcome_of(returnvalue: str | None) -> str:
-    """``completed`` events carry the processor's return value as JSON.
+    """The outcome of a ``completed`` event, from the processor's return value (JSON).
 
-    Immich's handlers return a ``JobStatus`` (``success``, ``skipped``, ``failed``); those map to the
-    same outcome. Anything else, or nothing, counts as ``success``: BullMQ completed the job, no error
-    reached it. In Immich's releases the worker's processor is the ``JobRun`` event emitter, which
-    returns nothing, so the value is JSON ``null`` and every completed job is ``success``: handler
-    errors are caught and logged by Immich ("Unable to run job handler") and never reach BullMQ. Only
-    servers that pass the handler's status through (or rethrow, which is ``error``) tell them apart.
+    Immich's BullMQ processor is its ``JobRun`` event emitter: it catches the handler's errors and
+    returns nothing, so on a real Immich every job completes with ``null`` and the outcome is
+    ``completed`` (no status reported), whether the thumbnail was made or not: only a check of the
+    asset can tell (``collectors/job_verification.py``). Servers that pass the handler's ``JobStatus``
+    through get ``success``, ``skipped`` or ``failed``; a thrown error is a ``failed`` event (``error``).
     """
     if returnvalue is None:
-        return "success"
+        return COMPLETED
     value: Any = returnvalue
     try:
         value = loads(returnvalue)
@@ -69,7 +69,7 @@ def outcome_of(returnvalue: str | None) -> str:
         value = returnvalue.strip()[:64]
     if isinstance(value, str) and value.lower() in JOB_STATUSES:
         return value.lower()
-    return "success"
+    return COMPLETED
 
 
 class Histogram:
@@ -218,7 +218,7 @@ class JobCounters:
                 continue
             # completed / failed: the job is done (a retried attempt is "waiting"/"delayed", not "failed").
             self._jobs.pop(key, None)
-            outcome = "error" if event == "failed" else outcome_of(fields.get("returnvalue"))
+            outcome = ERROR if event == "failed" else outcome_of(fields.get("returnvalue"))
             label = self._label(queue, job.name) if job is not None else UNKNOWN
             fkey = (queue, label, outcome)
             self.finished[fkey] = self.finished.get(fkey, 0) + 1
