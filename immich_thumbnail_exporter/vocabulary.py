@@ -22,6 +22,8 @@ KNOWN_QUEUES = (
     "thumbnailGeneration", "metadataExtraction", "videoConversion", "faceDetection", "facialRecognition",
     "smartSearch", "duplicateDetection", "backgroundTask", "storageTemplateMigration", "migration", "search",
     "sidecar", "library", "notifications", "backupDatabase", "ocr", "workflow", "editor",
+    # v3.0+: Immich's own integrity checks (missing, untracked and checksum-mismatched files).
+    "integrityCheck",
 )
 THUMBNAIL_QUEUE = "thumbnailGeneration"
 

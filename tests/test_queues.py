@@ -566,6 +566,27 @@ async def test_node_worker_is_counted(valkey: EmbeddedValkey, immich_db: Immich)
         assert value(s, "immich_queue_workers", queue=QUEUE) == 0
 
 
+@pytest.mark.asyncio
+async def test_immich_v3_integrity_queue_and_named_worker(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    """Immich v3's integrityCheck queue is followed even without the meta key SCAN looks for, and a
+    named Node worker (``<prefix>:<base64(queue)>:w:<name>``) running several jobs at once counts once."""
+    integrity = "integrityCheck"
+    raw(valkey).lpush(f"{PREFIX}:{integrity}:wait", "1")  # no meta key: found by its known name only
+    config = make_config(valkey, immich_db)
+    async with collection(config) as col:
+        s = flat(await collect_ok(col))
+        assert jobs(s, "waiting", queue=integrity) == 1
+        assert value(s, "immich_queue_workers", queue=integrity) == 0
+        with node_worker(valkey, QUEUE=integrity, WORKER_NAME="microservices", CONCURRENCY="5") as proc:
+            assert await read_line(proc) == "ready"
+            b64 = "aW50ZWdyaXR5Q2hlY2s="
+            names = [c["name"] for c in raw(valkey).client_list()]
+            assert names.count(f"{PREFIX}:{b64}:w:microservices") == 1, names
+            s = flat(await collect_ok(col))
+            assert value(s, "immich_queue_workers", queue=integrity) == 1
+            assert value(s, "immich_queue_workers", queue=QUEUE) is None  # not a queue here
+
+
 # -- Redis settings, permissions and outages -------------------------------------------------------
 
 

@@ -5,7 +5,9 @@
 //   QUEUE          queue name (default thumbnailGeneration)
 //   PREFIX         key prefix (default immich_bull)
 //   RETURN_VALUE   JSON value every job returns (default "success"); the string "throw" makes jobs fail
-//   WORKER_NAME    optional worker name (BullMQ appends ":w:<name>" to the connection name)
+//   WORKER_NAME    optional worker name (BullMQ appends ":w:<name>" to the connection name, as Immich v3's
+//                  named workers have it)
+//   CONCURRENCY    jobs run at once (default 1); a worker still has one named connection whatever it is
 //   JOB_DELAY_MS   how long each job takes (default 0)
 //
 // Prints "ready" on stdout once the worker's connection is up, "done <jobId>" per finished job, and
@@ -30,7 +32,7 @@ const prefix = process.env.PREFIX || 'immich_bull';
 const raw = process.env.RETURN_VALUE ?? '"success"';
 const delay = Number(process.env.JOB_DELAY_MS || 0);
 
-const opts = { connection, prefix, concurrency: 1 };
+const opts = { connection, prefix, concurrency: Number(process.env.CONCURRENCY || 1) };
 if (process.env.WORKER_NAME) {
   opts.name = process.env.WORKER_NAME;
 }
