@@ -45,6 +45,13 @@ def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collecti
                 sources.append("redis")
             if config.immich.enabled:
                 sources.append("immich_api")
+    if config.collectors.queues and config.redis.enabled and config.media.root:
+        # What every thumbnail job left behind: needs the jobs (Redis), the rows and the files.
+        from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection
+
+        collections.append(JobVerificationCollection(config, pg))
+        if "filesystem" not in sources:
+            sources.append("filesystem")
     if config.remediation.enabled:
         try:
             from immich_thumbnail_exporter.remediation.engine import RemediationCollection

@@ -30,6 +30,7 @@ DEPENDS = {
     "inventory": {"postgres"},
     "files": {"postgres", "filesystem"},
     "queues": {"redis", "immich_api", "postgres"},
+    "job_verification": {"redis", "postgres", "filesystem"},
 }
 MAX_BACKOFF = 60.0
 
