@@ -376,7 +376,7 @@ async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: I
         assert accepted(s) == 1
         assert finished(s, "completed", job="unknown") == 2
         assert finished(s, "error", job="unknown") == 1
-        assert outcome.detail["events_malformed"] == 2
+        assert col.counters is not None and col.counters.malformed == 2
 
 
 # -- stalled and orphaned --------------------------------------------------------------------------

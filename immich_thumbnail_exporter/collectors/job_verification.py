@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
@@ -153,7 +152,7 @@ class Verifier:
 class JobVerificationCollection:
     name = "job_verification"
     # Redis (the jobs), PostgreSQL (the rows) and the media folder (the files): a series needs all three.
-    needs = frozenset({"redis", "postgres", "filesystem"})
+    sources = frozenset({"redis", "postgres", "filesystem"})
 
     def __init__(self, config: Config, pg: PostgresSource, limits: Limits | None = None) -> None:
         if not config.media.root or not config.redis.enabled:
@@ -181,17 +180,8 @@ class JobVerificationCollection:
         sources = {s: v for s, v in self._states.items() if v is not None}
         self._states = {s: None for s in self._states}
         fams = (counter("immich_thumbnail_jobs_verified", self._samples()),)
-        detail: dict[str, Any] = {
-            "following": self.follower.following,
-            "jobs_tracked": self.follower.tracked,
-            "pending": len(self.verifier.pending),
-            "checked": self.verifier.checked,
-            "shed": self.verifier.shed,
-            "batches": self.verifier.batches,
-            "hashes_gone": self.follower.stats.hashes_gone,
-        }
         error = "; ".join(f"{s}: {e}" for s, e in sorted(self._errors.items())) or None
-        return Outcome((Part(self.needs, fams),), sources, detail, error)
+        return Outcome((Part(self.sources, fams),), sources, error)
 
     def _samples(self) -> list[tuple[tuple[str, str, str], float]]:
         pairs = set(self.follower.names) | {(q, j) for q, j, _ in self.verifier.counts}
