@@ -241,6 +241,27 @@ def test_dashboard_matches_generator() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "generator", [DASHBOARD_GENERATOR, PROMETHEUSRULE_GENERATOR], ids=["dashboard", "prometheusrule"]
+)
+def test_generator_check_shows_a_diff_when_stale(generator: Path, tmp_path: Path) -> None:
+    """Both generators share one ``--check`` main: 0 when the file is current, else 1 and a diff."""
+    committed = DASHBOARD if generator == DASHBOARD_GENERATOR else PROMETHEUSRULE
+    fresh = subprocess.run([sys.executable, str(generator), "--check"], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stderr == ""
+    stale = tmp_path / committed.name
+    lines = committed.read_text(encoding="utf-8").splitlines(keepends=True)
+    stale.write_text("".join([*lines[:3], "# edited by hand\n", *lines[3:]]), encoding="utf-8")
+    before = stale.read_text(encoding="utf-8")
+    res = subprocess.run([sys.executable, str(generator), "--check", "--output", str(stale)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "-# edited by hand" in res.stderr and f"{stale} (committed)" in res.stderr
+    assert "is out of date: run python " in res.stderr
+    assert stale.read_text(encoding="utf-8") == before  # --check writes nothing
+
+
 def test_dashboard_uid_variables_and_units() -> None:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     assert dashboard["uid"] == "immich-thumbnails"
