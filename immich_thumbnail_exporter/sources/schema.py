@@ -12,6 +12,9 @@ version string: a restored database can carry a version row that does not match 
 
 The singular names (migration ``1752267649968-StandardizeNames``) and absolute paths
 (``1752759108283-ConvertToAbsolutePaths``) both shipped in v1.136.0; see docs/immich-schema.md.
+
+Besides the era, what a release may add on top: ``asset."isEdited"`` (v2.5, with the edited renditions
+Immich's "Missing" rule asks for) and Immich v3's own ``integrity_report`` table.
 """
 
 from __future__ import annotations
@@ -37,18 +40,26 @@ class Schema:
     # SQL condition, on alias ``a``, for "Immich would show this asset and give it thumbnails".
     visible: str
     has_edited: bool
+    # asset."isEdited" (1768757482271-SwitchToIsEdited, v2.5): an edited asset needs an edited fullsize.
+    has_edited_assets: bool
     has_job_status: bool
     has_person_thumbnails: bool
     has_version_history: bool
     has_system_metadata: bool
     # Relative paths ("upload/...") were stored before ConvertToAbsolutePaths (v1.136).
     relative_paths_possible: bool
+    # Immich v3's integrity_report (1781089983296-CreateIntegrityReportTable), with the columns we read.
+    has_integrity_report: bool = False
 
     def eligible(self, alias: str = "a") -> str:
         """Immich's own rule for assets that get thumbnails (``streamForThumbnailJob`` without the
         ``asset_job_status`` join, which ``immich_assets_metadata_pending`` reports on its own)."""
         vis = self.visible.replace("a.", f"{alias}.")
         return f"{alias}.\"deletedAt\" IS NULL AND {vis} AND {alias}.type IN ('IMAGE', 'VIDEO')"
+
+
+# What the exporter reads of integrity_report; its "path" never leaves the database.
+INTEGRITY_REPORT_COLUMNS = frozenset({"type", "createdAt", "assetId", "fileAssetId"})
 
 
 async def _columns(db: Queryable, table: str, timeout: float) -> set[str]:
@@ -71,9 +82,9 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
     """Inspect the catalogue and return the era, or raise SchemaError naming what was found."""
     exists = {t: await _exists(db, t, timeout) for t in (
         "asset", "asset_file", "assets", "asset_files", "asset_job_status", "person",
-        "version_history", "system_metadata",
+        "version_history", "system_metadata", "integrity_report",
     )}
-    common = {
+    common: dict[str, bool] = {
         "has_job_status": exists["asset_job_status"],
         "has_version_history": exists["version_history"],
         "has_system_metadata": exists["system_metadata"],
@@ -87,13 +98,18 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
         _require(cols, {"id", "ownerId", "type", "originalPath", "deletedAt", "visibility", "thumbhash"}, "asset")
         _require(fcols, {"assetId", "type", "path"}, "asset_file")
         edited = "isEdited" in fcols
+        report = exists["integrity_report"] and INTEGRITY_REPORT_COLUMNS.issubset(
+            await _columns(db, "integrity_report", timeout)
+        )
         return Schema(
             era="v2.5+" if edited else "v1.136+",
             assets="asset",
             files="asset_file",
             visible="a.visibility <> 'hidden'",
             has_edited=edited,
+            has_edited_assets=edited and "isEdited" in cols,
             relative_paths_possible=False,
+            has_integrity_report=report,
             **common,
         )
     if exists["assets"] and exists["asset_files"]:
@@ -113,6 +129,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
             files="asset_files",
             visible=visible,
             has_edited=False,
+            has_edited_assets=False,
             relative_paths_possible=True,
             **common,
         )
