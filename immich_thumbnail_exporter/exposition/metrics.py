@@ -60,6 +60,8 @@ _DEFS = [
         "Jobs added to the queue, from the BullMQ event stream."),
     Def("immich_jobs_finished", "counter", ("queue", "job_name", "outcome"),
         "Jobs finished, by outcome: success, skipped, failed (Immich's return value) or error (thrown)."),
+    Def("immich_thumbnail_jobs_verified", "counter", ("queue", "job_name", "result"),
+        "Finished per-asset thumbnail jobs checked on disk and in the database, by result."),
     Def("immich_job_wait_seconds", "histogram", ("queue", "job_name"), "Time from a job being added to it starting."),
     Def("immich_job_run_seconds", "histogram", ("queue", "job_name"), "Time from a job starting to it finishing."),
     Def("immich_regeneration_requests", "counter", ("result",),
