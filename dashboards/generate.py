@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script: python dashboards/generate.py
     sys.path.insert(0, str(ROOT))
 
 from dashboards.builder import DATASOURCE, INSTANCE, Json, Layout, iter_panels  # noqa: E402
-from dashboards.sections import exporter, queues, regeneration, thumbnails  # noqa: E402
+from dashboards.sections import exporter, integrity, queues, regeneration, thumbnails  # noqa: E402
 from scripts.generated import main as generated_main  # noqa: E402
 
 UID = "immich-thumbnails"
@@ -35,6 +35,7 @@ RUNBOOKS = "https://github.com/immich-thumbnail-exporter/immich-thumbnail-export
 # The rows, top to bottom.
 SECTIONS: tuple[Callable[[Layout], None], ...] = (
     thumbnails.section,
+    integrity.section,
     queues.section,
     regeneration.section,
     exporter.section,
