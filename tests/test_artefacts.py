@@ -141,6 +141,37 @@ def test_promtool_rule_unit_tests() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def commented_rules(text: str) -> list[dict[str, Any]]:
+    """Example rules kept as comments in the rule file: each block of comment lines from
+    ``# - alert:`` to the first comment line that is not indented YAML."""
+    rules: list[dict[str, Any]] = []
+    block: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        body = line.strip()
+        if body.startswith("# - alert:"):
+            block = [body[2:]]
+        elif block and body.startswith("#   "):
+            block.append(body[2:])
+        elif block:
+            rules.extend(yaml.safe_load("\n".join(block)))
+            block = []
+    return rules
+
+
+def test_commented_example_rules_are_valid(tmp_path: Path) -> None:
+    """The example left commented out (no alert on Immich's report disagreeing with ours, by default)
+    stays a valid rule for whoever uncomments it."""
+    text = RULES.read_text(encoding="utf-8")
+    examples = commented_rules(text)
+    assert [r["alert"] for r in examples] == ["ImmichIntegrityReportDisagrees"]
+    assert "ImmichIntegrityReportDisagrees" not in {a["alert"] for a in alerts()}
+    assert examples[0]["labels"]["severity"] == "info"
+    path = tmp_path / "examples.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "examples", "rules": examples}]}), encoding="utf-8")
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_alert_is_tested_firing_and_quiet() -> None:
     firing: set[str] = set()
     quiet: set[str] = set()
