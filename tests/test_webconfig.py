@@ -804,7 +804,7 @@ BAD_CONFIGS: list[tuple[str, str, tuple[str, ...]]] = [
      "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n", ("client_allowed_sans", "empty")),
     ("only tls13 ciphers", "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
      "  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", ("only TLS 1.3 suites",)),
-    ("bad duration", "rate_limit:\n  interval: soon\n  burst: 1\n", ("rate_limit.interval", "invalid duration")),
+    ("bad duration", "rate_limit:\n  interval: soon\n  burst: 1\n", ("rate_limit.interval", "expected a duration")),
     ("negative duration", "rate_limit:\n  interval: -1s\n  burst: 1\n", ("must not be negative",)),
     ("float duration", "rate_limit:\n  interval: 1.5\n  burst: 1\n", ("rate_limit.interval", "duration")),
     ("zero burst", "rate_limit:\n  interval: 1s\n", ("rate_limit.burst", "at least 1")),
