@@ -33,7 +33,7 @@ from immich_thumbnail_exporter.exposition.webconfig.names import (
     TOP_KEYS,
     VERIFYING_AUTH_TYPES,
 )
-from immich_thumbnail_exporter.exposition.webconfig.tls import MAX_FILE_BYTES, build_context
+from immich_thumbnail_exporter.exposition.webconfig.tls import MAX_FILE_BYTES, build_context, read_small_file
 
 
 def load_web_config(path: str | None) -> WebConfig:
@@ -80,11 +80,10 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 
 def _load(path: str, problems: list[str]) -> WebConfig | None:
     try:
-        with open(path, "rb") as f:
-            content = f.read(MAX_FILE_BYTES + 1)
+        content = read_small_file(path)
     except OSError as exc:
         raise Problem(f"cannot read web configuration file: {exc.strerror or exc}") from None
-    if len(content) > MAX_FILE_BYTES:
+    if content is None:
         raise Problem(f"the file is larger than {MAX_FILE_BYTES} bytes; is it the right file?")
     try:
         data = yaml.load(content, Loader=_StrictLoader)  # a SafeLoader subclass: safe

@@ -26,13 +26,19 @@ log = logging.getLogger(__name__)
 MAX_FILE_BYTES: Final = 4 * 1024 * 1024  # the config, certificate, key and CA files are small
 
 
+def read_small_file(path: str) -> bytes | None:
+    """The file's bytes, or None when it is larger than ``MAX_FILE_BYTES`` (``/dev/zero``, a wrong path)."""
+    with open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    return data if len(data) <= MAX_FILE_BYTES else None
+
+
 def read_pem(path: str, what: str) -> bytes:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        data = read_small_file(path)
     except OSError as exc:
         raise Problem(f"tls_server_config.{what}: cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
+    if data is None:
         raise Problem(f"tls_server_config.{what}: {path} is larger than {MAX_FILE_BYTES} bytes")
     return data
 
