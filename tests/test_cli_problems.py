@@ -98,3 +98,15 @@ def test_serve_lists_the_listen_address_with_the_rest(tmp_path: Path) -> None:
         "error: log.level: expected one of debug, info, warn, error, got 'loud'",
         "error: --web.listen-address: expected host:port, got 'nonsense'",
     ]
+
+
+def test_a_malformed_configuration_file_does_not_hide_the_web_configuration_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("database:\n  host: [unclosed\n")
+    web = tmp_path / "web.yml"
+    web.write_text("basic_auth_users:\n  alice: hunter2\n")
+    res = run_cli("check-config", "--config.file", str(cfg), "--web.config.file", str(web))
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"error: {cfg}: malformed YAML at line 3"), lines
+    assert lines[1] == f"error: {web}: basic_auth_users.alice: {NOT_BCRYPT}"  # and no "not configured"

@@ -77,16 +77,21 @@ def collect(
     require_database: bool = False,
 ) -> Loaded:
     """``load_config`` without raising: the problems, and the sections valid on their own."""
+    problems: list[str] = []
     try:
         data: dict[str, Any] = read_yaml(path) if path else {}
+        named = bool(data.get("database"))
     except ConfigError as exc:
-        return Loaded(None, exc.problems)
+        # The environment and flags are still checked (they may name the web configuration file), but
+        # whether the file names a database cannot be told.
+        problems.extend(exc.problems)
+        data, named = {}, True
     env = env_overrides(os.environ if environ is None else environ)
     flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    named = bool(data.get("database")) or any(k.startswith("database.") for k in (*env, *flags))
+    named = named or any(k.startswith("database.") for k in (*env, *flags))
+    if require_database and not named:
+        problems.append(NOT_CONFIGURED)
     tree = _merge(_merge(data, _tree(env)), _tree(flags))
-
-    problems: list[str] = [] if named or not require_database else [NOT_CONFIGURED]
     tree = _secret_file_keys(tree, problems)
     sections: dict[str, Any] = {}
     known = ", ".join(SECTIONS)
