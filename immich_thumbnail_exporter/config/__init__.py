@@ -2,8 +2,9 @@
 
 ``model`` declares the sections (pydantic dataclasses: a key that is not a field is an error), ``types``
 what each field accepts, ``env`` Immich's variable names, ``load`` the merge and the validation (every
-problem listed at once, each named by its dotted path), ``durations`` the one duration parser,
-``redact`` what may be shown, ``schema`` the published JSON Schema.
+problem listed at once), ``errors`` the problem lines (each named by its dotted path), ``secret``
+file-backed secrets, ``durations`` the one duration parser, ``redact`` what may be shown, ``schema`` the
+published JSON Schema.
 """
 
 from immich_thumbnail_exporter.config.durations import Duration, duration_argument, parse_duration
