@@ -59,7 +59,7 @@ class Build:
     def sql(self, database: str) -> str:
         """The fresh install of ``release``."""
         text = release_sql(self.release)
-        return _in_database(text, database) + _kysely_rows(migrations(text))
+        return in_database(text, database) + _kysely_rows(migrations(text))
 
     def upgrade_sql(self, database: str) -> str:
         """Each later release's remaining migrations, then the version row Immich adds when it starts."""
@@ -67,13 +67,13 @@ class Build:
         out = []
         for release in self.upgrades:
             added, now = upgrade(applied, release)
-            out.append(_in_database(added, database) + _kysely_rows(now[len(applied):]))
+            out.append(in_database(added, database) + _kysely_rows(now[len(applied):]))
             out.append(f"INSERT INTO version_history (version) VALUES ('{release.lstrip('v')}');\n")
             applied = now
         return "".join(out)
 
 
-def _in_database(text: str, database: str) -> str:
+def in_database(text: str, database: str) -> str:
     return _DATABASE.sub(lambda m: f'{m.group(1)}"{database}"', text)
 
 

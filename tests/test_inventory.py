@@ -448,3 +448,37 @@ async def test_integrity_series_go_with_postgres_and_come_back() -> None:
             assert await entries() == 3
     finally:
         pg.cleanup()
+
+
+async def test_integrity_report_appears_when_immich_is_upgraded_under_a_running_exporter(
+    immich_factory: Any,
+) -> None:
+    """A v2.4.1 library upgraded to v3.1.0 by Immich's own migrations while the exporter runs: the
+    report's series appear with the table, without a restart."""
+    from tests.immich_schema import in_database, migrations, release_sql, upgrade
+
+    imm: Immich = await immich_factory("v2.4.1")
+    overrides = {"media.root": imm.media, "intervals.inventory": "1s", "intervals.files": "1h"}
+    async with running_exporter(overrides, env=imm.env()) as (_, url):
+        async def entries() -> float | None:
+            m = samples((await fetch(f"{url}/metrics"))[1])
+            if value(m, "immich_exporter_collection_success", collection="inventory") != 1:
+                return None
+            return value(m, "immich_integrity_report_entries", type="untracked_file", kind="unknown")
+
+        await wait_for(lambda: exporter_ready(url), timeout=30)
+        assert await entries() is None
+        sql, _ = upgrade(migrations(release_sql("v2.4.1")), "v3.1.0")
+        conn = await asyncpg.connect(imm.dsn)
+        try:
+            await conn.execute(in_database(sql, imm.database))
+            await conn.execute("INSERT INTO integrity_report (type, path) VALUES ('untracked_file', '/data/x')")
+        finally:
+            await conn.close()
+        await wait_for(lambda: entries(), timeout=20)
+        assert await entries() == 1
+
+
+async def exporter_ready(url: str) -> bool:
+    status, _, _ = await fetch(f"{url}/readyz")
+    return status == 200

@@ -17,6 +17,7 @@ from immich_thumbnail_exporter.exposition.metrics import gauge
 from immich_thumbnail_exporter.sources import integrity
 from immich_thumbnail_exporter.sources.integrity import IntegrityReport
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError
+from immich_thumbnail_exporter.sources.schema import has_integrity_report
 from immich_thumbnail_exporter.vocabulary import INTEGRITY_SERIES
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,13 @@ class IntegrityReader:
         self._warned = False
 
     async def families(self) -> list[Metric]:
-        schema = await self.pg.schema()
-        if not schema.has_integrity_report:
-            return []
+        if (await self.pg.schema()).files != "asset_file":
+            return []  # the table came with Immich v3, long after the singular names (v1.136)
         try:
             async with self.pg.connection() as conn:
+                # Asked each round, not taken from the cached schema: an upgrade to v3 adds the table.
+                if not await has_integrity_report(conn, self.timeout):
+                    return []
                 report = await integrity.read(conn, self.timeout)
         except QueryError as exc:
             # The server answered: PostgreSQL is up, only this table is out of reach.

@@ -73,6 +73,12 @@ async def _columns(db: Queryable, table: str, timeout: float) -> set[str]:
     return {str(r["attname"]) for r in rows}
 
 
+async def has_integrity_report(db: Queryable, timeout: float) -> bool:
+    """Whether Immich v3's integrity_report is there with the columns we read. Cheap (the catalogue
+    only), so it is asked every round: an Immich upgraded to v3 under a running exporter is seen."""
+    return INTEGRITY_REPORT_COLUMNS.issubset(await _columns(db, "integrity_report", timeout))
+
+
 async def _exists(db: Queryable, table: str, timeout: float) -> bool:
     # to_regclass() returns NULL instead of raising when the table is absent.
     return bool(await db.fetchval("SELECT to_regclass($1) IS NOT NULL", table, timeout=timeout))
@@ -98,9 +104,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
         _require(cols, {"id", "ownerId", "type", "originalPath", "deletedAt", "visibility", "thumbhash"}, "asset")
         _require(fcols, {"assetId", "type", "path"}, "asset_file")
         edited = "isEdited" in fcols
-        report = exists["integrity_report"] and INTEGRITY_REPORT_COLUMNS.issubset(
-            await _columns(db, "integrity_report", timeout)
-        )
+        report = exists["integrity_report"] and await has_integrity_report(db, timeout)
         return Schema(
             era="v2.5+" if edited else "v1.136+",
             assets="asset",
