@@ -7,7 +7,7 @@ encoded video...), ``"assetId"`` for an asset's original, neither for an untrack
 are deleted by Immich's refresh jobs, so the table is the report's current state.
 
 We read counts by type and kind of file, and the time of the newest row; never a path. Where the
-table does not exist (Immich before v3.0) there is nothing to read: see ``Schema.has_integrity_report``.
+table does not exist (Immich before v3.0) there is nothing to read: see ``schema.has_integrity_report``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ The singular names (migration ``1752267649968-StandardizeNames``) and absolute p
 (``1752759108283-ConvertToAbsolutePaths``) both shipped in v1.136.0; see docs/immich-schema.md.
 
 Besides the era, what a release may add on top: ``asset."isEdited"`` (v2.5, with the edited renditions
-Immich's "Missing" rule asks for) and Immich v3's own ``integrity_report`` table.
+Immich's "Missing" rule asks for) and Immich v3's own ``integrity_report`` table (1781089983296-
+CreateIntegrityReportTable), looked for every round by ``has_integrity_report``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ class Schema:
     has_system_metadata: bool
     # Relative paths ("upload/...") were stored before ConvertToAbsolutePaths (v1.136).
     relative_paths_possible: bool
-    # Immich v3's integrity_report (1781089983296-CreateIntegrityReportTable), with the columns we read.
-    has_integrity_report: bool = False
 
     def eligible(self, alias: str = "a") -> str:
         """Immich's own rule for assets that get thumbnails (``streamForThumbnailJob`` without the
@@ -88,7 +87,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
     """Inspect the catalogue and return the era, or raise SchemaError naming what was found."""
     exists = {t: await _exists(db, t, timeout) for t in (
         "asset", "asset_file", "assets", "asset_files", "asset_job_status", "person",
-        "version_history", "system_metadata", "integrity_report",
+        "version_history", "system_metadata",
     )}
     common: dict[str, bool] = {
         "has_job_status": exists["asset_job_status"],
@@ -104,7 +103,6 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
         _require(cols, {"id", "ownerId", "type", "originalPath", "deletedAt", "visibility", "thumbhash"}, "asset")
         _require(fcols, {"assetId", "type", "path"}, "asset_file")
         edited = "isEdited" in fcols
-        report = exists["integrity_report"] and await has_integrity_report(db, timeout)
         return Schema(
             era="v2.5+" if edited else "v1.136+",
             assets="asset",
@@ -113,7 +111,6 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
             has_edited=edited,
             has_edited_assets=edited and "isEdited" in cols,
             relative_paths_possible=False,
-            has_integrity_report=report,
             **common,
         )
     if exists["assets"] and exists["asset_files"]:
