@@ -604,7 +604,7 @@ async def test_acl_user_password_file_and_client_list_refused(
             "REDIS_HOSTNAME": "127.0.0.1", "REDIS_PORT": str(valkey.port), "REDIS_USERNAME": user,
             "REDIS_PASSWORD_FILE": str(secret), "DB_URL": immich_db.dsn,
         }, overrides={"intervals.queues": "2s"})
-        caplog.set_level(logging.WARNING, logger="immich_thumbnail_exporter.collectors.queues")
+        caplog.set_level(logging.WARNING, logger="immich_thumbnail_exporter.sources.bullmq")
         async with collection(config) as col, bull_queue(valkey) as queue:
             await add_jobs(queue, new_ids(1))
             s = flat(await collect_ok(col))
