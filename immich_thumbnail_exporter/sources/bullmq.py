@@ -334,12 +334,15 @@ class BullMQ:
             self._client_list_refused = False
         return count_workers((str(c.get("name") or "") for c in clients), self.prefix, queues)
 
-    async def jobs(self, queue: str, job_ids: Sequence[str], deadline: float) -> dict[str, JobHash]:
-        """The hashes of these jobs (one pipeline); jobs whose hash is gone map to a ``gone`` JobHash."""
+    async def jobs(
+        self, queue: str, job_ids: Sequence[str], deadline: float, times: bool = True
+    ) -> dict[str, JobHash]:
+        """The hashes of these jobs (one pipeline); jobs whose hash is gone map to a ``gone`` JobHash.
+        ``times=False`` reads ``name`` and ``data`` only (``timestamp`` then stands in as "not gone")."""
         if not job_ids:
             return {}
         keys = [self.key(queue, job_id) for job_id in job_ids]
-        fields = ["name", "data", "timestamp", "processedOn", "finishedOn"]
+        fields = ["name", "data", "timestamp", "processedOn", "finishedOn"] if times else ["name", "data"]
 
         async def _hmget(client: aioredis.Redis) -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
@@ -352,7 +355,12 @@ class BullMQ:
 
 
 def job_hash(res: Any) -> JobHash:
-    """One ``HMGET name data timestamp processedOn finishedOn`` answer as a JobHash."""
+    """One ``HMGET name data [timestamp processedOn finishedOn]`` answer as a JobHash."""
+    if isinstance(res, list) and len(res) == 2:
+        name, data = res
+        if name is None and data is None:
+            return JobHash(None, None)
+        return JobHash(name if isinstance(name, str) else None, asset_id_of(data), timestamp=0)
     if isinstance(res, Exception) or not isinstance(res, list) or len(res) != 5:
         return JobHash(None, None)
     name, data, timestamp, processed_on, finished_on = res

@@ -214,7 +214,7 @@ class JobFollower:
         return job is None or job.state == _PENDING
 
     async def _hmget(self, queue: str, ids: list[str]) -> dict[str, JobHash]:
-        hashes = await self.bullmq.jobs(queue, ids, time.monotonic() + self.source.timeout)
+        hashes = await self.bullmq.jobs(queue, ids, time.monotonic() + self.source.timeout, times=False)
         self.stats.hash_reads += len(ids)
         return hashes
 
