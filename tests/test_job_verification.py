@@ -35,7 +35,17 @@ from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import VERIFY_RESULTS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples
-from tests.test_queues import NODE_DIR, PREFIX, QUEUE, Samples, flat, node_modules, raw, value
+from tests.test_queues import (
+    NODE_DIR,
+    PREFIX,
+    QUEUE,
+    Samples,
+    _exporter_connections,
+    flat,
+    node_modules,
+    raw,
+    value,
+)
 
 JOB = "AssetGenerateThumbnails"
 EDITOR = "editor"
@@ -342,5 +352,7 @@ async def test_job_between_two_rounds_is_verified(
             s = await wait_for(scraped, 40, 0.5)
             assert results(s) == {"written": 1, "no_effect": 1, "asset_missing": 0, "not_checked": 0}
             assert value(s, "immich_exporter_source_up", source="filesystem") == 1
+            # The queue rounds' connection and the one the follower blocks on: one more, not a pool.
+            assert await _exporter_connections(valkey) <= 2
     finally:
         await thumbs.close()
