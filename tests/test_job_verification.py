@@ -44,6 +44,7 @@ from tests.test_queues import (
     flat,
     node_modules,
     raw,
+    stop_worker,
     value,
 )
 
@@ -114,12 +115,7 @@ def immich_worker(valkey: EmbeddedValkey, logs: Path, **env: str) -> Iterator[su
             time.sleep(0.05)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_worker(proc)
 
 
 async def file_rows(imm: Immich, asset_ids: list[str]) -> dict[str, list[tuple[str, str]]]:

@@ -519,13 +519,18 @@ def node_worker(valkey: EmbeddedValkey, **env: str) -> Iterator[subprocess.Popen
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_worker(proc)
+
+
+def stop_worker(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM (the worker closes itself), then SIGKILL if it takes more than 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 async def read_line(proc: subprocess.Popen[str], timeout: float = 20) -> str:
