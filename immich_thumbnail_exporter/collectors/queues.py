@@ -53,7 +53,7 @@ DISCOVERY_RETRY = 60.0  # ... while none has been found
 API_SLOW_POLL = 300.0  # API re-check after an auth error, and auth check while Redis serves the data
 VERSION_INTERVAL = 300.0
 ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreSQL's pool is busy
-NOT_CHECKED = "not checked yet"
+API_NOT_CHECKED = "not checked yet"
 
 
 class _AgeFamilies:
@@ -102,7 +102,7 @@ class QueueCollection:
         self._orphans_error: str | None = None
         self._redis_state: bool | str | None = None
         # Immich API bookkeeping
-        self._api_state: bool | str = NOT_CHECKED
+        self._api_state: bool | str = API_NOT_CHECKED
         self._api_auth_error: str | None = None
         self._api_next_poll = 0.0
         self._api_next_auth_check = 0.0
@@ -311,7 +311,7 @@ class QueueCollection:
                 log.warning("Immich API not usable: %s", message)
             self._api_state = message
             return [], message
-        if self._api_state is not True and self._api_state != NOT_CHECKED:
+        if self._api_state is not True and self._api_state != API_NOT_CHECKED:
             log.info("Immich API %s works again", api.base)
         self._api_state = True
         self._api_auth_error = None
