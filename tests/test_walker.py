@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from immich_thumbnail_exporter.scan.files import DiskWalk
 from immich_thumbnail_exporter.scan.walker import FILE, SIZE_UNKNOWN, SYMLINK
+from immich_thumbnail_exporter.scan.walkers import DiskWalk
 
 pytestmark = pytest.mark.asyncio
 
