@@ -21,7 +21,6 @@ import asyncio
 import json
 import math
 import os
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,63 +38,11 @@ from immich_thumbnail_exporter.scan.verdict import original_exists
 from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, is_asset_job
+from tests.audit import audited, outside
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
 SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
 SECRET = b"SECRET-CONTENT-" + b"x" * (SECRET_SIZE - 15)  # not a JPEG: reading it would say file_corrupt
-
-# -- an audit hook that records every file or directory opened while armed ----------------------------
-
-
-@dataclass
-class _Audit:
-    armed: bool = False
-    seen: list[tuple[str, Any, int]] = field(default_factory=list)
-
-
-_AUDIT = _Audit()
-
-
-def _hook(event: str, args: tuple[Any, ...]) -> None:
-    # Cheap when disarmed: this hook lives for the whole test session.
-    if not _AUDIT.armed:
-        return
-    if event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], str | bytes):
-        flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
-        _AUDIT.seen.append((event, args[0], flags))
-
-
-sys.addaudithook(_hook)
-
-
-class audited:
-    """Record what the code under test opens, in any thread (the walk and every look at the disk run in
-    worker threads)."""
-
-    def __enter__(self) -> list[tuple[str, Any, int]]:
-        _AUDIT.seen = []
-        _AUDIT.armed = True
-        return _AUDIT.seen
-
-    def __exit__(self, *exc: object) -> None:
-        _AUDIT.armed = False
-
-
-def outside(root_real: bytes, seen: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
-    """The accesses whose real target is not inside the media root. An ``open`` with ``O_NOFOLLOW``
-    cannot go through a link in its last component (it fails), so only its folder is resolved."""
-    bad = []
-    for event, path, flags in seen:
-        raw = os.fsencode(path)
-        if event == "open" and flags & os.O_NOFOLLOW:
-            head, _, tail = raw.rpartition(b"/")
-            real = os.path.realpath(head) + b"/" + tail
-        else:
-            real = os.path.realpath(raw)
-        if not (real == root_real or real.startswith(root_real + b"/")):
-            bad.append((event, path, flags))
-    return bad
-
 
 # -- PathMapper.relative ------------------------------------------------------------------------------
 
