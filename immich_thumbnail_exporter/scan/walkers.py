@@ -8,6 +8,11 @@ PostgreSQL counts and sorts. They send frames (paths joined by NUL, sizes, flags
 ``split``. Nothing here touches the file system in the event loop: the two top levels are listed in a
 worker thread, the rest in the helpers (or in a thread when they cannot be started).
 
+The helpers are this process's children, and asyncio's child watcher is the one that waits for them.
+``asyncio.subprocess.Process.kill`` polls the child first (``Popen.send_signal``), which reaps it when it
+has just exited and the watcher has not yet seen it: the watcher's own wait then fails and asyncio logs
+"Unknown child process pid ..., will report returncode 255". So a helper is signalled through a pidfd
+(or by pid while asyncio has not reported its exit), which never waits for it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 from array import array
 from collections.abc import AsyncIterator, Iterator
@@ -49,18 +55,27 @@ def default_walkers() -> int:
 
 
 class _Child:
-    """A walker process."""
+    """A walker process and a pidfd for it: signalled without ever being waited for here."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
+        self.pidfd: int | None = None
+        with contextlib.suppress(AttributeError, OSError):  # no pidfds (not Linux, or before 5.3)
+            self.pidfd = os.pidfd_open(proc.pid)
 
     def kill(self) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+        if self.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
+                os.kill(self.proc.pid, signal.SIGKILL)
 
     def release(self) -> None:
-        pass
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
 
 
 class DiskWalk:
