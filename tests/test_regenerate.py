@@ -29,12 +29,11 @@ import pytest_asyncio
 from aiohttp import web
 from bullmq import Queue, Worker
 
-from immich_thumbnail_exporter.collectors.base import FilesCollection
+from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import ERAS, Plan, jpeg, webp
-from immich_thumbnail_exporter.exposition.store import Result, Store
-from immich_thumbnail_exporter.model import ProblemStore
+from immich_thumbnail_exporter.model import ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.output import scan_report
 from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
 from immich_thumbnail_exporter.remediation.engine import Options, RemediationCollection, RunReport, regenerate
@@ -628,7 +627,8 @@ async def test_remediation_collection_moves_the_counters(
         assert fake.submissions() == Counter({a: 1 for a in fixable})
         result = exporter.store.result("remediation")
         assert result is not None and result.success, result
-        assert result.detail["ledger"] == {"fixed": len(fixable)}
+        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
+        assert remediation.ledger is not None and remediation.ledger.counts() == {"fixed": len(fixable)}
     assert not await problem_assets(imm) & fixable
 
 
@@ -709,27 +709,25 @@ async def test_only_the_key_users_assets_are_submitted(
 async def test_remediation_reads_problems_from_the_files_result(
     imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
-    """Bound to the exporter's store, a round takes the files collection's problems instead of scanning."""
+    """Given the files collection's problem feed, a round takes its problems instead of scanning."""
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url, **{
         "remediation.enabled": True, "remediation.verify_after": "1s", "remediation.requests_per_second": 50,
         "checks.verify_headers": True,
     })
     pg = PostgresSource(config.database)
-    files = FilesCollection(config, pg)
-    collection = RemediationCollection(config, pg)
-    store = Store(["files", "remediation"], ["postgres", "filesystem", "immich_api", "redis"])
-    collection.bind_store(store)
+    feed = ProblemFeed()
+    files = FilesCollection(config, pg, feed)
+    collection = RemediationCollection(config, pg, feed)
     try:
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert outcome.detail["candidates"] == 0 and fake.posts == []  # no files result yet: no scan of its own
+        assert fake.posts == []  # no files result yet: no scan of its own
         assert outcome.error is None
-        files_outcome = await asyncio.wait_for(files.collect(), 60)
-        store.publish(Result("files", True, 0.1, time.time(), files_outcome.parts, None, files_outcome.detail))
+        await asyncio.wait_for(files.collect(), 60)
+        snapshot = feed.latest()
+        assert snapshot is not None and {p.asset_id for p in snapshot.problems} >= fixable
         async with thumbnail_worker(imm, valkey):
             outcome = await asyncio.wait_for(collection.collect(), 30)
-            assert outcome.detail["problems_from"] == "files collection"
-            assert outcome.detail["submitted"] == len(fixable)
             assert set(fake.submissions()) == fixable
 
             async def all_fixed() -> bool:
@@ -739,7 +737,6 @@ async def test_remediation_reads_problems_from_the_files_result(
             await wait_for(all_fixed, timeout=30, interval=0.2)
         # The files result still lists the old problems; the ledger knows better: nothing is asked twice.
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert outcome.detail["submitted"] == 0
         assert fake.submissions() == Counter({a: 1 for a in fixable})
         (part,) = outcome.parts
         assert part.needs == {"immich_api", "postgres"}

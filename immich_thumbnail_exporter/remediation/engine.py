@@ -39,7 +39,7 @@ from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config, parse_duration
 from immich_thumbnail_exporter.exposition.metrics import counter
 from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import Problem, ProblemStore
+from immich_thumbnail_exporter.model import Problem, ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.remediation.check import (
     REASON_TEXT,
     AssetCheck,
@@ -789,17 +789,19 @@ class RemediationCollection:
 
     Each round: verify what earlier rounds asked for (fixed, still missing, given up), then submit at
     most ``max_per_round`` problem assets under the rate limit, recording everything in the ledger. The
-    problems come from the files collection's latest result when the exporter binds its store
-    (``bind_store``); otherwise the collection runs its own scan, at most once per ``intervals.files``.
+    problems come from the files collection's ``ProblemFeed`` when ``serve`` runs that collection;
+    otherwise the collection runs its own scan, at most once per ``intervals.files``.
 
     It never writes to Immich's database, Redis or files: it only asks Immich's API.
     """
 
     name = "remediation"
+    sources = frozenset({"postgres", "immich_api", "filesystem"})
 
-    def __init__(self, config: Config, pg: PostgresSource) -> None:
+    def __init__(self, config: Config, pg: PostgresSource, feed: ProblemFeed | None = None) -> None:
         self.config = config
         self.pg = pg
+        self.feed = feed
         rem = config.remediation
         self.interval = float(rem.interval)
         submit_time = rem.max_per_round / rem.batch_size / rem.requests_per_second
@@ -810,16 +812,11 @@ class RemediationCollection:
         self.requests: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.ledger: Ledger | None = None
-        self._store: Any = None
         self._problems: list[Problem] = []
         self._problems_at = 0.0  # when the scan behind self._problems started
         self._scanned_at = float("-inf")
         self._owner: str | None = None
         self._owner_next = 0.0
-
-    def bind_store(self, store: Any) -> None:
-        """Read problems from the files collection's results instead of scanning again."""
-        self._store = store
 
     def families(self) -> tuple[Any, ...]:
         return (
@@ -831,10 +828,9 @@ class RemediationCollection:
 
     async def collect(self) -> Outcome:
         sources: dict[str, bool | str] = {}
-        detail: dict[str, Any] = {}
         error: str | None = None
         try:
-            error = await self._round(sources, detail)
+            error = await self._round(sources)
         except (SourceError, SchemaError) as exc:
             source = exc.source if isinstance(exc, SourceError) else "postgres"
             sources[source] = str(exc)
@@ -842,14 +838,14 @@ class RemediationCollection:
         except LedgerError as exc:
             error = str(exc)
         part = Part(frozenset({"immich_api", "postgres"}), self.families())
-        return Outcome((part,), sources, detail, error)
+        return Outcome((part,), sources, error)
 
     async def _latest_problems(self, sources: dict[str, bool | str]) -> tuple[list[Problem], float] | None:
-        if self._store is not None:
-            result = self._store.result("files")
-            if result is None or not result.success:
+        if self.feed is not None:
+            snapshot = self.feed.latest()
+            if snapshot is None:
                 return None
-            return list(result.detail.get("problems", ())), result.finished_at - result.duration
+            return list(snapshot.problems), snapshot.started_at
         if time.monotonic() - self._scanned_at >= float(self.config.intervals.files):
             store = ProblemStore(50_000, keep_overflow=False)
             result = await run_scan(self.pg, self.config, store)
@@ -859,7 +855,7 @@ class RemediationCollection:
             sources["filesystem"] = True
         return self._problems, self._problems_at
 
-    async def _round(self, sources: dict[str, bool | str], detail: dict[str, Any]) -> str | None:
+    async def _round(self, sources: dict[str, bool | str]) -> str | None:
         """One round; returns an error line when the API refused the requests (the round still counts)."""
         rem = self.config.remediation
         if self.checker is None:
@@ -956,11 +952,9 @@ class RemediationCollection:
                 sources["immich_api"] = str(exc)
             except TimeoutError:
                 sources["immich_api"] = "did not answer in time"
-        detail.update(
-            pending=len(pending), candidates=len(candidates), submitted=submitted, already_queued=queued,
-            other_owner=other_owner, ledger=ledger.counts(),
-            problems_from="files collection" if self._store is not None else "own scan",
-        )
+        log.debug("remediation round: %d pending, %d candidates, %d submitted, %d already queued, "
+                  "%d owned by another user, ledger %s, problems from %s", len(pending), len(candidates),
+                  submitted, queued, other_owner, ledger.counts(), "own scan" if self.feed is None else "files")
         return error
 
     async def _key_owner(self) -> str | None:
