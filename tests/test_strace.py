@@ -152,24 +152,22 @@ def calls(trace: str) -> Iterator[Call]:
         if m is None:
             continue
         pid, name, args = int(m[1]), m[2], m[3]
-        base_m = DIRFD.match(args)
-        if base_m is not None:
-            cwd.setdefault(pid, base_m[1]) if args.startswith("AT_FDCWD") else None
-        if name in ("fchdir", "chdir"):
-            if base_m is not None:
-                cwd[pid] = base_m[1]
+        base = DIRFD.match(args)  # a directory descriptor first: the *at calls, fchdir
+        if base is not None and (args.startswith("AT_FDCWD") or name == "fchdir"):
+            cwd[pid] = base[1]
+        if name == "fchdir":
             continue
         q = QUOTED.search(args)
         if q is None:
             continue
         path = unescape(q[1])
         if not path.startswith("/"):
-            if name.endswith("at") or name in ("newfstatat", "statx", "openat2", "faccessat2"):
-                base = base_m[1] if base_m is not None else cwd.get(pid, "/")
-            else:
-                base = cwd.get(pid, str(ROOT))
-            path = os.path.join(base, path) if path else base
-        yield Call(pid, name, os.path.normpath(path))
+            folder = base[1] if base is not None else cwd.get(pid, str(ROOT))
+            path = os.path.join(folder, path) if path else folder
+        path = os.path.normpath(path)
+        if name == "chdir":
+            cwd[pid] = path
+        yield Call(pid, name, path)
 
 
 def inside(path: str, root: str) -> bool:
