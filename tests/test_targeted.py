@@ -1,7 +1,8 @@
 """The targeted check (``scan.targeted.check_assets``) against real PostgreSQL and a seeded media tree.
 
-It is the one file rule applied to given assets, so on every era it must agree, asset by asset, with the
-full scan (headers verified): the same (kind, reason) problems, the same original verdict. It reads the
+It is the one file rule applied to given assets, so on every era and real schema it must agree, asset by
+asset, with the full scan (headers verified) and the inventory's ``no_record`` rule (edited assets
+included): the same (kind, reason) problems, the same original verdict. It reads the
 database with one query per batch and never walks the tree (nothing is listed), and every look at the
 disk happens off the event loop. (``tests/test_strace.py`` shows it names nothing outside the media root.)
 """
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 
 from immich_thumbnail_exporter.config import load_config
+from immich_thumbnail_exporter.demo.seed import Plan
 from immich_thumbnail_exporter.model import ProblemStore
 from immich_thumbnail_exporter.scan.file_sql import targeted_sql
 from immich_thumbnail_exporter.scan.run import run_scan
@@ -61,7 +63,8 @@ async def _all_assets(imm: Immich) -> list[tuple[str, bool]]:
 
 
 async def test_agrees_with_the_full_scan_on_every_asset(immich_factory: Callable[..., Any], era: str) -> None:
-    imm: Immich = await immich_factory(era)
+    # With edited assets where the schema has them, one without its edited fullsize row (no_record).
+    imm: Immich = await immich_factory(era, Plan(edited_assets=3, edited_fullsize_no_record=1))
     config = load_config(None, environ={}, overrides={
         "database.url": imm.dsn, "media.root": imm.media, "checks.verify_headers": True})
     pg = CountingSource(config.database)

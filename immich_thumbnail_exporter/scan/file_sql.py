@@ -65,9 +65,13 @@ ORDER BY {normalized_sql('a."originalPath"')} COLLATE "C\""""
 
 def targeted_sql(schema: Schema) -> str:
     """The assets ``$1`` (uuid[]) with their thumbnail-type rows, in one statement:
-    ``(id, owner, type, original path, eligible, [[kind, stored path], ...])``. One primary-key probe and
-    one ``asset_file ("assetId", type)`` index range per asset."""
+    ``(id, owner, type, original path, eligible, edited, [[kind, stored path, edited], ...])`` (edited:
+    ``'true'``/``'false'``, false before v2.5). One primary-key probe and one ``asset_file ("assetId",
+    type)`` index range per asset."""
+    asset_edited = 'a."isEdited"' if schema.has_edited_assets else "false"
+    file_edited = 'f."isEdited"' if schema.has_edited else "false"
     return f"""SELECT a.id::text, a."ownerId"::text, lower(a.type), a."originalPath", ({schema.eligible("a")}),
-  ARRAY(SELECT ARRAY[f.type::text, f.path] FROM {schema.files} f
+  {asset_edited},
+  ARRAY(SELECT ARRAY[f.type::text, f.path, ({file_edited})::text] FROM {schema.files} f
         WHERE f."assetId" = a.id AND f.type IN {FILE_TYPES} ORDER BY f.type, f.path)
 FROM {schema.assets} a WHERE a.id = ANY($1::uuid[])"""

@@ -85,7 +85,8 @@ async def check_assets(
         chunk = ids[i : i + batch_size]
         async with pg.connection() as conn:
             rows = await conn.fetch(sql, [uuid.UUID(a) for a in chunk], timeout=statement_timeout)
-        assets = [AssetRow(r[0], r[1], r[2], r[3], bool(r[4]), [(f[0], f[1]) for f in r[5]]) for r in rows]
+        assets = [AssetRow(r[0], r[1], r[2], r[3], bool(r[4]), [(f[0], f[1], f[2] == "true") for f in r[6]],
+                           edited=bool(r[5])) for r in rows]
         budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
         found.update(await asyncio.wait_for(asyncio.to_thread(_judge, mapper, disk, assets, headers), budget))
     out: dict[str, AssetVerdict] = {}

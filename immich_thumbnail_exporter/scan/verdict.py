@@ -3,7 +3,9 @@
 Both the full file check (``scan/merge.py``, fed by the walk) and the targeted check of a few assets
 (``scan/targeted.py``: ``regenerate``, remediation, job verification) judge with it:
 
-* the asset has a row in ``asset_file`` for each kind it must have (``no_record`` otherwise);
+* the asset has a row in ``asset_file`` for each kind it must have (``no_record`` otherwise: Immich's
+  "Missing" rule, as ``scan/inventory.py`` counts it: a thumbnail and a preview, and an edited fullsize
+  for an edited asset);
 * each row's path is mapped onto the media root (``PathMapper``; a path that escapes it is refused);
 * what the disk holds there, in the walk's terms (``(size, flag)``: the walk's own entry, or
   ``InRoot.facts`` for a path looked at on its own), with a link followed only inside the root;
@@ -21,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.scan.inroot import MISSING, InRoot
+from immich_thumbnail_exporter.scan.inventory import EDITED_KIND
 from immich_thumbnail_exporter.scan.walker import HEAD_BAD, HEAD_UNREADABLE, KIND_MASK, UNREADABLE_DIR, UNREADABLE_FILE
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
@@ -118,14 +121,16 @@ class AssetVerdict:
 
 @dataclass(frozen=True, slots=True)
 class AssetRow:
-    """What the database says of one asset: itself and its thumbnail-type rows ``(kind, stored path)``."""
+    """What the database says of one asset: itself and its thumbnail-type rows ``(kind, stored path,
+    edited rendition)``. ``edited``: ``asset."isEdited"`` (v2.5+)."""
 
     asset_id: str
     owner_id: str
     asset_type: str
     original_path: str | None
     eligible: bool
-    files: Sequence[tuple[str, str]] = ()
+    files: Sequence[tuple[str, str, bool]] = ()
+    edited: bool = False
 
 
 def judge_asset(mapper: PathMapper, disk: InRoot, asset: AssetRow, headers: bool = True) -> AssetVerdict:
@@ -133,12 +138,16 @@ def judge_asset(mapper: PathMapper, disk: InRoot, asset: AssetRow, headers: bool
     verdict = AssetVerdict(asset.asset_id, True, asset.eligible, asset.owner_id, asset.asset_type,
                            asset.original_path, original_exists(mapper, asset.original_path, disk))
     seen: set[str] = set()
-    for kind, stored in asset.files:
+    edited_seen = False
+    for kind, stored, edited in asset.files:
         seen.add(kind)
+        edited_seen = edited_seen or (edited and kind == EDITED_KIND)
         reason = judge_file(mapper, disk, stored, headers)
         if reason is not None:
             verdict.problems.append((kind, reason, stored))
     for kind in RECORD_KINDS:
         if kind not in seen:
             verdict.problems.append((kind, "no_record", None))
+    if asset.edited and not edited_seen:
+        verdict.problems.append((EDITED_KIND, "no_record", None))  # an edited asset is shown from it
     return verdict
