@@ -111,7 +111,7 @@ async def measure_check(dsn: str, media: str, valkey_url: str, jobs: int) -> dic
     limits = Limits(checks_per_second=1e6, max_pending=jobs, settle=0.0)
     col = JobVerificationCollection(config, pg, limits)
     try:
-        await col.checker.prepare()  # schema and media location: once per process, not per job
+        await col.prepare()  # schema and media location: once per process, not per job
         await pg.close()  # its statistics flushed now, not counted below; the pool opens again when used
         await asyncio.sleep(0.5)
         before = await _commits(dsn)

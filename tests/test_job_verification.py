@@ -29,7 +29,7 @@ from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import THUMB_SIZE, webp
-from immich_thumbnail_exporter.remediation.check import AssetCheck
+from immich_thumbnail_exporter.scan.verdict import AssetVerdict
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import VERIFY_RESULTS
@@ -154,14 +154,14 @@ def _present(path: str) -> bool:
 
 
 def test_verdicts() -> None:
-    assert verdict(AssetCheck("a", exists=False)) == "asset_missing"
-    assert verdict(AssetCheck("a", exists=True, eligible=False, problems=[("thumbnail", "no_record", None)])) \
+    assert verdict(AssetVerdict("a", exists=False)) == "asset_missing"
+    assert verdict(AssetVerdict("a", exists=True, eligible=False, problems=[("thumbnail", "no_record", None)])) \
         == "asset_missing"  # hidden or trashed: Immich makes none
-    assert verdict(AssetCheck("a", exists=True, eligible=True)) == "written"
-    assert verdict(AssetCheck("a", True, True, problems=[("preview", "file_missing", "/p")])) == "no_effect"
-    assert verdict(AssetCheck("a", True, True, problems=[("thumbnail", "path_refused", "/../x")])) == "not_checked"
+    assert verdict(AssetVerdict("a", exists=True, eligible=True)) == "written"
+    assert verdict(AssetVerdict("a", True, True, problems=[("preview", "file_missing", "/p")])) == "no_effect"
+    assert verdict(AssetVerdict("a", True, True, problems=[("thumbnail", "path_refused", "/../x")])) == "not_checked"
     both = [("thumbnail", "path_refused", "/../x"), ("preview", "file_empty", "/p")]
-    assert verdict(AssetCheck("a", True, True, problems=both)) == "no_effect"
+    assert verdict(AssetVerdict("a", True, True, problems=both)) == "no_effect"
 
 
 def test_the_bounded_queue_sheds_and_the_rate_holds() -> None:

@@ -16,7 +16,8 @@ the files on disk: missing, empty, corrupt, refused path) and counts
 
 Two background tasks do the work, so a scrape or a round never waits on them: the follower
 (``sources/bullmq_follow.py``: a blocking XREAD on one Redis connection of its own) and the checker
-(batches of at most ``Limits.batch`` assets, one batch query for their rows, no walk of the tree). Both
+(``scan.targeted.check_assets``: batches of at most ``Limits.batch`` assets, one query for their rows,
+no walk of the tree). Both
 survive outages: they report the source down, back off (capped) and carry on. ``collect`` only
 publishes the counters and the sources' states.
 """
@@ -34,12 +35,13 @@ from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.metrics import counter
 from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
 from immich_thumbnail_exporter.scan.run import probe_filesystem
+from immich_thumbnail_exporter.scan.targeted import AssetVerdict, check_assets, media_mapper
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
+from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.sources.schema import Schema, SchemaError
 from immich_thumbnail_exporter.vocabulary import (
     ASSET_MISSING,
     NO_EFFECT,
@@ -67,8 +69,8 @@ class Limits:
     block: float = 1.0  # seconds one XREAD may block
 
 
-def verdict(check: AssetCheck) -> str:
-    """The result for one checked asset (``check_assets``' rule, read for a finished job)."""
+def verdict(check: AssetVerdict) -> str:
+    """The result for one checked asset (the file check's rule, ``scan.targeted``), read for a finished job."""
     if not check.exists or not check.eligible:
         return ASSET_MISSING
     problems = check.broken()
@@ -165,7 +167,7 @@ class JobVerificationCollection:
         self.redis = RedisSource(config.redis, connections=1)
         self.follower = JobFollower(self.redis, config.redis.prefix, THUMBNAIL_JOBS_BY_QUEUE, block=self.limits.block)
         self.verifier = Verifier(self.limits)
-        self.checker = Checker(config, pg)
+        self._mapping: tuple[Schema, PathMapper] | None = None
         self.root = config.media.root
         self._tasks: list[asyncio.Task[None]] = []
         # Latest state per source, as the tasks saw it (None: not used since the last round).
@@ -250,6 +252,7 @@ class JobVerificationCollection:
                 raise
             except Exception as exc:
                 self.verifier.put_back(batch)
+                self._mapping = None  # a schema change or a moved media location is looked up again
                 self._failed(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -264,9 +267,19 @@ class JobVerificationCollection:
         await probe_filesystem(self.root, FS_PROBE_TIMEOUT)
         self._set("filesystem", True)
         ids = sorted(set(asset_ids))
-        checks = await asyncio.wait_for(self.checker.check(ids), self.config.database.statement_timeout + 30)
+        timeout = float(self.config.database.statement_timeout)
+        schema, mapper = await asyncio.wait_for(self.prepare(), timeout + 30)
+        checks = await asyncio.wait_for(
+            check_assets(self.pg, schema, mapper, ids, batch_size=self.limits.batch, timeout=timeout), timeout + 30
+        )
         self._set("postgres", True)
         return {a: verdict(c) for a, c in checks.items()}
+
+    async def prepare(self) -> tuple[Schema, PathMapper]:
+        """The schema and the media mapping, looked up once (again after a failed batch)."""
+        if self._mapping is None:
+            self._mapping = (await self.pg.schema(), await media_mapper(self.pg, self.config.media))
+        return self._mapping
 
     def _failed(self, exc: BaseException) -> None:
         if isinstance(exc, QueryError):
