@@ -15,6 +15,7 @@ from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.collectors.base import Collection
 from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.inventory import InventoryCollection
+from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.http import build_app
@@ -40,6 +41,9 @@ def build_collections(config: Config, pg: PostgresSource, feed: ProblemFeed) -> 
         collections.append(FilesCollection(config, pg, feed))
     if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
         collections.append(QueueCollection(config, pg))
+    if config.collectors.queues and config.redis.enabled and config.media.root:
+        # What every thumbnail job left behind: needs the jobs (Redis), the rows and the files.
+        collections.append(JobVerificationCollection(config, pg))
     if config.remediation.enabled:
         # Without the files collection, remediation runs its own scan (at most once per intervals.files).
         collections.append(RemediationCollection(config, pg, feed if files_on else None))

@@ -22,6 +22,8 @@ KNOWN_QUEUES = (
     "thumbnailGeneration", "metadataExtraction", "videoConversion", "faceDetection", "facialRecognition",
     "smartSearch", "duplicateDetection", "backgroundTask", "storageTemplateMigration", "migration", "search",
     "sidecar", "library", "notifications", "backupDatabase", "ocr", "workflow", "editor",
+    # v3.0+: Immich's own integrity checks (missing, untracked and checksum-mismatched files).
+    "integrityCheck",
 )
 THUMBNAIL_QUEUE = "thumbnailGeneration"
 
@@ -29,6 +31,22 @@ THUMBNAIL_QUEUE = "thumbnailGeneration"
 # jobs are not per asset).
 THUMBNAIL_JOB_NAMES = frozenset({"AssetGenerateThumbnails", "generate-thumbnails", "generate-preview",
                                  "generate-thumbnail", "generate-webp-thumbnail", "generate-jpeg-thumbnail"})
+
+EDITOR_QUEUE = "editor"
+# Per-asset thumbnail jobs by the queue that carries them: the jobs whose outcome the exporter verifies.
+# Face thumbnails (``PersonGenerateThumbnail``) and queue-all jobs name no asset and are left out.
+EDIT_THUMBNAIL_JOB = "AssetEditThumbnailGeneration"
+THUMBNAIL_JOBS_BY_QUEUE = {
+    THUMBNAIL_QUEUE: THUMBNAIL_JOB_NAMES,
+    EDITOR_QUEUE: frozenset({EDIT_THUMBNAIL_JOB}),
+}
+
+# ``immich_thumbnail_jobs_verified_total{result}``: what a finished thumbnail job left behind.
+WRITTEN = "written"  # every thumbnail-type file the asset should have is there and sound
+NO_EFFECT = "no_effect"  # the job finished and a file is still missing or broken
+ASSET_MISSING = "asset_missing"  # the job named an asset that is not (or no longer) one to make thumbnails for
+NOT_CHECKED = "not_checked"  # the job's asset was not learned in time, or the check was shed under load
+VERIFY_RESULTS = (WRITTEN, NO_EFFECT, ASSET_MISSING, NOT_CHECKED)
 
 # Per-asset jobs of any queue: their ``data.id`` is an asset id. Person and face jobs
 # (``PersonGenerateThumbnail``, ``FacialRecognition``) carry other ids; deletions are not checked.
@@ -54,6 +72,11 @@ def is_asset_job(name: str | None) -> bool:
 
 # A status a job's return value may carry (``immich_jobs_finished_total{outcome}``).
 JOB_STATUSES = ("success", "skipped", "failed")
+# Every ``outcome``: ``completed`` = finished with no status reported (Immich's processor returns nothing),
+# a status where a server passes one, ``error`` = thrown (a BullMQ ``failed`` event).
+COMPLETED = "completed"
+ERROR = "error"
+JOB_OUTCOMES = (COMPLETED, *JOB_STATUSES, ERROR)
 
 
 # Immich v3's own integrity report (table ``integrity_report``): its entry types, the ``type`` label.

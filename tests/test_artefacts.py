@@ -354,8 +354,12 @@ _EXPORTER_SERIES = {
     f"immich_queue_stalled_jobs{{{_THUMBS}}}": "0x40",
     f"immich_queue_orphaned_jobs{{{_THUMBS}}}": "0x40",
     f'immich_jobs_accepted_total{{{_THUMBS},job_name="AssetGenerateThumbnails"}}': "0+10x40",
-    f'immich_jobs_finished_total{{{_THUMBS},job_name="AssetGenerateThumbnails",outcome="success"}}': "0+9x40",
+    f'immich_jobs_finished_total{{{_THUMBS},job_name="AssetGenerateThumbnails",outcome="completed"}}': "0+9x40",
     f'immich_jobs_finished_total{{{_THUMBS},job_name="AssetGenerateThumbnails",outcome="failed"}}': "0+1x40",
+    f'immich_thumbnail_jobs_verified_total{{{_THUMBS},job_name="AssetGenerateThumbnails",result="written"}}':
+        "0+8x40",
+    f'immich_thumbnail_jobs_verified_total{{{_THUMBS},job_name="AssetGenerateThumbnails",result="no_effect"}}':
+        "0+1x40",
     **{
         f'immich_job_{kind}_seconds_bucket{{{_THUMBS},job_name="AssetGenerateThumbnails",le="{le}"}}': values
         for kind in ("wait", "run")

@@ -11,7 +11,7 @@ that would show in the results if it were ever read. (``tests/test_strace.py`` w
 ``lstat`` and ``readlink`` included, of a real ``scan``.)
 
 BullMQ job hashes and event entries with missing, non-JSON, huge or absurd fields (parsed in
-``collectors/queues.py`` and ``collectors/job_events.py``) must never fail a round: pure functions are fuzzed,
+``sources/bullmq.py`` and counted in ``collectors/job_events.py``) must never fail a round: pure functions are fuzzed,
 and malformed jobs are written into a real Valkey beside good ones.
 """
 
@@ -37,7 +37,7 @@ from immich_thumbnail_exporter.scan.files import merge_stream
 from immich_thumbnail_exporter.scan.verdict import original_exists
 from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, is_asset_job
+from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, KINDS, REASONS, is_asset_job
 from tests.audit import audited, outside
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
@@ -341,6 +341,7 @@ def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify:
 
 from immich_thumbnail_exporter.collectors import job_events as bull_events  # noqa: E402
 from immich_thumbnail_exporter.collectors import queues as bull_queues  # noqa: E402
+from immich_thumbnail_exporter.sources import bullmq  # noqa: E402
 
 UUID = "0b9d2a8e-6d8c-4c6e-9d55-2f5c3a1e7b10"
 json_docs = st.recursive(
@@ -366,10 +367,10 @@ def _infinite(value: str | None) -> bool:
 @settings(max_examples=300, deadline=None)
 @given(value=field_values)
 def test_job_fields_never_raise(value: str | None) -> None:
-    asset = bull_queues._asset_id(value)
+    asset = bullmq.asset_id_of(value)
     assert asset is None or asset == UUID
-    assert bull_events.outcome_of(value) in ("success", "skipped", "failed")
-    n = bull_events.to_int(value)
+    assert bull_events.outcome_of(value) in ("completed", "success", "skipped", "failed")
+    n = bullmq.to_int(value)
     assert n is None or (isinstance(n, int) and abs(n) <= 2**53)
 
 
@@ -378,7 +379,7 @@ def test_job_fields_never_raise(value: str | None) -> None:
                                                              "immich_bull:dGh1bWJuYWlsR2VuZXJhdGlvbg==:w:x",
                                                              "immich_bull:thumbnailGeneration", "immich_bull:"])))
 def test_worker_names_never_raise(name: str) -> None:
-    queue = bull_queues.worker_queue(name, "immich_bull", {"dGh1bWJuYWlsR2VuZXJhdGlvbg==": "thumbnailGeneration"},
+    queue = bullmq.worker_queue(name, "immich_bull", {"dGh1bWJuYWlsR2VuZXJhdGlvbg==": "thumbnailGeneration"},
                                      {"thumbnailGeneration"})
     assert queue in (None, "thumbnailGeneration")
     assert is_asset_job(name) in (True, False)
@@ -404,18 +405,18 @@ def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[s
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
 
-    tracker = bull_events.EventTracker("immich_bull")
+    tracker = bull_events.JobCounters(None)  # type: ignore[arg-type]  # no lookups: nothing to read
     tracker._unknown_jobs("thumbnailGeneration", entries)
     tracker._apply("thumbnailGeneration", entries, {})
     for (_, job), n in tracker.accepted.items():
         assert n > 0 and (job == bull_events.UNKNOWN or len(job) <= bull_events.MAX_NAME_LENGTH)
     assert len({j for _, j in tracker.accepted} | {j for _, j, _ in tracker.finished}) <= bull_events.MAX_JOB_NAMES + 1
-    assert all(o in ("success", "skipped", "failed", "error") for _, _, o in tracker.finished)
+    assert all(o in JOB_OUTCOMES for _, _, o in tracker.finished)
     assert tracker.tracked_jobs <= bull_events.MAX_TRACKED_JOBS
 
     class Families(Collector):
         def collect(self) -> Any:
-            yield from tracker.families()
+            yield from tracker.families({"thumbnailGeneration": 0})
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Families())

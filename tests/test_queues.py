@@ -23,11 +23,13 @@ from bullmq import Queue, Worker
 from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
-from immich_thumbnail_exporter.collectors.queues import QueueCollection, check_connections, worker_queue
+from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, valkey_binary
+from immich_thumbnail_exporter.sources.bullmq import worker_queue
+from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
-from immich_thumbnail_exporter.vocabulary import is_asset_job
+from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for
 from tests.faultkit import freeze, thaw
 from tests.helpers import fetch, running_exporter, samples, value
@@ -205,7 +207,7 @@ async def test_waiting_jobs_without_a_worker(valkey: EmbeddedValkey, immich_db: 
         s = flat(await collect_ok(col))
         assert jobs(s, "waiting") == 5
         assert accepted(s) == 2
-        assert finished(s, "success") == 0
+        assert finished(s, "completed") == finished(s, "success") == 0
 
 
 @pytest.mark.asyncio
@@ -262,10 +264,12 @@ async def test_worker_outcomes_are_counted_exactly(valkey: EmbeddedValkey, immic
             assert value(s, "immich_queue_workers", queue=QUEUE) >= 1  # Python bullmq: one per connection
         finally:
             await worker.close()
-        assert finished(mid, "success") + finished(mid, "failed") <= 3
+        assert sum(finished(mid, o) for o in JOB_OUTCOMES) <= 3
         assert accepted(s) == 7
-        # success, success, None (no status), a non-status value -> success; "failed"; "skipped"; thrown -> error
-        assert finished(s, "success") == 4
+        # A status passed through is the outcome; None (Immich's processor) and a value that is no status
+        # are "completed": nothing was reported. A thrown error is "error".
+        assert finished(s, "success") == 2
+        assert finished(s, "completed") == 2
         assert finished(s, "failed") == 1
         assert finished(s, "skipped") == 1
         assert finished(s, "error") == 1
@@ -365,14 +369,15 @@ async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: I
         client.xadd(events_key(), {"no": "event field"})
         client.xadd(events_key(), {"event": "completed", "returnvalue": '"success"'})  # no jobId
         client.xadd(events_key(), {"event": "completed", "jobId": "9999", "returnvalue": "not json"})
+        client.xadd(events_key(), {"event": "completed", "jobId": "9997"})  # no return value at all
         client.xadd(events_key(), {"event": "failed", "jobId": "9998", "failedReason": "x"})
         client.xadd(events_key(), {"event": "something-new", "jobId": "1"})
         outcome = await collect_ok(col)
         s = flat(outcome)
         assert accepted(s) == 1
-        assert finished(s, "success", job="unknown") == 1
+        assert finished(s, "completed", job="unknown") == 2
         assert finished(s, "error", job="unknown") == 1
-        assert col.events.malformed == 2
+        assert col.counters is not None and col.counters.malformed == 2
 
 
 # -- stalled and orphaned --------------------------------------------------------------------------
@@ -515,13 +520,18 @@ def node_worker(valkey: EmbeddedValkey, **env: str) -> Iterator[subprocess.Popen
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_worker(proc)
+
+
+def stop_worker(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM (the worker closes itself), then SIGKILL if it takes more than 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 async def read_line(proc: subprocess.Popen[str], timeout: float = 20) -> str:
@@ -562,6 +572,27 @@ async def test_node_worker_is_counted(valkey: EmbeddedValkey, immich_db: Immich)
         assert value(s, "immich_queue_workers", queue=QUEUE) == 0
 
 
+@pytest.mark.asyncio
+async def test_immich_v3_integrity_queue_and_named_worker(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    """Immich v3's integrityCheck queue is followed even without the meta key SCAN looks for, and a
+    named Node worker (``<prefix>:<base64(queue)>:w:<name>``) running several jobs at once counts once."""
+    integrity = "integrityCheck"
+    raw(valkey).lpush(f"{PREFIX}:{integrity}:wait", "1")  # no meta key: found by its known name only
+    config = make_config(valkey, immich_db)
+    async with collection(config) as col:
+        s = flat(await collect_ok(col))
+        assert jobs(s, "waiting", queue=integrity) == 1
+        assert value(s, "immich_queue_workers", queue=integrity) == 0
+        with node_worker(valkey, QUEUE=integrity, WORKER_NAME="microservices", CONCURRENCY="5") as proc:
+            assert await read_line(proc) == "ready"
+            b64 = "aW50ZWdyaXR5Q2hlY2s="
+            names = [c["name"] for c in raw(valkey).client_list()]
+            assert names.count(f"{PREFIX}:{b64}:w:microservices") == 1, names
+            s = flat(await collect_ok(col))
+            assert value(s, "immich_queue_workers", queue=integrity) == 1
+            assert value(s, "immich_queue_workers", queue=QUEUE) is None  # not a queue here
+
+
 # -- Redis settings, permissions and outages -------------------------------------------------------
 
 
@@ -579,7 +610,7 @@ async def test_acl_user_password_file_and_client_list_refused(
             "REDIS_HOSTNAME": "127.0.0.1", "REDIS_PORT": str(valkey.port), "REDIS_USERNAME": user,
             "REDIS_PASSWORD_FILE": str(secret), "DB_URL": immich_db.dsn,
         }, overrides={"intervals.queues": "2s"})
-        caplog.set_level(logging.WARNING, logger="immich_thumbnail_exporter.collectors.queues")
+        caplog.set_level(logging.WARNING, logger="immich_thumbnail_exporter.sources.bullmq")
         async with collection(config) as col, bull_queue(valkey) as queue:
             await add_jobs(queue, new_ids(1))
             s = flat(await collect_ok(col))

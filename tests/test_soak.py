@@ -8,6 +8,7 @@ threads, PostgreSQL sessions and Redis connections must stay flat within a toler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -197,3 +198,105 @@ def _check_rounds(rounds: dict[str, int], series: list[Sample], idle: Resources)
     assert (end.res.fds, end.res.tasks) == (idle.fds, idle.tasks), (lines, idle)
     assert end.res.threads <= idle.threads + THREAD_SLACK, (lines, idle)
     assert max(s.pg for s in series) <= POOL and max(s.redis for s in series) <= 4, lines
+
+
+# -- a long run of thumbnail jobs: the follower and the checker stay bounded ----------------------------
+
+JOBS_SECONDS = 45.0
+JOBS_PER_SECOND = 150
+JOBS_WARM_UP = 10.0
+JOBS_RSS_SLACK = 12 * 1024 * 1024
+MAX_TRACKED = 300  # small, so the run goes through the map many times over (and evicts)
+
+PRODUCER = """
+import asyncio, json, sys, time
+from bullmq import Queue
+
+async def main():
+    url, seconds, rate, ids = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+    queue = Queue("thumbnailGeneration", {"connection": url, "prefix": "immich_bull"})
+    opts = {"attempts": 3, "removeOnComplete": True, "removeOnFail": False}
+    added, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        batch = [{"name": "AssetGenerateThumbnails", "data": {"id": ids[(added + i) % len(ids)]}, "opts": opts}
+                 for i in range(rate // 10)]
+        await queue.addBulk(batch)
+        added += len(batch)
+        await asyncio.sleep(max(0.0, t0 + added / rate - time.monotonic()))
+    await queue.close()
+    print(added, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_long_run_of_jobs_stays_bounded(immich_factory: Any, valkey: EmbeddedValkey, tmp_path: Any) -> None:
+    """Thousands of thumbnail jobs through Immich-like Node workers for most of a minute, more than they
+    keep up with: every finished job is counted exactly once, and memory, tasks, the job map (smaller than
+    the backlog) and the check queue stay bounded."""
+    from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection, Limits
+    from immich_thumbnail_exporter.config import load_config
+    from immich_thumbnail_exporter.sources.postgres import PostgresSource
+    from tests.test_job_verification import healthy_and_fixable, immich_worker
+
+    imm: Immich = await immich_factory("v1.136+", Plan(assets=120))
+    healthy, fixable = await healthy_and_fixable(imm)
+    ids = healthy[:60] + fixable + [str(uuid.uuid4()) for _ in range(20)]
+    config = load_config(None, environ={"REDIS_URL": valkey.url, "DB_URL": imm.dsn},
+                         overrides={"media.root": imm.media, "intervals.queues": "2s"})
+    pg = PostgresSource(config.database)
+    limits = Limits(checks_per_second=400, max_pending=2000, settle=0.2)
+    col = JobVerificationCollection(config, pg, limits)
+    col.follower.max_tracked = MAX_TRACKED
+    series: list[tuple[float, Resources, int, int]] = []
+    before = Resources.now()
+    try:
+        await col.collect()
+        await until(lambda: col.follower.following, 10)
+        # About 100 jobs a second between them, fewer than are added: a backlog grows past the map's size.
+        slow = {"CONCURRENCY": "8", "JOB_DELAY_MS": "150"}
+        with immich_worker(valkey, tmp_path, **slow), immich_worker(valkey, tmp_path, **slow):
+            producer = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", PRODUCER, valkey.url, str(JOBS_SECONDS), str(JOBS_PER_SECOND), json.dumps(ids),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )
+            done = asyncio.ensure_future(producer.communicate())
+            t0 = time.monotonic()
+            while not done.done():
+                await col.collect()
+                series.append((time.monotonic() - t0, Resources.now(), col.follower.tracked, len(col.verifier.pending)))
+                await asyncio.wait({done}, timeout=2.0)
+            out, err = await done
+            assert producer.returncode == 0, err.decode()[-2000:]
+            added = int(out.decode().split()[-1])
+
+            def settled() -> bool:
+                return sum(col.verifier.counts.values()) >= added and not col.verifier.pending
+
+            with contextlib.suppress(AssertionError):  # the counts are checked below, with the figures
+                await until(settled, 60, 0.2)
+        counts = {r: n for (_, _, r), n in col.verifier.counts.items()}
+    finally:
+        await col.close()
+        await pg.close()
+    end = Resources.now()
+    warm = [s for s in series if s[0] >= JOBS_WARM_UP]
+    lines = [
+        f"{added} thumbnail jobs in {JOBS_SECONDS:.0f}s through two Immich-like Node workers: {counts}; "
+        f"follower {col.follower.stats}; checker {col.verifier.batches} batches, {col.verifier.shed} shed",
+        "samples: " + "; ".join(f"{t:.0f}s {r.rss / 2**20:.1f}MiB {r.tasks}t {tr}map {p}pending"
+                               for t, r, tr, p in series),
+    ]
+    REPORT.extend(lines)
+    write_report("soak", REPORT)
+    assert len(warm) >= 5, lines
+    assert added >= JOBS_SECONDS * JOBS_PER_SECOND * 0.8, lines
+    # Every finished job counted once, under one result (the producer's jobs only: nothing else runs).
+    assert sum(counts.values()) == added, lines
+    assert counts.get("not_checked", 0) <= 0.05 * added, lines
+    assert max(tr for _, _, tr, _ in series) <= MAX_TRACKED, lines
+    assert col.follower.stats.evicted > 0, lines  # the bound was reached, and held
+    assert max(p for _, _, _, p in series) <= limits.max_pending, lines
+    assert max(r.rss for _, r, _, _ in warm) - warm[0][1].rss <= JOBS_RSS_SLACK, lines
+    assert max(r.tasks for _, r, _, _ in warm) <= warm[0][1].tasks + TASK_SLACK, lines
+    assert end.tasks <= before.tasks, (lines, before, end)  # closed: its two tasks are gone

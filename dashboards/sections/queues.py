@@ -174,19 +174,19 @@ def section(layout: Layout) -> None:
         (
             8,
             timeseries(
-                "Failed share",
-                "Share of finished jobs whose outcome was failed or error.",
+                "Verified thumbnail jobs (per second)",
+                "What each finished thumbnail job left behind, checked on disk and in the database: written, "
+                "no_effect (a file still missing or broken), asset_missing (not in the database: expected "
+                "after a restore), not_checked (asset not learned in time, or shed under load). Immich "
+                "reports no status of its own, so this is the only place a job without effect shows.",
                 [
                     target(
-                        "sum by (queue) (rate(immich_jobs_finished_total"
-                        f'{{{QUEUES},outcome=~"failed|error"}}[$__rate_interval]))'
-                        " / sum by (queue) (rate(immich_jobs_finished_total"
-                        f"{{{QUEUES}}}[$__rate_interval]))",
-                        "{{queue}}",
+                        "sum by (queue, result) "
+                        f"(rate(immich_thumbnail_jobs_verified_total{{{QUEUES}}}[$__rate_interval]))",
+                        "{{queue}} {{result}}",
                     )
                 ],
-                "percentunit",
-                max_value=1,
+                "ops",
             ),
         ),
         (

@@ -8,10 +8,10 @@ import json
 import logging
 
 from immich_thumbnail_exporter.cli.exits import EXIT_OK, fail
-from immich_thumbnail_exporter.collectors.queues import check_connections
 from immich_thumbnail_exporter.config import Config, Loaded, WebSettings, describe
 from immich_thumbnail_exporter.exposition.webconfig import WebConfigError, load_web_config
 from immich_thumbnail_exporter.scan.run import media_identity
+from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 

@@ -59,9 +59,12 @@ _DEFS = [
     Def("immich_jobs_accepted", "counter", ("queue", "job_name"),
         "Jobs added to the queue, from the BullMQ event stream."),
     Def("immich_jobs_finished", "counter", ("queue", "job_name", "outcome"),
-        "Jobs finished, by outcome: success, skipped, failed (Immich's return value) or error (thrown)."),
+        "Jobs finished, by outcome: completed (no status reported, as Immich's processor does), success, "
+        "skipped, failed (a status the server passed) or error (thrown)."),
     Def("immich_thumbnail_jobs_verified", "counter", ("queue", "job_name", "result"),
-        "Finished per-asset thumbnail jobs checked on disk and in the database, by result."),
+        "Finished per-asset thumbnail jobs, their asset checked in the database and on disk afterwards: written, "
+        "no_effect (a file still missing or broken), asset_missing (not an asset to make thumbnails for), "
+        "not_checked (asset not learned in time, or check shed under load)."),
     Def("immich_job_wait_seconds", "histogram", ("queue", "job_name"), "Time from a job being added to it starting."),
     Def("immich_job_run_seconds", "histogram", ("queue", "job_name"), "Time from a job starting to it finishing."),
     Def("immich_regeneration_requests", "counter", ("result",),

@@ -24,11 +24,11 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
-from immich_thumbnail_exporter.collectors.job_events import loads
 from immich_thumbnail_exporter.config import Config, RedisConfig
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.scan.targeted import check_assets, media_mapper
 from immich_thumbnail_exporter.scan.verdict import AssetVerdict
+from immich_thumbnail_exporter.sources.bullmq import loads
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError, describe_error

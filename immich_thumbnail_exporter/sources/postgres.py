@@ -193,9 +193,15 @@ class PostgresSource:
                 self._schema = await detect(conn, timeout=self.config.statement_timeout)
         return self._schema
 
+    def saturated(self) -> bool:
+        """True when every connection the pool may open is in use: a query now would wait behind the
+        long ones (a file check holds its connections for minutes). False before the first use."""
+        pool = self._pool
+        return pool is not None and pool.get_size() >= self.config.pool_size and pool.get_idle_size() == 0
+
     async def probe(self) -> None:
-        pool = await self.pool()
-        if pool.get_size() >= self.config.pool_size and pool.get_idle_size() == 0:
+        await self.pool()
+        if self.saturated():
             # Every connection is busy with a collection: waiting for a free one would call a merely busy
             # database down, and a frozen server would go unnoticed until a collection's deadline (minutes).
             # Ask the server itself whether it answers, without opening a session.

@@ -120,13 +120,27 @@ def is_permission_error(exc: BaseException) -> bool:
 
 
 class RedisSource:
-    """A lazily built asyncio client with timeouts on everything; rebuilt after any connection error."""
+    """The one way the exporter talks to Redis: a lazily built asyncio client with timeouts on everything,
+    rebuilt after any connection error (so a rotated password file takes effect).
+
+    Use ``await source.run(what, fn, timeout)``: ``fn`` gets the client; backend trouble comes back as
+    ``SourceError("redis", one line)``, a refused command as ``ResponseError``. Short-lived users write
+    ``async with RedisSource(config) as source: ...``.
+    """
 
     name = SOURCE
 
-    def __init__(self, config: RedisConfig) -> None:
+    def __init__(self, config: RedisConfig, connections: int = 4) -> None:
         self.config = config
+        # At most this many connections at once (a blocking XREAD needs one of its own: ``connections=1``).
+        self.connections = connections
         self._client: aioredis.Redis | None = None
+
+    async def __aenter__(self) -> RedisSource:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     @property
     def timeout(self) -> float:
@@ -163,7 +177,7 @@ class RedisSource:
             "decode_responses": True,
             "encoding_errors": "replace",
             "protocol": 2,
-            "max_connections": 4,
+            "max_connections": self.connections,
         }
         if MaintNotificationsConfig is not None:
             common["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
