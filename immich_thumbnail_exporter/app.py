@@ -16,21 +16,25 @@ from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.http import build_app
 from immich_thumbnail_exporter.exposition.store import Store
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
+from immich_thumbnail_exporter.model import ProblemFeed
 from immich_thumbnail_exporter.runtime import Runner
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 
 log = logging.getLogger(__name__)
 
 
-def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collection], list[str]]:
-    """The enabled collections and the sources they use, in display order."""
+def build_collections(
+    config: Config, pg: PostgresSource, feed: ProblemFeed | None = None
+) -> tuple[list[Collection], list[str]]:
+    """The enabled collections and the sources they use, in display order. The files collection
+    publishes its problems to ``feed``; remediation reads them there."""
     collections: list[Collection] = []
     sources = ["postgres"]
     if config.collectors.inventory:
         collections.append(InventoryCollection(config, pg))
     if config.collectors.files:
         if config.media.root:
-            collections.append(FilesCollection(config, pg))
+            collections.append(FilesCollection(config, pg, feed=feed))
             sources.append("filesystem")
         else:
             log.info("media.root is not set: the files collection is off (database checks only)")
@@ -46,15 +50,11 @@ def build_collections(config: Config, pg: PostgresSource) -> tuple[list[Collecti
             if config.immich.enabled:
                 sources.append("immich_api")
     if config.remediation.enabled:
-        try:
-            from immich_thumbnail_exporter.remediation.engine import RemediationCollection
-        except ImportError:
-            log.warning("remediation not available in this build")
-        else:
-            collections.append(RemediationCollection(config, pg))
-            if "immich_api" not in sources:
-                # Its counters need the API up: the source must exist even with the queues collection off.
-                sources.append("immich_api")
+        from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
+
+        has_files = any(c.name == "files" for c in collections)
+        collections.append(RemediationCollection(config, pg, feed if has_files else None))
+        sources.extend(s for s in sorted(RemediationCollection.needs) if s not in sources)
     return collections, sources
 
 
@@ -67,13 +67,9 @@ class Exporter:
         self.host = host
         self.port = port
         self.pg = PostgresSource(config.database)
-        collections, sources = build_collections(config, self.pg)
+        self.problems = ProblemFeed()
+        collections, sources = build_collections(config, self.pg, self.problems)
         self.store = Store([c.name for c in collections], sources)
-        for collection in collections:
-            # Remediation reads the files collection's latest problems instead of scanning a second time.
-            bind = getattr(collection, "bind_store", None)
-            if bind is not None:
-                bind(self.store)
         self.runner = Runner(
             self.store, collections, self.pg, config.media.root if "filesystem" in sources else None,
             probe_interval=min(15.0, config.intervals.queues),
@@ -82,7 +78,8 @@ class Exporter:
         self.bound_port: int | None = None
 
     async def start(self) -> None:
-        app = build_app(self.store, self.web_config)
+        has_files = "files" in self.store.collections
+        app = build_app(self.store, self.web_config, self.problems if has_files else None)
         access: dict[str, Any] = {} if self.config.log.level == "debug" else {"access_log": None}
         # Open scrapes get two seconds to finish on SIGTERM; nothing we serve takes longer.
         self._web = web.AppRunner(app, shutdown_timeout=2.0, **access)

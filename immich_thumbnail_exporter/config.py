@@ -195,6 +195,9 @@ class RemediationConfig:
     reasons: tuple[str, ...] = ("no_record", "file_missing", "file_empty", "file_corrupt")
     # How often a remediation round runs under serve (verify earlier requests, submit new ones).
     interval: Duration = Duration(60.0)
+    # After each accepted request, how long to look for a job naming each asset before calling it
+    # not_queued (Immich v3.0.0 answered 204 and queued nothing).
+    confirm_within: Duration = Duration(10.0)
 
 
 @dataclass(frozen=True)

@@ -111,3 +111,32 @@ class ProblemStore:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+
+
+@dataclass(frozen=True)
+class ProblemList:
+    """One finished file check's problems: the first ``len(problems)`` of ``total``."""
+
+    problems: tuple[Problem, ...]
+    total: int
+    truncated: bool
+    started_at: float
+    finished_at: float
+
+
+class ProblemFeed:
+    """The latest file check's problems, handed from the files collection to its readers.
+
+    Wired in ``app.py``: the files collection publishes, remediation and ``/problems`` read. Nothing
+    reads them out of the store's results.
+    """
+
+    def __init__(self) -> None:
+        self._latest: ProblemList | None = None
+
+    def publish(self, problems: ProblemList) -> None:
+        self._latest = problems
+
+    @property
+    def latest(self) -> ProblemList | None:
+        return self._latest

@@ -30,15 +30,16 @@ from aiohttp import web
 from bullmq import Queue, Worker
 
 from immich_thumbnail_exporter.collectors.base import FilesCollection
+from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import ERAS, Plan, jpeg, webp
-from immich_thumbnail_exporter.exposition.store import Result, Store
-from immich_thumbnail_exporter.model import ProblemStore
+from immich_thumbnail_exporter.model import ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.output import scan_report
-from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
-from immich_thumbnail_exporter.remediation.engine import Options, RemediationCollection, RunReport, regenerate
+from immich_thumbnail_exporter.remediation.engine import Options, regenerate
 from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
+from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
+from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
@@ -501,10 +502,18 @@ async def test_deadline_leaves_assets_still_broken_and_tracked(
     config = make_config(imm, fake, tmp_path, valkey.url)
     async with thumbnail_worker(imm, valkey, writes=False):
         report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=30, timeout=1.5))
-    assert results(report)["still_broken"] == fixable
+    assert results(report)["still_missing"] == fixable
     assert report.exit_code() == 1
     assert all("when the run ended (attempt 1 of 3)" in report.rows[a].detail for a in fixable)
-    assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}
+    # The worker took every job and wrote nothing: each attempt is over, and says so.
+    rows = ledger_rows(tmp_path)
+    ran = {a for a in fixable if report.rows[a].why == "no_effect"}
+    assert ran and all("Immich ran its job (finished at" in report.rows[a].detail for a in ran)
+    assert {rows[a]["state"] for a in ran} == {"still_missing"}
+    assert {rows[a]["why"] for a in ran} == {"no_effect"}
+    # Nothing is asked again before its window (30s) is over: the ledger keeps each one.
+    assert {r["state"] for r in rows.values()} <= {"submitted", "still_missing"}
+    assert fake.submissions() == Counter({a: 1 for a in fixable})
 
 
 async def test_interrupted_run_resumes_from_the_ledger(
@@ -709,35 +718,35 @@ async def test_only_the_key_users_assets_are_submitted(
 async def test_remediation_reads_problems_from_the_files_result(
     imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
-    """Bound to the exporter's store, a round takes the files collection's problems instead of scanning."""
+    """Given the files collection's problem feed, a round takes its problems instead of scanning."""
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url, **{
         "remediation.enabled": True, "remediation.verify_after": "1s", "remediation.requests_per_second": 50,
         "checks.verify_headers": True,
     })
     pg = PostgresSource(config.database)
-    files = FilesCollection(config, pg)
-    collection = RemediationCollection(config, pg)
-    store = Store(["files", "remediation"], ["postgres", "filesystem", "immich_api", "redis"])
-    collection.bind_store(store)
+    feed = ProblemFeed()
+    files = FilesCollection(config, pg, feed=feed)
+    collection = RemediationCollection(config, pg, feed)
     try:
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert outcome.detail["candidates"] == 0 and fake.posts == []  # no files result yet: no scan of its own
+        assert outcome.detail["candidates"] == 0 and fake.posts == []  # no file check yet: no scan of its own
         assert outcome.error is None
-        files_outcome = await asyncio.wait_for(files.collect(), 60)
-        store.publish(Result("files", True, 0.1, time.time(), files_outcome.parts, None, files_outcome.detail))
+        await asyncio.wait_for(files.collect(), 60)
+        assert feed.latest is not None and {p.asset_id for p in feed.latest.problems} >= fixable
         async with thumbnail_worker(imm, valkey):
             outcome = await asyncio.wait_for(collection.collect(), 30)
             assert outcome.detail["problems_from"] == "files collection"
             assert outcome.detail["submitted"] == len(fixable)
+            assert outcome.detail["not_queued"] == 0
             assert set(fake.submissions()) == fixable
 
             async def all_fixed() -> bool:
                 await asyncio.wait_for(collection.collect(), 30)
-                return collection.verified["fixed"] == len(fixable)
+                return collection.verified.get("fixed") == len(fixable)
 
             await wait_for(all_fixed, timeout=30, interval=0.2)
-        # The files result still lists the old problems; the ledger knows better: nothing is asked twice.
+        # The feed still lists the old problems; the ledger knows better: nothing is asked twice.
         outcome = await asyncio.wait_for(collection.collect(), 30)
         assert outcome.detail["submitted"] == 0
         assert fake.submissions() == Counter({a: 1 for a in fixable})
@@ -747,6 +756,7 @@ async def test_remediation_reads_problems_from_the_files_result(
         assert values[("immich_regeneration_requests_total", "accepted")] == collection.requests["accepted"] >= 1
         assert values[("immich_regeneration_verified_total", "fixed")] == len(fixable)
         assert values[("immich_regeneration_verified_total", "still_missing")] == 0
+        assert values[("immich_regeneration_verified_total", "not_queued")] == 0
     finally:
         await collection.close()
         await pg.close()

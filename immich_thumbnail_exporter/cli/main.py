@@ -93,10 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_regenerate_flags(parser: argparse.ArgumentParser) -> None:
-    try:
-        from immich_thumbnail_exporter.remediation.engine import add_arguments
-    except ImportError:  # the command is being built; the parser still documents the contract
-        return
+    from immich_thumbnail_exporter.cli.regenerate import add_arguments
+
     add_arguments(parser)
 
 
@@ -295,9 +293,7 @@ def cmd_check_config(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_regenerate(config: Config, args: argparse.Namespace) -> int:
-    try:
-        from immich_thumbnail_exporter.remediation.engine import run_command
-    except ImportError:
-        return _fail(["regenerate is not available in this build"])
-    return int(run_command(config, args))
+    from immich_thumbnail_exporter.cli.regenerate import run_command
+
+    return run_command(config, args)
 

@@ -16,7 +16,7 @@ from prometheus_client.core import Metric
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.metrics import gauge
 from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import InventoryCounts, Problem, ProblemStore
+from immich_thumbnail_exporter.model import InventoryCounts, ProblemFeed, ProblemList, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult, run_inventory, run_scan
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import FILE_REASONS, KINDS, RECORD_KINDS
@@ -116,13 +116,17 @@ class InventoryCollection:
 
 
 class FilesCollection:
-    """The full reconciliation of database rows with files; also the source of ``/problems``."""
+    """The full reconciliation of database rows with files; its problems go to ``feed`` (``/problems``,
+    remediation)."""
 
     name = "files"
 
-    def __init__(self, config: Config, pg: PostgresSource, problem_limit: int = 50_000) -> None:
+    def __init__(
+        self, config: Config, pg: PostgresSource, problem_limit: int = 50_000, feed: ProblemFeed | None = None
+    ) -> None:
         self.config = config
         self.pg = pg
+        self.feed = feed
         self.interval = float(config.intervals.files)
         # The file check may take long on a big library, but never longer than its own interval.
         self.timeout = float(config.intervals.files)
@@ -134,9 +138,10 @@ class FilesCollection:
         assert result.stats is not None
         part = Part(frozenset({"postgres", "filesystem"}),
                     tuple(file_families(result, self.config.checks.check_originals)))
-        problems: list[Problem] = store.in_memory()
+        if self.feed is not None:
+            self.feed.publish(ProblemList(tuple(store.in_memory()), store.total, store.truncated,
+                                          result.started_at, result.started_at + result.duration))
         detail = {
-            "problems": tuple(problems),
             "problems_total": store.total,
             "problems_truncated": store.truncated,
             "location": result.location,

@@ -22,13 +22,15 @@ from prometheus_client.exposition import choose_encoder
 from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.exposition.store import Store, StoreCollector
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
-from immich_thumbnail_exporter.model import Problem
+from immich_thumbnail_exporter.model import ProblemFeed
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 log = logging.getLogger(__name__)
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
+# The file check's problems; absent when the file check is off.
+PROBLEMS: web.AppKey[ProblemFeed] = web.AppKey("problems", ProblemFeed)
 MAX_PAGE = 10_000
 
 
@@ -100,7 +102,6 @@ def _bad_request(message: str) -> web.Response:
 
 
 async def problems(request: web.Request) -> web.Response:
-    store = request.app[STORE]
     query = request.query
     kind, reason = query.get("kind"), query.get("reason")
     if kind is not None and kind not in KINDS:
@@ -114,23 +115,24 @@ async def problems(request: web.Request) -> web.Response:
         return _bad_request("limit and offset must be integers")
     if not 0 < limit <= MAX_PAGE or offset < 0:
         return _bad_request(f"limit must be 1 to {MAX_PAGE}, offset 0 or more")
-    if "files" not in store.collections:
+    feed = request.app.get(PROBLEMS)
+    if feed is None:
         return web.json_response(
             {"error": "the file check is off: set media.root (and leave --collector.files on) to list problems"},
             status=404,
         )
-    result = store.result("files")
-    if result is None:
+    latest = feed.latest
+    if latest is None:
         return web.json_response({"error": "no file check has finished yet"}, status=503)
-    items: tuple[Problem, ...] = result.detail.get("problems", ())
+    items = latest.problems
     selected = [p for p in items if (kind is None or p.kind == kind) and (reason is None or p.reason == reason)]
     page = [p.to_dict() for p in selected[offset : offset + limit]]
     headers = {
         "X-Total-Count": str(len(selected)),
-        "X-Scan-Finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result.finished_at)),
+        "X-Scan-Finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(latest.finished_at)),
     }
-    if result.detail.get("problems_truncated"):
-        headers["X-Problems-Truncated"] = str(result.detail.get("problems_total", len(items)))
+    if latest.truncated:
+        headers["X-Problems-Truncated"] = str(latest.total)
     return web.json_response(page, headers=headers, dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
 
@@ -181,9 +183,11 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-def build_app(store: Store, web_config: WebConfig) -> web.Application:
+def build_app(store: Store, web_config: WebConfig, feed: ProblemFeed | None = None) -> web.Application:
     app = web.Application(middlewares=[web_config.middleware(frozenset({"/healthz"}))])
     app[STORE] = store
+    if feed is not None:
+        app[PROBLEMS] = feed
     app[REGISTRY] = build_registry(store)
     app[RENDERED] = []
     app.router.add_get("/metrics", metrics)
