@@ -6,15 +6,20 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from immich_thumbnail_exporter import __version__
-from immich_thumbnail_exporter.collectors.base import Collection, FilesCollection, InventoryCollection
+from immich_thumbnail_exporter.collectors.base import Collection
+from immich_thumbnail_exporter.collectors.files import FilesCollection
+from immich_thumbnail_exporter.collectors.inventory import InventoryCollection
+from immich_thumbnail_exporter.collectors.queues import QueueCollection
+from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.http import build_app
-from immich_thumbnail_exporter.exposition.store import Store
+from immich_thumbnail_exporter.exposition.store import SOURCES, Store
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
 from immich_thumbnail_exporter.model import ProblemFeed
 from immich_thumbnail_exporter.runtime import Runner
@@ -23,39 +28,28 @@ from immich_thumbnail_exporter.sources.postgres import PostgresSource
 log = logging.getLogger(__name__)
 
 
-def build_collections(
-    config: Config, pg: PostgresSource, feed: ProblemFeed | None = None
-) -> tuple[list[Collection], list[str]]:
-    """The enabled collections and the sources they use, in display order. The files collection
-    publishes its problems to ``feed``; remediation reads them there."""
+def build_collections(config: Config, pg: PostgresSource, feed: ProblemFeed) -> list[Collection]:
+    """The enabled collections; the files collection publishes its problems to ``feed``."""
     collections: list[Collection] = []
-    sources = ["postgres"]
     if config.collectors.inventory:
         collections.append(InventoryCollection(config, pg))
-    if config.collectors.files:
-        if config.media.root:
-            collections.append(FilesCollection(config, pg, feed=feed))
-            sources.append("filesystem")
-        else:
-            log.info("media.root is not set: the files collection is off (database checks only)")
+    files_on = bool(config.collectors.files and config.media.root)
+    if config.collectors.files and not files_on:
+        log.info("media.root is not set: the files collection is off (database checks only)")
+    if files_on:
+        collections.append(FilesCollection(config, pg, feed))
     if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
-        try:
-            from immich_thumbnail_exporter.collectors.queues import QueueCollection
-        except ImportError:
-            log.warning("queue collection not available in this build")
-        else:
-            collections.append(QueueCollection(config, pg))
-            if config.redis.enabled:
-                sources.append("redis")
-            if config.immich.enabled:
-                sources.append("immich_api")
+        collections.append(QueueCollection(config, pg))
     if config.remediation.enabled:
-        from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
+        # Without the files collection, remediation runs its own scan (at most once per intervals.files).
+        collections.append(RemediationCollection(config, pg, feed if files_on else None))
+    return collections
 
-        has_files = any(c.name == "files" for c in collections)
-        collections.append(RemediationCollection(config, pg, feed if has_files else None))
-        sources.extend(s for s in sorted(RemediationCollection.needs) if s not in sources)
-    return collections, sources
+
+def sources_of(collections: Sequence[Collection]) -> list[str]:
+    """The sources the collections read, PostgreSQL always (the probe watches it), in display order."""
+    used = {"postgres"}.union(*(c.sources for c in collections))
+    return [s for s in SOURCES if s in used]
 
 
 class Exporter:
@@ -68,7 +62,8 @@ class Exporter:
         self.port = port
         self.pg = PostgresSource(config.database)
         self.problems = ProblemFeed()
-        collections, sources = build_collections(config, self.pg, self.problems)
+        collections = build_collections(config, self.pg, self.problems)
+        sources = sources_of(collections)
         self.store = Store([c.name for c in collections], sources)
         self.runner = Runner(
             self.store, collections, self.pg, config.media.root if "filesystem" in sources else None,
@@ -78,8 +73,8 @@ class Exporter:
         self.bound_port: int | None = None
 
     async def start(self) -> None:
-        has_files = "files" in self.store.collections
-        app = build_app(self.store, self.web_config, self.problems if has_files else None)
+        files_on = "files" in self.store.collections
+        app = build_app(self.store, self.web_config, self.problems if files_on else None)
         access: dict[str, Any] = {} if self.config.log.level == "debug" else {"access_log": None}
         # Open scrapes get two seconds to finish on SIGTERM; nothing we serve takes longer.
         self._web = web.AppRunner(app, shutdown_timeout=2.0, **access)

@@ -62,6 +62,36 @@ class FileStats:
     problems_total: int = 0
 
 
+@dataclass(frozen=True)
+class ProblemSnapshot:
+    """The problem assets of one successful file check (kept in memory up to the collection's limit)."""
+
+    problems: tuple[Problem, ...]
+    total: int
+    truncated: bool
+    orphaned_files: int
+    started_at: float
+    finished_at: float
+
+
+class ProblemFeed:
+    """The latest file check's problems, handed at wiring time to what lists or fixes them.
+
+    ``/problems`` and remediation read it instead of reaching into another collection's result. It is
+    empty until a file check succeeds, and emptied again when one fails: a list from before an outage
+    is never served as current.
+    """
+
+    def __init__(self) -> None:
+        self._latest: ProblemSnapshot | None = None
+
+    def publish(self, snapshot: ProblemSnapshot | None) -> None:
+        self._latest = snapshot
+
+    def latest(self) -> ProblemSnapshot | None:
+        return self._latest
+
+
 class ProblemStore:
     """Problems kept in memory up to a limit, then spilled to a temporary JSON-lines file.
 
@@ -111,32 +141,3 @@ class ProblemStore:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
-
-
-@dataclass(frozen=True)
-class ProblemList:
-    """One finished file check's problems: the first ``len(problems)`` of ``total``."""
-
-    problems: tuple[Problem, ...]
-    total: int
-    truncated: bool
-    started_at: float
-    finished_at: float
-
-
-class ProblemFeed:
-    """The latest file check's problems, handed from the files collection to its readers.
-
-    Wired in ``app.py``: the files collection publishes, remediation and ``/problems`` read. Nothing
-    reads them out of the store's results.
-    """
-
-    def __init__(self) -> None:
-        self._latest: ProblemList | None = None
-
-    def publish(self, problems: ProblemList) -> None:
-        self._latest = problems
-
-    @property
-    def latest(self) -> ProblemList | None:
-        return self._latest

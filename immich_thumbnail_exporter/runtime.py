@@ -25,12 +25,6 @@ from immich_thumbnail_exporter.sources.schema import SchemaError
 
 log = logging.getLogger(__name__)
 
-# Which sources each collection depends on: a recovery of one wakes these loops.
-DEPENDS = {
-    "inventory": {"postgres"},
-    "files": {"postgres", "filesystem"},
-    "queues": {"redis", "immich_api", "postgres"},
-}
 MAX_BACKOFF = 60.0
 
 
@@ -55,9 +49,9 @@ class Runner:
         store.on_recover(self._recovered)
 
     def _recovered(self, source: str) -> None:
-        for name, event in self._wake.items():
-            if source in DEPENDS.get(name, set()):
-                event.set()
+        for collection in self.collections:
+            if source in collection.sources:
+                self._wake[collection.name].set()
 
     def start(self) -> None:
         for collection in self.collections:
@@ -97,9 +91,8 @@ class Runner:
         except TimeoutError:
             error = f"did not finish within its deadline of {collection.timeout:.0f}s"
             # A deadline hit means a backend stopped answering: say which one we were waiting on.
-            for source in DEPENDS.get(collection.name, set()):
-                if source == "postgres" and self.pg is not None:
-                    await self.pg.reset()
+            if "postgres" in collection.sources and self.pg is not None:
+                await self.pg.reset()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug, not a backend problem: keep serving, but say so loudly
@@ -113,7 +106,6 @@ class Runner:
             finished_at=time.time(),
             parts=outcome.parts if outcome else (),
             error=error,
-            detail=outcome.detail if outcome else {},
         )
         if error:
             log.warning("collection %s failed after %.1fs: %s", collection.name, duration, error)

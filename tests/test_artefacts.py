@@ -26,6 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from immich_thumbnail_exporter.exposition.metrics import DEFS, exposed_names
+from immich_thumbnail_exporter.vocabulary import KINDS, QUEUE_STATES, REASONS
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "immich-thumbnails.rules.yml"
 RULE_TESTS = sorted((ROOT / "alerts" / "tests").glob("*.yml"))
@@ -46,42 +49,6 @@ IMAGE = "ghcr.io/immich-thumbnail-exporter/immich-thumbnail-exporter:latest"
 CONFIG_PATH = "/etc/immich-thumbnail-exporter/config.yml"
 STATE_DIR = "/var/lib/immich-thumbnail-exporter"
 PORT = 9813
-
-# SPEC.md's metric table, for when SPEC.md is not next to the checkout. SPEC.md wins when found.
-FALLBACK_SPEC_METRICS = frozenset(
-    {
-        "immich_assets",
-        "immich_asset_files_missing",
-        "immich_assets_thumbhash_missing",
-        "immich_assets_metadata_pending",
-        "immich_assets_original_missing",
-        "immich_thumbnail_files",
-        "immich_thumbnail_bytes",
-        "immich_thumbnail_orphaned_files",
-        "immich_thumbnail_orphaned_bytes",
-        "immich_queue_jobs",
-        "immich_queue_paused",
-        "immich_queue_workers",
-        "immich_queue_oldest_job_age_seconds",
-        "immich_queue_stalled_jobs",
-        "immich_queue_orphaned_jobs",
-        "immich_jobs_accepted_total",
-        "immich_jobs_finished_total",
-        "immich_job_wait_seconds",
-        "immich_job_run_seconds",
-        "immich_regeneration_requests_total",
-        "immich_regeneration_verified_total",
-        "immich_server_info",
-        "immich_exporter_source_up",
-        "immich_exporter_collection_success",
-        "immich_exporter_collection_duration_seconds",
-        "immich_exporter_collection_last_success_timestamp_seconds",
-        "immich_exporter_queue_events_lost_total",
-        "immich_exporter_build_info",
-    }
-)
-FALLBACK_SPEC_HISTOGRAMS = frozenset({"immich_job_wait_seconds", "immich_job_run_seconds"})
-
 
 # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -371,17 +338,23 @@ def test_dashboard_queries_return_data(tmp_path: Path) -> None:
 # --- metric names ----------------------------------------------------------------------------------------
 
 
-def find_spec() -> Path | None:
-    for candidate in (ROOT / "shared" / "SPEC.md", ROOT.parent / "shared" / "SPEC.md", Path("/work/shared/SPEC.md")):
-        if candidate.is_file():
-            return candidate
-    return None
+# CI lays shared/ (SPEC.md, Immich's schema) beside the checkout, as the developers have it.
+SPEC_FILE = ROOT.parent / "shared" / "SPEC.md"
 
 
-def spec_metrics(text: str) -> tuple[set[str], set[str]]:
-    """Metric names and histogram names from SPEC.md's metric table."""
-    names: set[str] = set()
-    histograms: set[str] = set()
+def _leading_labels(cell: str) -> list[str]:
+    """The labels a SPEC row lists first: "`queue`, `state` (waiting, active): ..." -> queue, state."""
+    rest = re.sub(r"^histograms,\s*", "", cell)
+    labels = []
+    while m := re.match(r"`([a-z_]+)`\s*(\([^)]*\))?\s*,?\s*", rest):
+        labels.append(m.group(1))
+        rest = rest[m.end():]
+    return labels
+
+
+def spec_metrics(text: str) -> dict[str, tuple[frozenset[str], bool]]:
+    """SPEC.md's metric table: each name as exposed -> (its labels, whether it is a histogram)."""
+    table: dict[str, tuple[frozenset[str], bool]] = {}
     in_table = False
     for line in text.splitlines():
         if re.match(r"^\|\s*metric\s*\|", line):
@@ -392,39 +365,54 @@ def spec_metrics(text: str) -> tuple[set[str], set[str]]:
         if not in_table or re.match(r"^\|[\s\-|]+\|$", line):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        row = set(re.findall(r"`([a-z_:][a-z0-9_:]*)`", cells[0]))
-        names |= row
-        if len(cells) > 1 and "histogram" in cells[1].lower():
-            histograms |= row
-    return names, histograms
+        labels = frozenset(_leading_labels(cells[1])) if len(cells) > 1 else frozenset()
+        histogram = len(cells) > 1 and cells[1].lower().startswith("histogram")
+        for name in re.findall(r"`([a-z_:][a-z0-9_:]*)`", cells[0]):
+            table[name] = (labels, histogram)
+    return table
 
 
-def known_metrics() -> tuple[set[str], set[str]]:
-    spec = find_spec()
-    if spec is None:
-        return set(FALLBACK_SPEC_METRICS), set(FALLBACK_SPEC_HISTOGRAMS)
-    names, histograms = spec_metrics(spec.read_text(encoding="utf-8"))
-    assert names, f"no metric table found in {spec}"
-    return names, histograms
+def defined_metrics() -> dict[str, tuple[frozenset[str], bool]]:
+    """The exporter's own metric definitions, named as SPEC.md names them (counters with ``_total``)."""
+    return {
+        d.name + ("_total" if d.type == "counter" else ""): (frozenset(d.labels), d.type == "histogram")
+        for d in DEFS.values()
+    }
 
 
-def test_metric_names_are_in_spec() -> None:
-    names, histograms = known_metrics()
-    unknown = set()
-    for name in artefact_metrics().metric_names_used():
-        base = re.sub(r"_(bucket|sum|count)$", "", name)
-        if name not in names and not (base != name and base in histograms):
-            unknown.add(name)
-    assert unknown == set(), "metric names not in SPEC.md"
+def test_spec_table_parses() -> None:
+    table = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
+    assert table["immich_queue_oldest_job_age_seconds"] == ({"queue", "state"}, False)
+    assert table["immich_jobs_accepted_total"] == ({"queue", "job_name"}, False)
+    assert table["immich_job_run_seconds"] == ({"queue", "job_name"}, True)
+    assert table["immich_assets_metadata_pending"] == (frozenset(), False)
 
 
-def test_fallback_metric_list_matches_spec() -> None:
-    spec = find_spec()
-    if spec is None:
-        pytest.skip("SPEC.md not found next to the checkout")
-    names, histograms = spec_metrics(spec.read_text(encoding="utf-8"))
-    assert names == FALLBACK_SPEC_METRICS
-    assert histograms == FALLBACK_SPEC_HISTOGRAMS
+def test_metric_definitions_match_spec() -> None:
+    """Every metric the exporter defines is SPEC.md's, with SPEC.md's labels, and none is missing."""
+    spec = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
+    assert defined_metrics() == spec
+
+
+def test_label_values_match_spec() -> None:
+    """The label values SPEC.md lists are the vocabulary the exporter validates and emits."""
+    text = SPEC_FILE.read_text(encoding="utf-8")
+
+    def values(metric: str, label: str) -> tuple[str, ...]:
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{metric}`"))
+        m = re.search(rf"`{label}` \(([^)]*)\)", row)
+        assert m, (metric, label)
+        return tuple(v.strip() for v in m.group(1).split(","))
+
+    assert values("immich_asset_files_missing", "kind") == KINDS
+    assert values("immich_asset_files_missing", "reason") == REASONS
+    assert values("immich_queue_jobs", "state") == QUEUE_STATES
+
+
+def test_artefacts_use_defined_metrics() -> None:
+    """The alert rules and the dashboard query only what the exporter defines (or Prometheus makes)."""
+    exposed = exposed_names()
+    assert artefact_metrics().metric_names_used() - exposed == set()
 
 
 def test_metric_names_used_finds_metrics_only() -> None:

@@ -332,7 +332,7 @@ async def test_prometheus_alertmanager_end_to_end(
             except BaseException:
                 for name in exporter.store.collections:
                     res = exporter.store.result(name)
-                    detail = dict(res.detail) if res and name in ("queues", "remediation") else ""
+                    detail = res.error if res else ""
                     print(f"--- collection {name}: {res.error if res else 'not run'} {detail}")
                 print({s: (st.up, st.error) for s, st in exporter.store.sources.items()})
                 from tests.helpers import fetch as _fetch

@@ -188,7 +188,7 @@ async def test_api_only_depth(immich: FakeImmich, caplog: pytest.LogCaptureFixtu
     _same_labels(s)
     # The API knows nothing of workers, ages, stalled or orphaned jobs: those are left out, not zero.
     assert not any(k[0] in ("immich_queue_workers", "immich_queue_stalled_jobs") for k in s)
-    assert outcome.detail["server_version"] == ("v2.4.1" if immich.era == "v2.4" else "v1.132.3")
+    assert col._api_version == ("v2.4.1" if immich.era == "v2.4" else "v1.132.3")
     from_api = [r for r in caplog.records if "come from Immich's API" in r.getMessage()]
     assert len(from_api) == 1  # said once, in the logs; the labels are the same as from Redis
 

@@ -371,7 +371,7 @@ async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: I
         assert accepted(s) == 1
         assert finished(s, "success", job="unknown") == 1
         assert finished(s, "error", job="unknown") == 1
-        assert outcome.detail["events_malformed"] == 2
+        assert col.events.malformed == 2
 
 
 # -- stalled and orphaned --------------------------------------------------------------------------

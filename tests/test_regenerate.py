@@ -29,7 +29,7 @@ import pytest_asyncio
 from aiohttp import web
 from bullmq import Queue, Worker
 
-from immich_thumbnail_exporter.collectors.base import FilesCollection
+from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
@@ -637,7 +637,8 @@ async def test_remediation_collection_moves_the_counters(
         assert fake.submissions() == Counter({a: 1 for a in fixable})
         result = exporter.store.result("remediation")
         assert result is not None and result.success, result
-        assert result.detail["ledger"] == {"fixed": len(fixable)}
+        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
+        assert remediation.ledger is not None and remediation.ledger.counts() == {"fixed": len(fixable)}
     assert not await problem_assets(imm) & fixable
 
 
@@ -726,19 +727,20 @@ async def test_remediation_reads_problems_from_the_files_result(
     })
     pg = PostgresSource(config.database)
     feed = ProblemFeed()
-    files = FilesCollection(config, pg, feed=feed)
+    files = FilesCollection(config, pg, feed)
     collection = RemediationCollection(config, pg, feed)
     try:
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert outcome.detail["candidates"] == 0 and fake.posts == []  # no file check yet: no scan of its own
+        assert collection.last is not None and collection.last.candidates == 0
+        assert fake.posts == []  # no file check yet: no scan of its own
         assert outcome.error is None
         await asyncio.wait_for(files.collect(), 60)
-        assert feed.latest is not None and {p.asset_id for p in feed.latest.problems} >= fixable
+        snapshot = feed.latest()
+        assert snapshot is not None and {p.asset_id for p in snapshot.problems} >= fixable
         async with thumbnail_worker(imm, valkey):
             outcome = await asyncio.wait_for(collection.collect(), 30)
-            assert outcome.detail["problems_from"] == "files collection"
-            assert outcome.detail["submitted"] == len(fixable)
-            assert outcome.detail["not_queued"] == 0
+            assert collection.last is not None
+            assert collection.last.submitted == len(fixable) and collection.last.not_queued == 0
             assert set(fake.submissions()) == fixable
 
             async def all_fixed() -> bool:
@@ -748,7 +750,7 @@ async def test_remediation_reads_problems_from_the_files_result(
             await wait_for(all_fixed, timeout=30, interval=0.2)
         # The feed still lists the old problems; the ledger knows better: nothing is asked twice.
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert outcome.detail["submitted"] == 0
+        assert collection.last is not None and collection.last.submitted == 0
         assert fake.submissions() == Counter({a: 1 for a in fixable})
         (part,) = outcome.parts
         assert part.needs == {"immich_api", "postgres"}

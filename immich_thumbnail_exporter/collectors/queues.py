@@ -127,6 +127,11 @@ class QueueCollection:
 
     def __init__(self, config: Config, pg: PostgresSource) -> None:
         self.config = config
+        # PostgreSQL only for the orphaned-jobs lookup.
+        self.sources = frozenset(
+            {"postgres"} | ({"redis"} if config.redis.enabled else set())
+            | ({"immich_api"} if config.immich.enabled else set())
+        )
         self.pg = pg
         self.interval = float(config.intervals.queues)
         # Below the interval, so a round never runs into the next one.
@@ -160,12 +165,11 @@ class QueueCollection:
         parts: list[Part] = []
         sources: dict[str, bool | str] = {}
         errors: list[str] = []
-        detail: dict[str, Any] = {"prefix": self.prefix}
         redis_ok = False
         if self.redis is not None:
             try:
                 try:
-                    redis_parts, pg_state, redis_detail = await self._collect_redis(deadline)
+                    redis_parts, pg_state = await self._collect_redis(deadline)
                 except ResponseError as exc:
                     raise SourceError("redis", f"{self.redis.target}: {describe_redis_error(exc)}") from None
             except SourceError as exc:
@@ -180,7 +184,6 @@ class QueueCollection:
                 if self._redis_state not in (None, True):
                     log.info("Redis %s is back", self.redis.target)
                 parts.extend(redis_parts)
-                detail.update(redis_detail)
                 if pg_state is not None:
                     sources["postgres"] = pg_state
                     if pg_state is not True:
@@ -193,14 +196,12 @@ class QueueCollection:
             api_parts, api_state = await self._collect_api(depth=not redis_ok, deadline=api_deadline)
             sources["immich_api"] = api_state
             parts.extend(api_parts)
-            if self._api_version:
-                detail["server_version"] = self._api_version
             if not redis_ok and api_state is not True:
                 errors.append(f"immich_api: {api_state}")
-        return Outcome(tuple(parts), sources, detail, "; ".join(errors) or None)
+        return Outcome(tuple(parts), sources, "; ".join(errors) or None)
 
     # -- Redis ---------------------------------------------------------------------------------------
-    async def _collect_redis(self, deadline: float) -> tuple[list[Part], bool | str | None, dict[str, Any]]:
+    async def _collect_redis(self, deadline: float) -> tuple[list[Part], bool | str | None]:
         assert self.redis is not None
         source = self.redis
         if time.monotonic() >= self._next_discovery or not self.queues:
@@ -238,14 +239,7 @@ class QueueCollection:
                 (gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
                        help_suffix=suffix),),
             ))
-        detail = {
-            "queues": queues,
-            "events_read": stats.read,
-            "events_lost": stats.lost,
-            "events_malformed": self.events.malformed,
-            "jobs_tracked": self.events.tracked_jobs,
-        }
-        return parts, pg_state, detail
+        return parts, pg_state
 
     async def _discover(self, source: RedisSource, deadline: float) -> None:
         queues, complete = await discover_queues(source, self.prefix, deadline)

@@ -13,8 +13,8 @@ from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.metrics import counter
 from immich_thumbnail_exporter.exposition.store import Part
 from immich_thumbnail_exporter.model import ProblemFeed
-from immich_thumbnail_exporter.remediation.ledger import LedgerError
-from immich_thumbnail_exporter.remediation.rounds import FOLLOW_UP, Remediator
+from immich_thumbnail_exporter.remediation.ledger import Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.rounds import FOLLOW_UP, Remediator, RoundResult
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 from immich_thumbnail_exporter.vocabulary import REQUEST_RESULTS, VERIFIED_RESULTS
@@ -22,13 +22,16 @@ from immich_thumbnail_exporter.vocabulary import REQUEST_RESULTS, VERIFIED_RESUL
 
 class RemediationCollection:
     name = "remediation"
-    # Its counters are shown while these are up; it also reads Redis (the queue) when configured.
+    # Its counters are shown while these are up.
     needs = frozenset({"immich_api", "postgres"})
 
-    def __init__(self, config: Config, pg: PostgresSource, feed: ProblemFeed | None) -> None:
+    def __init__(self, config: Config, pg: PostgresSource, feed: ProblemFeed | None = None) -> None:
         """``feed``: the files collection's problems; None when there is none (a scan of its own then)."""
         self.config = config
+        # The targeted check reads the database and the media folder; the queue when Redis is configured.
+        self.sources = frozenset({"postgres", "immich_api", "filesystem", *(["redis"] if config.redis.enabled else [])})
         self.remediator = Remediator(config, pg, feed)
+        self.last: RoundResult | None = None
         rem = config.remediation
         submit_time = rem.max_per_round / rem.batch_size / rem.requests_per_second
         own_scan = float(config.intervals.files) if feed is None else 0.0
@@ -55,13 +58,16 @@ class RemediationCollection:
             counter("immich_regeneration_verified", [((r,), float(verified[r])) for r in VERIFIED_RESULTS]),
         )
 
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.remediator.ledger
+
     async def collect(self) -> Outcome:
         sources: dict[str, bool | str] = {}
-        detail: dict[str, object] = {}
         error: str | None = None
         try:
-            result = await self.remediator.round()
-            sources, detail, error = result.sources, result.detail, result.error
+            self.last = await self.remediator.round()
+            sources, error = self.last.sources, self.last.error
         except (SourceError, SchemaError) as exc:
             source = exc.source if isinstance(exc, SourceError) else "postgres"
             sources[source] = str(exc)
@@ -69,7 +75,7 @@ class RemediationCollection:
         except LedgerError as exc:
             error = str(exc)
         self._pace()
-        return Outcome((Part(self.needs, self.families()),), sources, dict(detail), error)
+        return Outcome((Part(self.needs, self.families()),), sources, error)
 
     async def close(self) -> None:
         await self.remediator.close()

@@ -28,9 +28,9 @@ from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 log = logging.getLogger(__name__)
 
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
+# None when the file check is off: /problems then says so.
+PROBLEMS: web.AppKey[ProblemFeed | None] = web.AppKey("problems")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry", CollectorRegistry)
-# The file check's problems; absent when the file check is off.
-PROBLEMS: web.AppKey[ProblemFeed] = web.AppKey("problems", ProblemFeed)
 MAX_PAGE = 10_000
 
 
@@ -102,6 +102,7 @@ def _bad_request(message: str) -> web.Response:
 
 
 async def problems(request: web.Request) -> web.Response:
+    store = request.app[STORE]
     query = request.query
     kind, reason = query.get("kind"), query.get("reason")
     if kind is not None and kind not in KINDS:
@@ -115,24 +116,26 @@ async def problems(request: web.Request) -> web.Response:
         return _bad_request("limit and offset must be integers")
     if not 0 < limit <= MAX_PAGE or offset < 0:
         return _bad_request(f"limit must be 1 to {MAX_PAGE}, offset 0 or more")
-    feed = request.app.get(PROBLEMS)
+    feed = request.app[PROBLEMS]
     if feed is None:
         return web.json_response(
             {"error": "the file check is off: set media.root (and leave --collector.files on) to list problems"},
             status=404,
         )
-    latest = feed.latest
-    if latest is None:
-        return web.json_response({"error": "no file check has finished yet"}, status=503)
-    items = latest.problems
+    snapshot = feed.latest()
+    if snapshot is None:
+        result = store.result("files")
+        error = f"the last file check failed: {result.error}" if result else "no file check has finished yet"
+        return web.json_response({"error": error}, status=503)
+    items = snapshot.problems
     selected = [p for p in items if (kind is None or p.kind == kind) and (reason is None or p.reason == reason)]
     page = [p.to_dict() for p in selected[offset : offset + limit]]
     headers = {
         "X-Total-Count": str(len(selected)),
-        "X-Scan-Finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(latest.finished_at)),
+        "X-Scan-Finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.finished_at)),
     }
-    if latest.truncated:
-        headers["X-Problems-Truncated"] = str(latest.total)
+    if snapshot.truncated:
+        headers["X-Problems-Truncated"] = str(snapshot.total)
     return web.json_response(page, headers=headers, dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
 
@@ -159,13 +162,13 @@ async def index(request: web.Request) -> web.Response:
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(state)}</td>"
             f"<td>{res.duration:.2f}s</td><td>{_when(store.last_success(name))}</td></tr>"
         )
-    files = store.result("files")
+    feed = request.app[PROBLEMS]
+    snapshot = feed.latest() if feed is not None else None
     summary = ""
-    if files is not None and files.success:
-        detail: dict[str, Any] = dict(files.detail)
+    if snapshot is not None:
         summary = (
-            f"<p>Last file check: {_when(files.finished_at)}, {detail.get('problems_total', 0)} problem "
-            f"file(s), {detail.get('orphaned_files', 0)} orphaned file(s). "
+            f"<p>Last file check: {_when(snapshot.finished_at)}, {snapshot.total} problem "
+            f"file(s), {snapshot.orphaned_files} orphaned file(s). "
             f"<a href='problems'>List the problems</a>.</p>"
         )
     page = f"""<!doctype html>
@@ -186,8 +189,7 @@ async def index(request: web.Request) -> web.Response:
 def build_app(store: Store, web_config: WebConfig, feed: ProblemFeed | None = None) -> web.Application:
     app = web.Application(middlewares=[web_config.middleware(frozenset({"/healthz"}))])
     app[STORE] = store
-    if feed is not None:
-        app[PROBLEMS] = feed
+    app[PROBLEMS] = feed
     app[REGISTRY] = build_registry(store)
     app[RENDERED] = []
     app.router.add_get("/metrics", metrics)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
@@ -21,7 +20,8 @@ from prometheus_client.registry import Collector
 from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.exposition.metrics import gauge, merge
 
-SOURCES = ("postgres", "redis", "immich_api", "filesystem")
+# Every source, in the order ``immich_exporter_source_up`` and the status page list them.
+SOURCES = ("postgres", "filesystem", "redis", "immich_api")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,6 @@ class Result:
     finished_at: float
     parts: tuple[Part, ...] = ()
     error: str | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

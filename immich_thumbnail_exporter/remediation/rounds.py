@@ -25,7 +25,6 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.model import Problem, ProblemFeed, ProblemStore
@@ -50,10 +49,17 @@ FOLLOW_UP = 5.0
 
 @dataclass
 class RoundResult:
+    """What one round did."""
+
     sources: dict[str, bool | str] = field(default_factory=dict)
-    detail: dict[str, Any] = field(default_factory=dict)
     # An error line when the API refused the requests (the round still counts).
     error: str | None = None
+    pending: int = 0  # submitted earlier, verified this round
+    candidates: int = 0  # to be submitted (before max_per_round)
+    submitted: int = 0  # accepted by Immich this round
+    not_queued: int = 0  # ... of which Immich queued nothing
+    already_queued: int = 0  # left out: a job for them waits in the queue
+    other_owner: int = 0  # left out: the API key's user does not own them
 
 
 class Remediator:
@@ -90,7 +96,7 @@ class Remediator:
 
     async def _latest_problems(self, sources: dict[str, bool | str]) -> tuple[list[Problem], float] | None:
         if self.feed is not None:
-            latest = self.feed.latest
+            latest = self.feed.latest()
             return (list(latest.problems), latest.started_at) if latest is not None else None
         if time.monotonic() - self._scanned_at >= float(self.config.intervals.files):
             store = ProblemStore(50_000, keep_overflow=False)
@@ -214,12 +220,10 @@ class Remediator:
             ledger.explain(whys, time.time())
         await self._check_api(sources)
         self.in_flight = bool(ledger.entries(AWAITING, limit=1))
-        out.detail.update(
-            pending=len(pending), candidates=len(candidates), submitted=submitted, already_queued=queued,
-            other_owner=other_owner, not_queued=not_queued, ledger=ledger.counts(),
-            problems_from="files collection" if self.feed is not None else "own scan",
-        )
-        out.error = error
+        out.error, out.pending, out.candidates = error, len(pending), len(candidates)
+        out.submitted, out.not_queued, out.already_queued, out.other_owner = submitted, not_queued, queued, other_owner
+        log.debug("remediation round: %s; ledger %s; problems from %s", out, ledger.counts(),
+                  "own scan" if self.feed is None else "the file check")
         return out
 
     async def _confirm(self, submitted: int) -> int:
