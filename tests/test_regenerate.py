@@ -1,11 +1,12 @@
-"""``regenerate`` and the ``remediation`` collection against a fake Immich API and a real BullMQ worker.
+"""``regenerate`` and the ``remediation`` collection against the demo's simulated Immich.
 
-The fake API answers ``POST /api/assets/jobs`` like Immich (204) and pushes one ``AssetGenerateThumbnails``
-job per asset into the real Valkey with the real ``bullmq`` package (prefix ``immich_bull``, queue
-``thumbnailGeneration``, ``removeOnComplete: true``, ``removeOnFail: false``). A real ``bullmq`` Worker
-plays Immich's thumbnail worker: it looks the asset up in the seeded PostgreSQL database, adds missing
-``asset_file`` rows and writes valid files (webp/jpeg magic bytes). A lazy variant accepts jobs and
-never writes anything, which is what a broken Immich looks like from outside.
+Its API (``demo/simulation/api.py``, an aiohttp double: the only fake part) answers
+``POST /api/assets/jobs`` like Immich (204) and queues real BullMQ jobs in the real Valkey (prefix
+``immich_bull``, queue ``thumbnailGeneration``, ``AssetGenerateThumbnails``, Immich's job options), or
+queues nothing for the assets it is told to drop, as Immich v3.0.0 did. Its worker (a real ``bullmq``
+Worker) plays Immich's thumbnail worker on the seeded PostgreSQL database and media folder: it writes
+valid files and rows, or (``writes=False``) completes every job with ``null`` and writes nothing, which
+is what a broken Immich looks like from outside.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import sqlite3
 import sys
-import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,14 +26,14 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
-from aiohttp import web
-from bullmq import Queue, Worker
 
 from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.demo.seed import ERAS, Plan, jpeg, webp
+from immich_thumbnail_exporter.demo.seed import ERAS, Plan
+from immich_thumbnail_exporter.demo.simulation.api import JOB_OPTS, SimulatedApi
+from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.model import ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.output import scan_report
 from immich_thumbnail_exporter.remediation.engine import Options, regenerate
@@ -41,7 +41,6 @@ from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
 from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.scan.run import run_scan
-from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
@@ -49,157 +48,10 @@ from tests.helpers import fetch, running_exporter, samples, value
 pytestmark = pytest.mark.asyncio
 
 API_KEY = "test-api-key"
-PREFIX = "immich_bull"
-QUEUE = "thumbnailGeneration"
-JOB_OPTS = {"removeOnComplete": True, "removeOnFail": False}
 # Small enough to be quick, large enough for every injected problem.
 PLAN = Plan(assets=60)
 # The singular-table era (asset, asset_file, absolute paths under /data), which the fake worker writes to.
 ERA = next(label for label, era in ERAS.items() if era.assets == "asset" and not era.relative)
-
-
-# -- a fake Immich: its API and its thumbnail worker -------------------------------------------------
-
-
-class FakeImmich:
-    """``POST /api/assets/jobs`` like Immich: 204 and one BullMQ job per asset; records every POST."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.redis_url = redis_url
-        self.mode = "ok"  # ok, 401, 403, 500
-        self.fail_after: int | None = None  # answer 500 once this many POSTs were accepted
-        # The user the API key belongs to. Like Immich, POST /api/assets/jobs then refuses (400) a request
-        # naming any asset that user does not own (``owners``). None: ownership is not checked.
-        self.key_user: str | None = None
-        self.owners: dict[str, str] = {}
-        # False: GET /api/users/me answers 403, as for a key without the user.read permission.
-        self.me_allowed = True
-        self.posts: list[tuple[float, list[str]]] = []
-        self.accepted = 0
-        self.queue = Queue(QUEUE, {"prefix": PREFIX, "connection": redis_url})
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/api/assets/jobs", self.jobs)
-        app.router.add_get("/api/server/ping", self.answer({"res": "pong"}))
-        app.router.add_get("/api/server/version", self.answer({"major": 1, "minor": 137, "patch": 3}))
-        app.router.add_get("/api/queues", self.answer([]))
-        app.router.add_get("/api/users/me", self.me)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    @staticmethod
-    def answer(doc: Any) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            return web.json_response(doc)
-
-        return handler
-
-    async def me(self, request: web.Request) -> web.Response:
-        if self.key_user is None or not self.me_allowed:
-            return web.json_response({"message": "Missing required permission: user.read", "statusCode": 403},
-                                     status=403)
-        return web.json_response({"id": self.key_user, "email": "admin@example.com", "isAdmin": True})
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await asyncio.wait_for(self._runner.cleanup(), 10)
-        await asyncio.wait_for(self.queue.close(), 10)
-
-    async def jobs(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.posts.append((time.time(), list(body.get("assetIds", []))))
-        if request.headers.get("x-api-key") != API_KEY:
-            return web.json_response({"message": "Invalid API key", "statusCode": 401}, status=401)
-        mode = self.mode
-        if self.fail_after is not None and self.accepted >= self.fail_after:
-            mode = "500"
-        if mode == "401":
-            return web.json_response({"message": "Invalid user token", "statusCode": 401}, status=401)
-        if mode == "403":
-            return web.json_response({"message": "Missing required permission: asset.update", "statusCode": 403},
-                                     status=403)
-        if mode == "500":
-            return web.json_response({"message": "Internal server error", "statusCode": 500}, status=500)
-        assert body.get("name") == "regenerate-thumbnail", body
-        if self.key_user is not None and any(self.owners.get(a) != self.key_user for a in body["assetIds"]):
-            return web.json_response({"message": "Not found or no asset.update access", "statusCode": 400},
-                                     status=400)
-        for asset_id in body["assetIds"]:
-            await asyncio.wait_for(self.queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
-        self.accepted += 1
-        return web.Response(status=204)
-
-    def submissions(self) -> Counter[str]:
-        return Counter(a for _, ids in self.posts for a in ids)
-
-
-class ThumbnailWorker:
-    """Immich's thumbnail worker, as far as files go. ``writes=False``: accepts jobs, writes nothing."""
-
-    def __init__(self, imm: Immich, redis_url: str, writes: bool = True) -> None:
-        self.imm = imm
-        self.redis_url = redis_url
-        self.writes = writes
-        self.mapper = PathMapper(imm.media, "/data")
-        self.processed: list[str] = []
-        self.pool: asyncpg.Pool | None = None
-        self.worker: Worker | None = None
-
-    async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.imm.dsn, min_size=1, max_size=2, timeout=10)
-        self.worker = Worker(QUEUE, self.process, {"prefix": PREFIX, "connection": self.redis_url,
-                                                   "concurrency": 4})
-
-    async def stop(self) -> None:
-        if self.worker is not None:
-            await asyncio.wait_for(self.worker.close(), 15)
-        if self.pool is not None:
-            await asyncio.wait_for(self.pool.close(), 10)
-
-    async def process(self, job: Any, token: str) -> str:
-        asset_id = str(job.data["id"])
-        self.processed.append(asset_id)
-        assert self.pool is not None
-        aid = uuid.UUID(asset_id)
-        async with self.pool.acquire() as conn:
-            asset = await conn.fetchrow('SELECT "ownerId"::text AS owner, "originalPath" AS original '
-                                        "FROM asset WHERE id = $1", aid, timeout=10)
-            if asset is None:
-                return "failed"  # Immich: "Thumbnail generation failed for asset <id>: not found"
-            if not self.writes:
-                return "success"
-            original = self.mapper.relative(asset["original"])
-            if original is None or not await asyncio.to_thread(os.path.exists, self.mapper.local(original)):
-                return "failed"  # Immich cannot decode a missing original
-            rows = {r["type"]: r["path"] for r in await conn.fetch(
-                'SELECT type, path FROM asset_file WHERE "assetId" = $1', aid, timeout=10)}
-            folder = f"/data/thumbs/{asset['owner']}/{asset_id[:2]}/{asset_id[2:4]}"
-            for kind, ext in (("thumbnail", "webp"), ("preview", "jpeg")):
-                if kind not in rows:
-                    rows[kind] = f"{folder}/{asset_id}_{kind}.{ext}"
-                    await conn.execute('INSERT INTO asset_file ("assetId", type, path) VALUES ($1, $2, $3)',
-                                       aid, kind, rows[kind], timeout=10)
-        await asyncio.to_thread(self.write, list(rows.values()))
-        return "success"
-
-    def write(self, paths: list[str]) -> None:
-        for path in paths:
-            rel = self.mapper.relative(path)
-            if rel is None:
-                continue
-            local = self.mapper.local(rel)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            if os.path.islink(local):
-                os.unlink(local)
-            with open(local, "wb") as fh:
-                fh.write(webp(300) if path.endswith(".webp") else jpeg(1200))
 
 
 # -- fixtures and helpers --------------------------------------------------------------------------------
@@ -212,8 +64,8 @@ async def imm(immich_factory: Any) -> Immich:
 
 
 @pytest_asyncio.fixture
-async def fake(valkey: EmbeddedValkey) -> AsyncIterator[FakeImmich]:
-    api = FakeImmich(valkey.url)
+async def fake(imm: Immich, valkey: EmbeddedValkey) -> AsyncIterator[SimulatedApi]:
+    api = SimulatedApi(imm.dsn, valkey.url, {API_KEY: None})
     await api.start()
     try:
         yield api
@@ -222,8 +74,8 @@ async def fake(valkey: EmbeddedValkey) -> AsyncIterator[FakeImmich]:
 
 
 @contextlib.asynccontextmanager
-async def thumbnail_worker(imm: Immich, valkey: EmbeddedValkey, writes: bool = True) -> AsyncIterator[ThumbnailWorker]:
-    worker = ThumbnailWorker(imm, valkey.url, writes)
+async def thumbnail_worker(imm: Immich, valkey: EmbeddedValkey, writes: bool = True) -> AsyncIterator[SimulatedWorker]:
+    worker = SimulatedWorker(imm.dsn, imm.media, valkey.url, delay=0.05, writes=writes, concurrency=4)
     await worker.start()
     try:
         yield worker
@@ -231,7 +83,7 @@ async def thumbnail_worker(imm: Immich, valkey: EmbeddedValkey, writes: bool = T
         await worker.stop()
 
 
-def make_config(imm: Immich, fake: FakeImmich, state_dir: Path, redis_url: str | None = None,
+def make_config(imm: Immich, fake: SimulatedApi, state_dir: Path, redis_url: str | None = None,
                 **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "database.url": imm.dsn,
@@ -373,7 +225,7 @@ async def test_ledger_survives_restart_and_backs_off(tmp_path: Path) -> None:
 # -- regenerate --------------------------------------------------------------------------------------------
 
 
-async def test_dry_run_submits_nothing(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+async def test_dry_run_submits_nothing(imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     state = tmp_path / "state"
     code, out, err = await cli(
@@ -399,7 +251,7 @@ async def test_dry_run_submits_nothing(imm: Immich, fake: FakeImmich, valkey: Em
     assert fake.posts == []
 
 
-async def test_skip_reasons(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+async def test_skip_reasons(imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     queued = sorted(fixable)[0]
     # Immich already has a job for this asset and no worker has taken it yet.
@@ -430,7 +282,7 @@ async def test_skip_reasons(imm: Immich, fake: FakeImmich, valkey: EmbeddedValke
 
 
 async def test_apply_wait_fixes_and_verifies(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     assert await problem_assets(imm) == fixable | no_original | symlinked
@@ -463,7 +315,7 @@ async def test_apply_wait_fixes_and_verifies(
 
 
 async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url)
@@ -496,7 +348,7 @@ async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
 
 
 async def test_deadline_leaves_assets_still_broken_and_tracked(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url)
@@ -517,7 +369,7 @@ async def test_deadline_leaves_assets_still_broken_and_tracked(
 
 
 async def test_interrupted_run_resumes_from_the_ledger(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     # Redis is left out of the configuration: only the ledger can prevent a second request.
@@ -555,7 +407,7 @@ async def test_interrupted_run_resumes_from_the_ledger(
     ("500", "POST /api/assets/jobs: HTTP 500: Internal server error"),
 ])
 async def test_api_errors_are_reported_and_nothing_is_marked_fixed(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path, mode: str, message: str
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path, mode: str, message: str
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     fake.mode = mode
@@ -585,7 +437,7 @@ async def test_api_errors_are_reported_and_nothing_is_marked_fixed(
 
 
 async def test_api_failing_midway_reports_only_real_fixes(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     fake.fail_after = 1  # the first batch is accepted, then Immich breaks
@@ -606,7 +458,7 @@ async def test_api_failing_midway_reports_only_real_fixes(
 
 
 async def test_remediation_collection_moves_the_counters(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     overrides = {
@@ -646,7 +498,7 @@ async def test_remediation_collection_moves_the_counters(
 
 
 async def test_scan_review_by_reason_and_time_estimate(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey
 ) -> None:
     _, no_original, symlinked = await expected_sets(imm)
     env = {"DB_URL": imm.dsn}
@@ -684,12 +536,13 @@ async def test_scan_review_by_reason_and_time_estimate(
 
 
 async def test_only_the_key_users_assets_are_submitted(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
-    fake.owners = await owners_of(imm)
-    fake.key_user = fake.owners[sorted(fixable)[0]]
-    mine = {a for a in fixable if fake.owners[a] == fake.key_user}
+    owners = await owners_of(imm)
+    key_user = owners[sorted(fixable)[0]]
+    fake.keys[API_KEY] = key_user  # Immich refuses (400) a request naming an asset this user does not own
+    mine = {a for a in fixable if owners[a] == key_user}
     assert 0 < len(mine) < len(fixable)
     config = make_config(imm, fake, tmp_path, valkey.url)
 
@@ -717,7 +570,7 @@ async def test_only_the_key_users_assets_are_submitted(
 
 
 async def test_remediation_reads_problems_from_the_files_result(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     """Given the files collection's problem feed, a round takes its problems instead of scanning."""
     fixable, _, _ = await expected_sets(imm)
