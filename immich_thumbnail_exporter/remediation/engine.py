@@ -48,7 +48,7 @@ from immich_thumbnail_exporter.remediation.submit import (
     by_owner,
     submit_batch,
 )
-from immich_thumbnail_exporter.remediation.why import NOT_QUEUED, SKIP_TEXT, Why, ago, attempt_over, diagnose
+from immich_thumbnail_exporter.remediation.why import NOT_QUEUED, SKIP_TEXT, Why, ago, attempt_reasons, diagnose
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
@@ -424,6 +424,9 @@ class Regenerator:
             row = self.report.rows.get(a)
             if row is not None and row.result == "submitted":
                 row.detail = f"Immich accepted the request and queued job {job_id} (not verified: use --wait)"
+        if outcomes:
+            log.warning("Immich accepted the request but queued nothing for %d asset(s): %s", len(outcomes),
+                        ", ".join(sorted(outcomes)))
         for a, outcome in outcomes.items():
             row, entry = self.report.rows.get(a), entries.get(a)
             attempts = entry.attempts if entry else 0
@@ -469,6 +472,9 @@ class Regenerator:
         checks = await self.checker.check(list(self.tracked))
         now = time.time()
         entries = self.ledger.get(list(self.tracked))
+        broken = [e for a, e in entries.items() if a in self.tracked and checks[a].exists
+                  and checks[a].original_exists is not False and checks[a].broken(self.tracked[a])]
+        why_of = await attempt_reasons(broken, self.watch, self.redis, self.prefix, opts.retry_after)
         resubmit: list[Candidate] = []
         for a, kinds in list(self.tracked.items()):
             chk, entry = checks[a], entries.get(a)
@@ -481,7 +487,7 @@ class Regenerator:
                 continue
             ok = not chk.broken(kinds)
             detail = chk.describe(kinds)
-            over, why = attempt_over(entry, self.watch)
+            over, why = why_of.get(a, (False, None))
             outcome = self.ledger.record_check(a, ok, detail, now, opts.retry_after, opts.max_attempts,
                                                over=over, why=why)
             if outcome is None:  # settled elsewhere (another process): report what the ledger says
@@ -493,8 +499,10 @@ class Regenerator:
                 continue
             if outcome == "fixed":
                 since = now - (entry.last_submitted or now) if entry else 0.0
+                before = f" (attempt {attempts}; the one before: {entry.why_text})" if (
+                    entry and attempts > 1 and entry.why_text) else ""
                 self.report.set(Row(a, "fixed", "", tuple(sorted(kinds)), attempts,
-                                    f"verified {ago(since)} after the last request"))
+                                    f"verified {ago(since)} after the last request{before}"))
                 del self.tracked[a]
             elif outcome == "gave_up":
                 why_text = f": {why.text}" if why else ""
@@ -503,6 +511,8 @@ class Regenerator:
                                     why.code if why else None))
                 del self.tracked[a]
             elif outcome in ("still_missing", "unchanged"):
+                if outcome == "still_missing" and why is not None:
+                    log.info("asset %s: %s; asked again once its window is over", a, why.text)
                 if entry is not None and now >= entry.due_at(opts.retry_after):
                     resubmit.append(Candidate(a, set(kinds), detail, owner=chk.owner_id))
             else:

@@ -11,8 +11,9 @@ asking again too early:
   window an asset that is still broken is given up, with the reason.
 * claims run in ``BEGIN IMMEDIATE`` transactions, so ``serve`` and a ``regenerate`` run sharing the
   state directory never both submit one asset.
-* each attempt keeps the job Immich queued for it (``job_id``) and, while the asset is still broken,
-  why (``why``: a ``vocabulary.WHY`` code, ``why_text``: the sentence the reports show).
+* each attempt keeps the job Immich queued for it (``job_id``); why the last attempt that ended left the
+  asset broken stays until it is fixed (``why``: a ``vocabulary.WHY`` code, ``why_text``: the sentence
+  the reports show).
 
 Files written before those columns existed (schema version 1) are upgraded in place when opened for
 writing and read as they are (the new columns empty) when opened read-only.
@@ -309,7 +310,7 @@ class Ledger:
                 db.execute(
                     "UPDATE asset SET state = 'submitting', attempts = ?, kinds = ?, first_submitted = ?, "
                     "last_submitted = ?, last_outcome = 'submitting', gave_up_reason = NULL, fixed_at = NULL, "
-                    "job_id = NULL, why = NULL, why_text = NULL, updated = ? WHERE asset_id = ?",
+                    "job_id = NULL, updated = ? WHERE asset_id = ?",
                     (attempts + 1, ",".join(sorted(wanted)), now if first is None else first, now, now, asset_id),
                 )
                 claimed.append(Claim(asset_id, e.state, e.attempts, e.first_submitted, e.last_submitted))

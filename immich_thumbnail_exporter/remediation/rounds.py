@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.model import Problem, ProblemFeed, ProblemStore
-from immich_thumbnail_exporter.remediation.check import Checker
+from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
-from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
-from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_over, diagnose
+from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_reasons
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
@@ -127,76 +127,21 @@ class Remediator:
             self.ledger = Ledger(rem.state_dir)
             self.confirmer = Confirmer(self.watch, self.ledger, float(rem.confirm_within), rem.max_attempts)
         ledger, out = self.ledger, RoundResult()
-        sources = out.sources
-        redis_ok = await self._follow_jobs(sources)
-        now = time.time()
+        redis_ok = await self._follow_jobs(out.sources)
         pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
-        latest = await self._latest_problems(sources)
-        reasons, kinds = set(rem.reasons), set(rem.kinds)
-        wanted: dict[str, set[str]] = {}
-        owners: dict[str, str] = {}
-        scan_at = 0.0
-        if latest is not None:
-            problems, scan_at = latest
-            for p in problems:
-                if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
-                    wanted.setdefault(p.asset_id, set()).add(p.kind)
-                    owners[p.asset_id] = p.owner_id
-        entries = ledger.get(wanted)
-        pending_ids = {e.asset_id for e in pending}
+        wanted, owners, scan_at = await self._wanted(out.sources)
         # Leave out what Immich already has queued and what the key may not touch *before* choosing
         # this round's share: otherwise the same first few would be picked, and skipped, every round.
         queued_ids: set[str] = set()
         if (wanted or pending) and redis_ok and self.redis is not None:
             queued_ids = set((await queued_assets(self.redis, self.prefix)).assets)
         owner = await self._key_owner() if wanted else None
-        queued = other_owner = 0
-        fresh: list[str] = []
-        for a in sorted(wanted):
-            e = entries.get(a)
-            if a in pending_ids:
-                continue
-            if a in queued_ids:
-                queued += 1
-                continue
-            if owner is not None and owners.get(a, owner) != owner:
-                other_owner += 1
-                continue
-            if e is None or (e.state in RETRYABLE and e.attempts < rem.max_attempts
-                             and now >= e.due_at(rem.verify_after)):
-                fresh.append(a)
-            elif e.state == "fixed" and (e.fixed_at or 0) < scan_at:
-                fresh.append(a)  # fixed, then a later scan found it broken again
-            if len(fresh) >= rem.max_per_round * 2:
-                break
-        checks = await self.checker.check([*pending_ids, *fresh])
-        sources["postgres"] = True
-        candidates: list[Candidate] = []
-        explain: dict[str, str | None] = {}  # settled broken this round without a reason yet -> job id
-        if self.watch is not None:
-            for e in pending:
-                if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
-                    self.watch.adopt(e.asset_id, e.job_id)
-        for e in pending:
-            chk = checks[e.asset_id]
-            if not chk.exists or chk.original_exists is False:
-                ledger.give_up(e.asset_id, SKIP_TEXT["not_in_database"] if not chk.exists else
-                               "original file is missing", now)
-                self.verified["gave_up"] += 1
-                continue
-            ek = e.kinds or kinds
-            over, why = attempt_over(e, self.watch)
-            outcome = ledger.record_check(e.asset_id, not chk.broken(ek), chk.describe(ek), now,
-                                          rem.verify_after, rem.max_attempts, over=over, why=why)
-            if outcome in VERIFIED_RESULTS:
-                self.verified[outcome] += 1
-                if outcome != "fixed" and why is None:
-                    explain[e.asset_id] = e.job_id
-            if (outcome in ("still_missing", "unchanged") and e.attempts < rem.max_attempts
-                    and now >= e.due_at(rem.verify_after) and e.asset_id not in queued_ids):
-                candidates.append(Candidate(e.asset_id, set(ek), chk.describe(ek), owner=chk.owner_id))
-            elif outcome in ("still_missing", "unchanged") and e.asset_id in queued_ids:
-                queued += 1
+        fresh = self._fresh(wanted, owners, scan_at, {e.asset_id for e in pending}, queued_ids, owner, out)
+        checks = await self.checker.check([*(e.asset_id for e in pending), *fresh])
+        out.sources["postgres"] = True
+        candidates = await self._verify(pending, checks, queued_ids, out)
+        kinds, reasons = set(rem.kinds), set(rem.reasons)
+        entries = ledger.get(fresh)
         for a in fresh:
             chk = checks[a]
             if not chk.exists or not chk.eligible or chk.original_exists is False:
@@ -212,19 +157,106 @@ class Remediator:
         if owner is not None:
             before = len(candidates)
             candidates = [c for c in candidates if c.owner in (None, owner)]
-            other_owner += before - len(candidates)
-        submitted, error = await self._submit(candidates[: rem.max_per_round], sources)
-        not_queued = await self._confirm(submitted)
-        if explain and redis_ok:
-            whys = await diagnose(self.redis, self.prefix, explain, self.watch)
-            ledger.explain(whys, time.time())
-        await self._check_api(sources)
+            out.other_owner += before - len(candidates)
+        out.pending, out.candidates = len(pending), len(candidates)
+        out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out.sources)
+        out.not_queued = await self._confirm(out.submitted)
+        await self._check_api(out.sources)
         self.in_flight = bool(ledger.entries(AWAITING, limit=1))
-        out.error, out.pending, out.candidates = error, len(pending), len(candidates)
-        out.submitted, out.not_queued, out.already_queued, out.other_owner = submitted, not_queued, queued, other_owner
         log.debug("remediation round: %s; ledger %s; problems from %s", out, ledger.counts(),
                   "own scan" if self.feed is None else "the file check")
         return out
+
+    async def _wanted(self, sources: dict[str, bool | str]) -> tuple[dict[str, set[str]], dict[str, str], float]:
+        """The latest problems remediation may act on: asset -> kinds, asset -> owner, and when they were seen."""
+        rem = self.config.remediation
+        latest = await self._latest_problems(sources)
+        reasons, kinds = set(rem.reasons), set(rem.kinds)
+        wanted: dict[str, set[str]] = {}
+        owners: dict[str, str] = {}
+        if latest is None:
+            return wanted, owners, 0.0
+        problems, scan_at = latest
+        for p in problems:
+            if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
+                wanted.setdefault(p.asset_id, set()).add(p.kind)
+                owners[p.asset_id] = p.owner_id
+        return wanted, owners, scan_at
+
+    def _fresh(
+        self,
+        wanted: dict[str, set[str]],
+        owners: dict[str, str],
+        scan_at: float,
+        pending: set[str],
+        queued_ids: set[str],
+        owner: str | None,
+        out: RoundResult,
+    ) -> list[str]:
+        """Problem assets that may be asked for now (never asked, or due again), at most twice a round's share."""
+        assert self.ledger is not None
+        rem = self.config.remediation
+        now = time.time()
+        entries = self.ledger.get(wanted)
+        fresh: list[str] = []
+        for a in sorted(wanted):
+            e = entries.get(a)
+            if a in pending:
+                continue
+            if a in queued_ids:
+                out.already_queued += 1
+                continue
+            if owner is not None and owners.get(a, owner) != owner:
+                out.other_owner += 1
+                continue
+            if e is None or (e.state in RETRYABLE and e.attempts < rem.max_attempts
+                             and now >= e.due_at(rem.verify_after)):
+                fresh.append(a)
+            elif e.state == "fixed" and (e.fixed_at or 0) < scan_at:
+                fresh.append(a)  # fixed, then a later scan found it broken again
+            if len(fresh) >= rem.max_per_round * 2:
+                break
+        return fresh
+
+    async def _verify(
+        self, pending: list[Entry], checks: dict[str, AssetCheck], queued_ids: set[str], out: RoundResult
+    ) -> list[Candidate]:
+        """Settle what earlier rounds asked for; return those to ask for again now."""
+        assert self.ledger is not None
+        ledger, rem = self.ledger, self.config.remediation
+        kinds = set(rem.kinds)
+        now = time.time()
+        if self.watch is not None:
+            for e in pending:
+                if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
+                    self.watch.adopt(e.asset_id, e.job_id)
+        gone = {e.asset_id for e in pending
+                if not checks[e.asset_id].exists or checks[e.asset_id].original_exists is False}
+        still = [e for e in pending if e.asset_id not in gone and checks[e.asset_id].broken(e.kinds or kinds)]
+        why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, rem.verify_after)
+        again: list[Candidate] = []
+        for e in pending:
+            chk = checks[e.asset_id]
+            if e.asset_id in gone:
+                ledger.give_up(e.asset_id, SKIP_TEXT["not_in_database"] if not chk.exists else
+                               "original file is missing", now)
+                self.verified["gave_up"] += 1
+                continue
+            ek = e.kinds or kinds
+            over, why = why_of.get(e.asset_id, (False, None))
+            outcome = ledger.record_check(e.asset_id, not chk.broken(ek), chk.describe(ek), now,
+                                          rem.verify_after, rem.max_attempts, over=over, why=why)
+            if outcome in VERIFIED_RESULTS:
+                self.verified[outcome] += 1
+                if outcome != "fixed" and why is not None:
+                    log.info("asset %s still %s: %s", e.asset_id, chk.describe(ek), why.text)
+            if outcome not in ("still_missing", "unchanged"):
+                continue
+            if e.asset_id in queued_ids:
+                out.already_queued += 1
+            elif e.attempts < rem.max_attempts and now >= e.due_at(rem.verify_after):
+                again.append(Candidate(e.asset_id, set(ek), chk.describe(ek), owner=chk.owner_id))
+        return again
 
     async def _confirm(self, submitted: int) -> int:
         """Wait for the jobs of this round's requests; count what Immich queued nothing for."""
@@ -237,6 +269,9 @@ class Remediator:
             return 0
         for outcome in outcomes.values():
             self.verified[outcome] += 1
+        if outcomes:
+            log.warning("Immich accepted the request but queued nothing for %d asset(s): %s", len(outcomes),
+                        ", ".join(sorted(outcomes)))
         return sum(1 for o in outcomes.values() if o == "not_queued")
 
     async def _check_api(self, sources: dict[str, bool | str]) -> None:

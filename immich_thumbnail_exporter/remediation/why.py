@@ -9,12 +9,12 @@ The codes are ``vocabulary.WHY``; the reports, the ledger and the logs all use t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from immich_thumbnail_exporter.remediation import queue_view
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen, JobWatch
-from immich_thumbnail_exporter.remediation.ledger import Entry
+from immich_thumbnail_exporter.remediation.ledger import AWAITING, Entry
 from immich_thumbnail_exporter.remediation.queue_view import JobState, QueueHealth
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
@@ -153,3 +153,25 @@ def attempt_over(entry: Entry | None, watch: JobWatch | None) -> tuple[bool, Why
     if job is None or job.finished_at is None or job.added_at < (entry.last_submitted or 0.0) - 1.0:
         return False, None
     return True, explain(None, job, None, time.time())
+
+
+async def attempt_reasons(
+    broken: Sequence[Entry], watch: JobWatch | None, source: RedisSource | None, prefix: str, retry_after: float
+) -> dict[str, tuple[bool, Why | None]]:
+    """For assets verified still broken: is each one's attempt over, and why is it still broken?
+
+    An attempt is over when its job finished (the watch says how) or once its window has passed; for
+    the latter the queue is read, once for all of them, to say where the job is.
+    """
+    out: dict[str, tuple[bool, Why | None]] = {}
+    ask: dict[str, str | None] = {}
+    now = time.time()
+    for e in broken:
+        over, why = attempt_over(e, watch)
+        out[e.asset_id] = (over, why)
+        if why is None and e.state in AWAITING and now >= e.due_at(retry_after):
+            ask[e.asset_id] = e.job_id
+    if ask:
+        for a, why in (await diagnose(source, prefix, ask, watch)).items():
+            out[a] = (out[a][0], why)
+    return out
