@@ -12,8 +12,11 @@ Each round:
    ``max_per_round`` of them under the rate limit, recorded in the ledger first;
 4. confirms within ``confirm_within`` that a job naming each asset appeared in the queue.
 
-While requests await verification, the collection runs again every few seconds (``FOLLOW_UP``), so an
-asset is called fixed moments after its job finished rather than at the next file check.
+While attempts are under way the collection runs again every few seconds (``FOLLOW_UP``). Those
+follow-up rounds check only the assets whose job just finished or whose window just passed, so an asset
+is called fixed moments after its job finished rather than at the next file check, and a long backlog of
+jobs waiting for a worker costs nothing between full rounds (every ``remediation.interval``, or as soon
+as the file check has a new list).
 
 It never writes to Immich's database, Redis or files: it only asks Immich's API.
 """
@@ -34,7 +37,7 @@ from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETR
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
-from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_reasons
+from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_over, attempt_reasons
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
@@ -78,7 +81,10 @@ class Remediator:
         self.verified: Counter[str] = Counter()
         self.ledger: Ledger | None = None
         self.confirmer: Confirmer | None = None
-        self.in_flight = False  # requests await verification: run again soon
+        self.in_flight = False  # attempts are under way: run again soon
+        self._full_next = 0.0  # monotonic time of the next full round
+        self._snapshot: object = None  # the problem list the last full round read
+        self._last_round = 0.0  # unix time the last round started
         self._problems: list[Problem] = []
         self._problems_at = 0.0  # when the scan behind self._problems started
         self._scanned_at = float("-inf")
@@ -129,7 +135,13 @@ class Remediator:
         ledger, out = self.ledger, RoundResult()
         redis_ok = await self._follow_jobs(out.sources)
         pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
-        wanted, owners, scan_at = await self._wanted(out.sources)
+        full = self._full_round()
+        since, self._last_round = self._last_round, time.time()
+        if not full:
+            # A follow-up: only the attempts that ended (their job finished, or their window passed)
+            # and the retries that fell due since the last round.
+            pending = [e for e in pending if self._settling(e, since)]
+        wanted, owners, scan_at = await self._wanted(out.sources) if full else ({}, {}, 0.0)
         # Leave out what Immich already has queued and what the key may not touch *before* choosing
         # this round's share: otherwise the same first few would be picked, and skipped, every round.
         queued_ids: set[str] = set()
@@ -162,10 +174,32 @@ class Remediator:
         out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out.sources)
         out.not_queued = await self._confirm(out.submitted)
         await self._check_api(out.sources)
-        self.in_flight = bool(ledger.entries(AWAITING, limit=1))
+        now = time.time()
+        self.in_flight = any(
+            e.state in AWAITING or (e.attempts < rem.max_attempts and e.due_at(rem.verify_after) > now)
+            for e in ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+        )
         log.debug("remediation round: %s; ledger %s; problems from %s", out, ledger.counts(),
                   "own scan" if self.feed is None else "the file check")
         return out
+
+    def _full_round(self) -> bool:
+        """Every ``remediation.interval``, and whenever the file check has a new list: every pending
+        asset is checked and new problems are taken on. The rounds between are follow-ups."""
+        snapshot = self.feed.latest() if self.feed is not None else None
+        now = time.monotonic()
+        if now < self._full_next and snapshot is self._snapshot:
+            return False
+        self._full_next, self._snapshot = now + float(self.config.remediation.interval), snapshot
+        return True
+
+    def _settling(self, e: Entry, since: float) -> bool:
+        """Is there something to learn about this attempt now: its job finished, or its window passed
+        (a retry that fell due after ``since``)?"""
+        due = e.due_at(self.config.remediation.verify_after)
+        if e.state in AWAITING:
+            return time.time() >= due or attempt_over(e, self.watch)[0]
+        return since < due <= time.time()
 
     async def _wanted(self, sources: dict[str, bool | str]) -> tuple[dict[str, set[str]], dict[str, str], float]:
         """The latest problems remediation may act on: asset -> kinds, asset -> owner, and when they were seen."""
