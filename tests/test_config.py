@@ -127,3 +127,110 @@ def test_fuzzed_config_only_raises_config_error(
         load_config(str(path), environ={})
     except ConfigError as exc:
         assert exc.problems and all(isinstance(p, str) and "\n" not in p for p in exc.problems)
+
+
+def test_every_problem_is_listed_at_once_with_its_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(
+        f"database: {{hots: db, port: 0, password_file: {missing}}}\n"
+        "intervals: {files: soon}\n"
+        "log: {level: loud}\n"
+        "remediation: {enabled: true}\n"
+        "bogus: 1\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(str(cfg), environ={})
+    sections = "database, media, redis, immich, intervals, checks, remediation, web, log, collectors"
+    database_keys = (
+        "connect_timeout, fetch_size, host, name, password, pool_size, port, sslmode, statement_timeout, url, user"
+    )
+    assert sorted(err.value.problems) == sorted([
+        f"bogus: unknown key (known keys: {sections})",
+        f"database.hots: unknown key (known keys: {database_keys})",
+        "database.port: expected a TCP port, got 0",
+        f"database.password: cannot read secret file {missing}: No such file or directory",
+        "intervals.files: expected a duration like 15s, 1m30s or 500ms, got 'soon'",
+        "log.level: expected one of debug, info, warn, error, got 'loud'",
+        "remediation.enabled: needs immich.url and immich.api_key (regeneration goes via the API)",
+    ])  # fmt: skip
+
+
+def test_secret_values_never_in_problems(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("database: {password: [hunter2]}\nredis: {url: {x: hunter3}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(cfg), environ={})
+    assert err.value.problems == ["database.password: expected a string, got <redacted>",
+                                  "redis.url: expected a string, got <redacted>"]  # fmt: skip
+
+
+def test_lists_from_the_environment_and_from_yaml(tmp_path: Path) -> None:
+    c = load_config(None, environ={}, overrides={"remediation.kinds": "thumbnail, preview"})
+    assert c.remediation.kinds == ("thumbnail", "preview")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={}, overrides={"remediation.reasons": ["file_missing", "bogus"]})
+    assert err.value.problems == [
+        "remediation.reasons: unknown reason 'bogus' (expected no_record, file_missing, file_empty, file_corrupt, "
+        "file_unreadable)"
+    ]
+
+
+NOT_CONFIGURED_LINE = (
+    "database: not configured; set it in the database section of the configuration file (--config.file), or with "
+    "Immich's variables DB_URL or DB_HOSTNAME (and DB_PORT, DB_USERNAME, DB_PASSWORD, DB_DATABASE_NAME)"
+)
+
+
+def test_no_database_anywhere_is_a_problem_where_required(tmp_path: Path) -> None:
+    media_only = tmp_path / "media.yml"
+    media_only.write_text("media: {root: /data}\ndatabase:\n")  # an empty section names nothing
+    for path in (None, str(media_only)):
+        with pytest.raises(ConfigError) as err:
+            load_config(path, environ={}, require_database=True)
+        assert err.value.problems == [NOT_CONFIGURED_LINE]
+        # Without the requirement (the demo, tests): Immich's compose defaults, as before.
+        assert load_config(path, environ={}).database.host == "database"
+    # Any one of Immich's DB_* variables names it (an Immich .env sets DB_PASSWORD, not DB_HOSTNAME) ...
+    secret = tmp_path / "pw"
+    secret.write_text("pw")
+    for env in ({"DB_URL": "postgresql://u@h/db"}, {"DB_HOSTNAME": "db"}, {"DB_PASSWORD": "x"},
+                {"DB_PASSWORD_FILE": str(secret)}, {"DB_DATABASE_NAME": "immich"}):  # fmt: skip
+        assert load_config(str(media_only), environ=env, require_database=True).media.root == "/data"
+    # ... as does a section with a key, or a flag.
+    section = tmp_path / "db.yml"
+    section.write_text("database: {host: db}\n")
+    assert load_config(str(section), environ={}, require_database=True).database.host == "db"
+    flag = load_config(None, environ={}, overrides={"database.url": "postgresql://u@h/db"}, require_database=True)
+    assert flag.database.url is not None
+    # Other problems are listed beside it.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={}, overrides={"log.level": "loud"}, require_database=True)
+    assert err.value.problems == [
+        NOT_CONFIGURED_LINE,
+        "log.level: expected one of debug, info, warn, error, got 'loud'",
+    ]
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("1m30s", 90), ("500ms", 0.5), ("1.5h", 5400), (".5s", 0.5), ("+2s", 2), ("0", 0), (1_500_000_000, 1.5),
+    ("1d", 86400), ("250us", 0.00025),
+])  # fmt: skip
+def test_durations_as_go_reads_them(value: object, seconds: float) -> None:
+    assert parse_duration(value, zero=True, numbers="nanoseconds") == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", [1.5, "-1s", "soon", True, None, "1s2", "s", float("nan")])
+def test_bad_go_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad, zero=True, numbers="nanoseconds")
+
+
+def test_duration_flags_parse_with_the_same_parser() -> None:
+    import argparse
+
+    from immich_thumbnail_exporter.config import duration_argument
+
+    assert duration_argument("1m30s") == 90
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a duration like 15s"):
+        duration_argument("soon")

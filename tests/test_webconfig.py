@@ -804,7 +804,7 @@ BAD_CONFIGS: list[tuple[str, str, tuple[str, ...]]] = [
      "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {ca}\n", ("client_allowed_sans", "empty")),
     ("only tls13 ciphers", "tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
      "  cipher_suites: [TLS_AES_128_GCM_SHA256]\n", ("only TLS 1.3 suites",)),
-    ("bad duration", "rate_limit:\n  interval: soon\n  burst: 1\n", ("rate_limit.interval", "invalid duration")),
+    ("bad duration", "rate_limit:\n  interval: soon\n  burst: 1\n", ("rate_limit.interval", "expected a duration")),
     ("negative duration", "rate_limit:\n  interval: -1s\n  burst: 1\n", ("must not be negative",)),
     ("float duration", "rate_limit:\n  interval: 1.5\n  burst: 1\n", ("rate_limit.interval", "duration")),
     ("zero burst", "rate_limit:\n  interval: 1s\n", ("rate_limit.burst", "at least 1")),
@@ -833,6 +833,44 @@ def test_bad_config(pki: PKI, tmp_path: Path, text: str, expected: tuple[str, ..
     for word in expected:
         assert word in message, message
     assert "$2" not in message.replace("$2y$10$", "")  # never echo a configured hash
+
+
+def test_every_problem_of_the_file_is_listed(tmp_path: Path) -> None:
+    """One line per problem, every section, in one load (a bad value is not also called missing)."""
+    path = write_config(tmp_path, """\
+        basic_auth_user: {a: b}
+        tls_server_config:
+          certfile: x
+          min_version: TLS1.2
+          cert_file: 12
+        http_server_config:
+          headers: {Authorization: x, X-Frame-Options: allowall}
+        basic_auth_users:
+          alice: hunter2
+          bob: $2y$10$abc
+        rate_limit: {interval: soon, burst: many}
+        """)
+    with pytest.raises(WebConfigError) as info:
+        load_web_config(path)
+    not_bcrypt = ("the password is not a bcrypt hash (expected something like $2y$10$ followed by 53 characters, "
+                  "as printed by htpasswd -nBC 10 \"\" | tr -d ':\\n')")  # fmt: skip
+    assert info.value.problems == [f"{path}: {line}" for line in [
+        "unknown key 'basic_auth_user' (did you mean 'basic_auth_users'?); allowed here: tls_server_config, "
+        "http_server_config, basic_auth_users, rate_limit",
+        "unknown key 'tls_server_config.certfile' (did you mean 'cert_file'?); allowed here: cert, key, client_ca, "
+        "cert_file, key_file, client_auth_type, client_ca_file, cipher_suites, curve_preferences, min_version, "
+        "max_version, prefer_server_cipher_suites, client_allowed_sans",
+        "tls_server_config.min_version: unknown TLS version 'TLS1.2'; expected one of TLS10, TLS11, TLS12, TLS13",
+        "tls_server_config.cert_file: expected a string, got a number",
+        "http_server_config.headers: HTTP header 'Authorization' cannot be configured; allowed: "
+        "Strict-Transport-Security, X-Content-Type-Options, X-Frame-Options, X-XSS-Protection, Content-Security-Policy",
+        "http_server_config.headers.X-Frame-Options: invalid value 'allowall'; expected one of deny, sameorigin",
+        f"basic_auth_users.alice: {not_bcrypt}",
+        f"basic_auth_users.bob: {not_bcrypt}",
+        "rate_limit.interval: expected a duration like 15s, 1m30s or 500ms, got 'soon'",
+        "rate_limit.burst: expected a whole number, got a string",
+    ]]  # fmt: skip
+    assert str(info.value) == "; ".join(info.value.problems)
 
 
 @pytest.mark.parametrize("target", ["missing", "directory", "unreadable", "not-utf8"])

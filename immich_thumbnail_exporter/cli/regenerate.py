@@ -12,18 +12,11 @@ import asyncio
 import sys
 from typing import Any
 
-from immich_thumbnail_exporter.config import Config, parse_duration
+from immich_thumbnail_exporter.config import Config, duration_argument
 from immich_thumbnail_exporter.output.regenerate_report import write_json, write_table
 from immich_thumbnail_exporter.remediation.engine import Failure, Options, regenerate
 from immich_thumbnail_exporter.remediation.report import EXIT_ERROR
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,14 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="requests per second (default remediation.requests_per_second)")
     g.add_argument("--wait", action="store_true",
                    help="verify: check the files until fixed or --timeout, retrying what is still broken")
-    g.add_argument("--timeout", type=_duration, metavar="DURATION",
+    g.add_argument("--timeout", type=duration_argument, metavar="DURATION",
                    help="verification deadline with --wait (default: long enough for every attempt)")
     g.add_argument("--max-attempts", type=int, metavar="N",
                    help="give up on an asset after N requests (default remediation.max_attempts)")
-    g.add_argument("--retry-after", type=_duration, metavar="DURATION",
+    g.add_argument("--retry-after", type=duration_argument, metavar="DURATION",
                    help="wait this long after a request before calling it failed and retrying; doubles "
                    "with each attempt (default remediation.verify_after)")
-    g.add_argument("--confirm-within", type=_duration, metavar="DURATION",
+    g.add_argument("--confirm-within", type=duration_argument, metavar="DURATION",
                    help="after each accepted request, how long to look for a job naming each asset before "
                    "calling it not queued (default remediation.confirm_within)")
     g.add_argument("--retry-gave-up", action="store_true",
