@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from bullmq import Queue
 
@@ -40,6 +41,7 @@ from tests.remediation_kit import (
     options,
     thumbnail_worker,
 )
+from tests.test_security import REDIS_ACL
 
 pytestmark = pytest.mark.asyncio
 __all__ = ["fake", "imm"]  # fixtures used by name
@@ -329,3 +331,27 @@ async def test_serve_records_why_in_the_ledger(
     assert all("which has no live worker" in rows[a]["why_text"] for a in fixable)
     # Their jobs still wait in the queue: nothing is asked twice.
     assert fake.submissions() == Counter({a: 1 for a in fixable})
+
+
+async def test_confirmation_and_reasons_need_read_commands_only(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """Under the README's read-only ACL user, every read regenerate makes (the event stream, job hashes,
+    the queue's lists, positions, locks, CLIENT LIST) is allowed, and it still says why."""
+    fixable, _, _ = await expected_sets(imm)
+    dropped = sorted(fixable)[0]
+    fake.drop = {dropped}
+    admin = redis.Redis.from_url(valkey.url, decode_responses=True)
+    admin.execute_command("ACL", "LOG", "RESET")
+    admin.execute_command("ACL", "SETUSER", "exporter", *REDIS_ACL.format(password="acl-pw").split())
+    try:
+        config = make_config(imm, fake, tmp_path, f"redis://exporter:acl-pw@127.0.0.1:{valkey.port}/0")
+        report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=30, timeout=3,
+                                                  confirm_within=2))
+        assert admin.acl_log() == [], admin.acl_log()
+    finally:
+        admin.execute_command("ACL", "DELUSER", "exporter")
+        admin.close()
+    assert (report.rows[dropped].result, report.rows[dropped].why) == ("not_queued", "not_queued")
+    assert {report.rows[a].why for a in fixable - {dropped}} == {"no_worker"}
+    assert report.errors == []
