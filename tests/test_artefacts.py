@@ -141,6 +141,37 @@ def test_promtool_rule_unit_tests() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def commented_rules(text: str) -> list[dict[str, Any]]:
+    """Example rules kept as comments in the rule file: each block of comment lines from
+    ``# - alert:`` to the first comment line that is not indented YAML."""
+    rules: list[dict[str, Any]] = []
+    block: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        body = line.strip()
+        if body.startswith("# - alert:"):
+            block = [body[2:]]
+        elif block and body.startswith("#   "):
+            block.append(body[2:])
+        elif block:
+            rules.extend(yaml.safe_load("\n".join(block)))
+            block = []
+    return rules
+
+
+def test_commented_example_rules_are_valid(tmp_path: Path) -> None:
+    """The example left commented out (no alert on Immich's report disagreeing with ours, by default)
+    stays a valid rule for whoever uncomments it."""
+    text = RULES.read_text(encoding="utf-8")
+    examples = commented_rules(text)
+    assert [r["alert"] for r in examples] == ["ImmichIntegrityReportDisagrees"]
+    assert "ImmichIntegrityReportDisagrees" not in {a["alert"] for a in alerts()}
+    assert examples[0]["labels"]["severity"] == "info"
+    path = tmp_path / "examples.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "examples", "rules": examples}]}), encoding="utf-8")
+    result = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_every_alert_is_tested_firing_and_quiet() -> None:
     firing: set[str] = set()
     quiet: set[str] = set()
@@ -206,6 +237,27 @@ def test_dashboard_matches_generator() -> None:
     assert DASHBOARD.read_text(encoding="utf-8") == generator.render(), (
         "dashboards/immich-thumbnails.json is out of date: run python dashboards/generate.py"
     )
+
+
+@pytest.mark.parametrize(
+    "generator", [DASHBOARD_GENERATOR, PROMETHEUSRULE_GENERATOR], ids=["dashboard", "prometheusrule"]
+)
+def test_generator_check_shows_a_diff_when_stale(generator: Path, tmp_path: Path) -> None:
+    """Both generators share one ``--check`` main: 0 when the file is current, else 1 and a diff."""
+    committed = DASHBOARD if generator == DASHBOARD_GENERATOR else PROMETHEUSRULE
+    fresh = subprocess.run([sys.executable, str(generator), "--check"], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stderr == ""
+    stale = tmp_path / committed.name
+    lines = committed.read_text(encoding="utf-8").splitlines(keepends=True)
+    stale.write_text("".join([*lines[:3], "# edited by hand\n", *lines[3:]]), encoding="utf-8")
+    before = stale.read_text(encoding="utf-8")
+    res = subprocess.run([sys.executable, str(generator), "--check", "--output", str(stale)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert "-# edited by hand" in res.stderr and f"{stale} (committed)" in res.stderr
+    assert "is out of date: run python " in res.stderr
+    assert stale.read_text(encoding="utf-8") == before  # --check writes nothing
 
 
 def test_dashboard_uid_variables_and_units() -> None:
@@ -289,6 +341,11 @@ _EXPORTER_SERIES = {
     f'immich_thumbnail_bytes{{{_TARGET},kind="thumbnail"}}': "2500000x40",
     f"immich_thumbnail_orphaned_files{{{_TARGET}}}": "4x40",
     f"immich_thumbnail_orphaned_bytes{{{_TARGET}}}": "40000x40",
+    f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="thumbnail"}}': "4x40",
+    f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="original"}}': "1x40",
+    f'immich_integrity_report_entries{{{_TARGET},type="untracked_file",kind="unknown"}}': "6x40",
+    f'immich_integrity_report_entries{{{_TARGET},type="checksum_mismatch",kind="original"}}': "0x40",
+    f"immich_integrity_report_newest_timestamp_seconds{{{_TARGET}}}": "0+60x40",
     f'immich_queue_jobs{{{_THUMBS},state="waiting"}}': "10x40",
     f'immich_queue_jobs{{{_THUMBS},state="active"}}': "2x40",
     f"immich_queue_paused{{{_THUMBS}}}": "0x40",

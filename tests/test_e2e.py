@@ -196,7 +196,8 @@ async def test_prometheus_alertmanager_end_to_end(
 ) -> None:
     from bullmq import Queue, Worker
 
-    imm: Immich = await immich_factory("v1.136+")
+    # Immich's real v3.1.0 schema, so that the integrity report's panels have a table to show.
+    imm: Immich = await immich_factory("v3.1.0")
     redis_url = valkey.url
 
     # Regeneration accepted, then nothing: thumbnail jobs wait with no worker; two name assets the
@@ -209,6 +210,10 @@ async def test_prometheus_alertmanager_end_to_end(
 
     conn = await asyncpg.connect(imm.dsn)
     owner = str(await conn.fetchval('SELECT "ownerId" FROM asset ORDER BY id LIMIT 1'))
+    # Entries as Immich v3's integrity check writes them: a missing preview, an untracked file.
+    await conn.execute("""INSERT INTO integrity_report (type, path, "fileAssetId")
+        SELECT 'missing_file', path, id FROM asset_file WHERE type = 'preview' ORDER BY path LIMIT 1""")
+    await conn.execute("INSERT INTO integrity_report (type, path) VALUES ('untracked_file', '/data/thumbs/x.webp')")
     await conn.close()
     async with fake_api(redis_url, owner) as api:
         key_file = workdir / "api-key"

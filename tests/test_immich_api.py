@@ -47,6 +47,7 @@ class FakeImmich:
         self.hits: Counter[str] = Counter()
         self.keys = {ADMIN_KEY: "admin", LIMITED_KEY: "user"}
         self.delay = 0.0  # seconds every queue answer takes
+        self.version_doc: Any = None  # what /api/server/version answers, when a test sets it
         app = web.Application()
         app.router.add_get("/api/server/ping", self.ping)
         app.router.add_get("/api/server/version", self.version)
@@ -78,6 +79,8 @@ class FakeImmich:
 
     async def version(self, request: web.Request) -> web.Response:
         self.hits[request.path] += 1
+        if self.version_doc is not None:
+            return web.json_response(self.version_doc)
         major, minor, patch = (2, 4, 1) if self.era == "v2.4" else (1, 132, 3)
         return web.json_response({"major": major, "minor": minor, "patch": patch})
 
@@ -281,3 +284,30 @@ async def test_check_connections_api(immich: FakeImmich, capsys: pytest.CaptureF
     problems = await check_connections(api_config(immich, "wrong-key"))
     assert len(problems) == 1 and problems[0].startswith("immich: ") and "401" in problems[0]
     assert "wrong-key" not in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [
+        ({"major": 3, "minor": 2, "patch": 0, "prerelease": 1}, "v3.2.0-rc.1"),  # a v3 release candidate
+        ({"major": 3, "minor": 1, "patch": 0, "prerelease": None}, "v3.1.0"),  # a v3 release
+        ({"major": 2, "minor": 4, "patch": 1}, "v2.4.1"),  # before v3: no prerelease field
+        ({"major": 3, "minor": 1, "patch": "0"}, None),  # not Immich's answer
+    ],
+)
+@pytest.mark.asyncio
+async def test_server_version_with_prerelease(immich: FakeImmich, answer: dict[str, Any], shown: str | None) -> None:
+    """v3's ``prerelease`` is shown as Immich's web UI shows it (``v3.2.0-rc.1``), which is also how the
+    database's version_history renders in ``immich_server_info{version}``."""
+    from immich_thumbnail_exporter.sources.immich_api import ApiError
+
+    immich.version_doc = answer
+    api = ImmichApi(api_config(immich).immich)
+    try:
+        if shown is None:
+            with pytest.raises(ApiError, match="unexpected answer"):
+                await api.version()
+        else:
+            assert await api.version() == shown
+    finally:
+        await api.close()

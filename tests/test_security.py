@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -38,9 +39,8 @@ import redis
 import yarl
 
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
-from immich_thumbnail_exporter.demo.seed import ERAS
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
-from tests.conftest import Immich, make_immich
+from tests.conftest import BUILD_IDS, Immich, make_immich
 from tests.faultkit import dedicated_postgres, until
 from tests.helpers import fetch, run_cli, running_exporter, samples, value
 
@@ -52,12 +52,25 @@ READ_TABLES = {
     "v1.136+": ("asset", "asset_file", "asset_job_status", "person", "version_history", "system_metadata"),
     "v2.5+": ("asset", "asset_file", "asset_job_status", "person", "version_history", "system_metadata"),
 }
+# Immich v3.0 and later: its own integrity report, granted where the table exists.
+INTEGRITY_TABLE = "integrity_report"
 
 # The README's Redis ACL line, verbatim apart from the password.
 REDIS_ACL = (
     "on >{password} %R~immich_bull:* resetchannels -@all +@read +ping +hello +auth +select +client|setname "
     "+client|setinfo +client|list +info +multi +exec"
 )
+
+
+def test_readme_grants_are_the_tested_ones() -> None:
+    """The README's least-privilege GRANTs name exactly the tables these tests grant, era by era."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### PostgreSQL", 1)[1].split("###", 1)[0]
+    grants = [
+        tuple(t.strip() for t in m.split(","))
+        for m in re.findall(r"GRANT SELECT ON ([a-z_, \n]+?)\s+TO immich_exporter;", section)
+    ]
+    assert sorted(grants) == sorted({*READ_TABLES.values(), (INTEGRITY_TABLE,)})
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +84,10 @@ def sec_pg() -> Iterator[EmbeddedPostgres]:
 
 
 def grant_read_only(pg: EmbeddedPostgres, database: str, role: str, password: str, era: str) -> str:
-    """Create a login role with SELECT on the era's tables and nothing else; return its DSN."""
-    tables = ", ".join(f'"{t}"' for t in READ_TABLES[era])
+    """Create a login role with SELECT on the era's tables (and Immich v3's integrity report where the
+    database has it) and nothing else; return its DSN."""
+    has_report = pg.psql(database, f"SELECT to_regclass('{INTEGRITY_TABLE}') IS NOT NULL").strip() == "t"
+    tables = ", ".join(f'"{t}"' for t in (*READ_TABLES[era], *([INTEGRITY_TABLE] if has_report else [])))
     pg.psql(database, f"""
         DROP ROLE IF EXISTS "{role}";
         CREATE ROLE "{role}" LOGIN PASSWORD '{password}';
@@ -108,10 +123,11 @@ async def no_sessions_of(pg: EmbeddedPostgres, database: str, role: str) -> bool
 # -- PostgreSQL: least privilege, read-only by construction -------------------------------------------
 
 
-@pytest.mark.parametrize("era", sorted(ERAS))
+@pytest.mark.parametrize("build", BUILD_IDS)
 @pytest.mark.asyncio
-async def test_scan_as_a_select_only_role(sec_pg: EmbeddedPostgres, era: str) -> None:
-    imm = await make_immich(sec_pg, era)
+async def test_scan_as_a_select_only_role(sec_pg: EmbeddedPostgres, build: str) -> None:
+    imm = await make_immich(sec_pg, build)
+    era = imm.era
     try:
         role = f"ro_{uuid.uuid4().hex[:8]}"
         dsn = grant_read_only(sec_pg, imm.database, role, "ro-pw", era)
@@ -215,6 +231,65 @@ async def test_missing_grant_is_one_clear_line(sec_pg: EmbeddedPostgres, caplog:
             _, page, _ = await fetch(url + "/")
             assert "permission denied for table asset_job_status" in page
         assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    finally:
+        shutil.rmtree(imm.media, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_missing_integrity_report_grant_is_one_line_and_the_rest_is_published(
+    sec_pg: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Immich v3.1.0 with the README's grants but not the one on integrity_report: one warning for
+    any number of rounds, every other inventory series published, PostgreSQL up; the report's series
+    appear once the grant is given, and a grant taken away again warns again, once."""
+    imm = await make_immich(sec_pg, "v3.1.0")
+    try:
+        role = f"ro_{uuid.uuid4().hex[:8]}"
+        dsn = grant_read_only(sec_pg, imm.database, role, "ro-pw", imm.era)
+        sec_pg.psql(imm.database, f'REVOKE SELECT ON {INTEGRITY_TABLE} FROM "{role}";')
+        caplog.set_level(logging.INFO)
+        flags = {"media.root": imm.media, "intervals.inventory": "1s", "intervals.files": "1h"}
+
+        def warnings() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING and INTEGRITY_TABLE in r.getMessage()]
+
+        async with running_exporter(flags, env={"DB_URL": dsn}) as (ex, url):
+            async def rounds(n: int) -> None:
+                seen: set[float] = set()
+
+                def more() -> bool:
+                    result = ex.store.result("inventory")
+                    if result is not None:
+                        seen.add(result.finished_at)
+                    return len(seen) > n
+
+                await until(more, 30)
+
+            await rounds(3)
+            _, text, _ = await fetch(url + "/metrics")
+            s = samples(text)
+            assert value(s, "immich_exporter_collection_success", collection="inventory") == 1
+            assert value(s, "immich_exporter_source_up", source="postgres") == 1
+            assert value(s, "immich_assets", asset_type="image") == imm.expected.assets["image"]
+            assert value(s, "immich_server_info", version="v3.1.0", schema="v2.5+") == 1
+            assert not [ln for ln in text.splitlines() if ln.startswith("immich_integrity_report")]
+            assert len(warnings()) == 1, warnings()
+            assert "permission denied for table integrity_report" in warnings()[0]
+            assert "GRANT SELECT ON integrity_report" in warnings()[0]
+
+            sec_pg.psql(imm.database, f'GRANT SELECT ON {INTEGRITY_TABLE} TO "{role}";')
+
+            async def shown() -> bool:
+                m = samples((await fetch(url + "/metrics"))[1])
+                return value(m, "immich_integrity_report_entries", type="missing_file", kind="preview") == 0
+
+            await until(shown, 30)
+            sec_pg.psql(imm.database, f'REVOKE SELECT ON {INTEGRITY_TABLE} FROM "{role}";')
+            await until(lambda: len(warnings()) == 2, 30)
+            await rounds(2)
+            assert len(warnings()) == 2
+        assert not [r for r in caplog.records if r.exc_info]
     finally:
         shutil.rmtree(imm.media, ignore_errors=True)
 

@@ -2,7 +2,7 @@
 """Wrap alerts/immich-thumbnails.rules.yml in a Prometheus Operator PrometheusRule.
 
     python deploy/kubernetes/generate_prometheusrule.py           # writes prometheusrule.yaml
-    python deploy/kubernetes/generate_prometheusrule.py --check   # exit 1 if it is out of date
+    python deploy/kubernetes/generate_prometheusrule.py --check   # exit 1 with a diff if it is out of date
 
 The rule file stays the single source; the output is committed so that `kubectl apply -k` needs no
 build step. tests/test_artefacts.py checks that the committed file matches.
@@ -19,6 +19,11 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
+if str(ROOT) not in sys.path:  # run as a script: python deploy/kubernetes/generate_prometheusrule.py
+    sys.path.insert(0, str(ROOT))
+
+from scripts.generated import main as generated_main  # noqa: E402
+
 RULES = ROOT / "alerts" / "immich-thumbnails.rules.yml"
 OUTPUT = HERE / "prometheusrule.yaml"
 
@@ -68,20 +73,17 @@ def render(rules_path: Path = RULES) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate the PrometheusRule from the alert rule file.")
-    parser.add_argument("--rules", type=Path, default=RULES, help="rule file (default: %(default)s)")
-    parser.add_argument("--output", type=Path, default=OUTPUT, help="where to write (default: %(default)s)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the committed file is out of date")
-    args = parser.parse_args(argv)
-    text = render(args.rules)
-    if args.check:
-        current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is out of date: run {Path(__file__).name}", file=sys.stderr)
-            return 1
-        return 0
-    args.output.write_text(text, encoding="utf-8")
-    return 0
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rules", type=Path, default=RULES, help="rule file (default: %(default)s)")
+
+    return generated_main(
+        "Generate the PrometheusRule from the alert rule file.",
+        OUTPUT,
+        lambda args: render(args.rules),
+        generator="python deploy/kubernetes/generate_prometheusrule.py",
+        add_arguments=add_arguments,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

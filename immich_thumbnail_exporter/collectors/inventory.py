@@ -5,13 +5,13 @@ from __future__ import annotations
 from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
+from immich_thumbnail_exporter.collectors.integrity import IntegrityReader
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.metrics import gauge
 from immich_thumbnail_exporter.exposition.store import Part
 from immich_thumbnail_exporter.model import InventoryCounts
 from immich_thumbnail_exporter.scan.run import run_inventory
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
-from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
 
 
 def inventory_families(counts: InventoryCounts) -> list[Metric]:
@@ -24,7 +24,7 @@ def inventory_families(counts: InventoryCounts) -> list[Metric]:
     """
     fams = [
         gauge("immich_assets", [((t,), float(n)) for t, n in counts.assets.items()]),
-        gauge("immich_asset_files_missing", [((k, "no_record"), float(counts.no_record[k])) for k in RECORD_KINDS]),
+        gauge("immich_asset_files_missing", [((k, "no_record"), float(n)) for k, n in counts.no_record.items()]),
         gauge("immich_assets_thumbhash_missing", [((), float(counts.thumbhash_missing))]),
         gauge("immich_assets_metadata_pending", [((), float(counts.metadata_pending))]),
         gauge("immich_server_info", [((counts.version or "unknown", counts.schema), 1.0)]),
@@ -43,10 +43,11 @@ class InventoryCollection:
         self.pg = pg
         self.interval = float(config.intervals.inventory)
         self.timeout = float(min(config.intervals.inventory, config.database.statement_timeout + 30))
+        self.integrity = IntegrityReader(pg, config.database.statement_timeout)
 
     async def collect(self) -> Outcome:
         counts = await run_inventory(self.pg, self.config)
-        part = Part(self.sources, tuple(inventory_families(counts)))
+        part = Part(self.sources, (*inventory_families(counts), *await self.integrity.families()))
         return Outcome((part,), {"postgres": True})
 
     async def close(self) -> None:

@@ -1,8 +1,10 @@
 """Build a realistic post-restore Immich: a database of one schema era plus its media folder.
 
 Used by ``demo``, the tests and the benchmark. The tables come from ``demo/schemas/<era>.sql``,
-written from Immich's own migrations; this module fills them through the catalogue (every NOT NULL
-column without a default gets a plausible value), so one seeder serves every era.
+written from Immich's own migrations, or from SQL the caller passes (the tests pass Immich's real
+schemas, ``../shared/immich-schema/<release>.sql``); this module fills them through the catalogue
+(every NOT NULL column without a default gets a plausible value, an enum its first label), so one
+seeder serves every era and every release.
 
 It injects a known number of each problem the exporter must find and returns those numbers as
 ``Expected``. Nothing here is used by ``serve`` or ``scan``.
@@ -15,7 +17,7 @@ import os
 import random
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -84,6 +86,11 @@ class Plan:
     trashed_assets: int = 2
     persons: int = 2
     orphans: int = 3
+    # Edited assets (schemas with asset."isEdited", v2.5+): an edited thumbnail, preview and fullsize
+    # beside the original ones; the first ``edited_fullsize_no_record`` lack the edited fullsize row,
+    # which Immich's "Missing" rule counts as missing. Elsewhere these are ignored.
+    edited_assets: int = 0
+    edited_fullsize_no_record: int = 0
     seed: int = 42
 
 
@@ -206,15 +213,31 @@ async def create_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-async def seed(dsn: str, media_root: str, era_label: str = "v1.136+", plan: Plan | None = None) -> Expected:
-    """Create the era's tables in the (empty) database at ``dsn`` and the files under ``media_root``."""
+async def seed(
+    dsn: str,
+    media_root: str,
+    era_label: str = "v1.136+",
+    plan: Plan | None = None,
+    *,
+    ddl: str | None = None,
+    versions: tuple[str, ...] | None = None,
+) -> Expected:
+    """Create the tables in the (empty) database at ``dsn`` and the files under ``media_root``.
+
+    ``ddl`` builds the tables (default: the era's hand-written file); it must give the era's table and
+    column names. ``versions`` are the ``version_history`` rows, oldest first (default: an older
+    release, then the era's); the last is the installed version."""
     plan = plan or Plan()
     era = ERAS[era_label]
+    if versions is not None:
+        era = replace(era, version=versions[-1])
     rng = random.Random(plan.seed)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        await conn.execute(ddl_text(era))
-        return await _seed(conn, era, plan, rng, media_root)
+        await conn.execute(ddl if ddl is not None else ddl_text(era))
+        # Immich's own migrations set the database's search_path; this session started before them.
+        await conn.execute("RESET search_path")
+        return await _seed(conn, era, plan, rng, media_root, versions or ("1.118.0", era.version))
     finally:
         await conn.close()
 
@@ -223,7 +246,9 @@ def _uuid(rng: random.Random) -> uuid.UUID:
     return uuid.UUID(int=rng.getrandbits(128), version=4)
 
 
-async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Random, root: str) -> Expected:
+async def _seed(
+    conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Random, root: str, versions: tuple[str, ...]
+) -> Expected:
     exp = Expected(version=f"v{era.version}")
     location = "/usr/src/app/upload" if era.relative else "/data"
     exp.location = location
@@ -259,13 +284,16 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
     for name in ("thumbnail_file_missing", "preview_file_missing", "thumbnail_file_empty", "preview_file_corrupt",
                  "thumbnail_no_record", "preview_no_record", "thumbhash_missing", "metadata_pending",
                  "original_missing", "thumbnail_symlink_outside", "thumbnail_path_escape", "hidden_assets",
-                 "trashed_assets", "fullsize_assets"):
+                 "trashed_assets", "fullsize_assets", "edited_assets"):
         n = getattr(plan, name)
         blocks[name] = set(order[pos : pos + n])
         pos += n
     # One asset whose original is gone also lost its preview: a problem regeneration cannot fix.
     unfixable = next(iter(sorted(blocks["original_missing"])), None)
     fullsize_missing = set(sorted(blocks["fullsize_assets"])[: plan.fullsize_file_missing])
+    edits = "isEdited" in assets_t.names and "isEdited" in files_t.names
+    edited = blocks["edited_assets"] if edits else set()
+    edited_no_fullsize = set(sorted(edited)[: plan.edited_fullsize_no_record])
 
     asset_rows: list[dict[str, Any]] = []
     file_rows: list[dict[str, Any]] = []
@@ -293,6 +321,8 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
             row["isVisible"] = not hidden
         if trashed and "status" in assets_t.names:
             row["status"] = "trashed"
+        if i in edited:
+            row["isEdited"] = True
         asset_rows.append(row)
         if i not in blocks["original_missing"]:
             write(orig_rel, jpeg(400))
@@ -315,6 +345,20 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
         ]
         if i in blocks["fullsize_assets"]:
             kinds.append(("fullsize", f"{sid}{era.name_sep}fullsize.jpeg", jpeg(FULLSIZE_SIZE)))
+        if i in edited:
+            # Immich keeps the original renditions and adds edited ones, fullsize included.
+            for kind, size, make in (("thumbnail", THUMB_SIZE, webp), ("preview", PREVIEW_SIZE, jpeg),
+                                     ("fullsize", FULLSIZE_SIZE, jpeg)):
+                if kind == "fullsize" and i in edited_no_fullsize:
+                    exp.missing[(kind, "no_record")] += 1
+                    exp.problem_asset_ids.add(sid)
+                    continue
+                ext = "webp" if make is webp else "jpeg"
+                rel = f"{folder}/{sid}_{kind}_edited.{ext}"
+                file_rows.append({"assetId": aid, "type": kind, "path": stored(rel), "isEdited": True})
+                write(rel, make(size))
+                exp.files[kind] += 1
+                exp.bytes[kind] += size
         for kind, name, data in kinds:
             rel = f"{folder}/{name}"
             reason: str | None = None
@@ -391,8 +435,8 @@ async def _seed(conn: asyncpg.Connection, era: Era, plan: Plan, rng: random.Rand
         exp.orphaned_bytes += ORPHAN_SIZE
 
     await _insert(conn, await _table(conn, "version_history"), [
-        {"version": "1.118.0", "createdAt": dt.datetime(2024, 10, 1, tzinfo=dt.UTC)},
-        {"version": era.version, "createdAt": dt.datetime(2025, 8, 1, tzinfo=dt.UTC)},
+        {"version": v, "createdAt": dt.datetime(2024, 10, 1, tzinfo=dt.UTC) + dt.timedelta(days=30 * n)}
+        for n, v in enumerate(versions)
     ])
     if era.media_location_row:
         await _insert_one(conn, "system_metadata", {"key": "MediaLocation", "value": '{"location": "/data"}'})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from immich_thumbnail_exporter.model import Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, RECORD_KINDS
+from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 if TYPE_CHECKING:
     from immich_thumbnail_exporter.config import Config
@@ -130,8 +130,8 @@ def human_duration(seconds: float) -> str:
 def summary(result: ScanResult, throughput: Throughput | str | None = None) -> dict[str, Any]:
     counts, stats = result.counts, result.stats
     missing: dict[str, dict[str, int]] = {k: {} for k in KINDS}
-    for kind in RECORD_KINDS:
-        missing[kind]["no_record"] = counts.no_record[kind]
+    for kind, n in counts.no_record.items():  # the kinds Immich's "Missing" rule judges on this schema
+        missing[kind]["no_record"] = n
     if stats is not None:
         for kind in KINDS:
             for reason in REASONS[1:]:

@@ -3,6 +3,12 @@
 All counts use Immich's own eligibility rule (``Schema.eligible``): not deleted, not hidden, an image or
 a video. Immich's "Missing" job also INNER JOINs ``asset_job_status``; the assets that join drops are
 reported on their own as ``metadata_pending`` because "Missing" will never queue them.
+
+A row is missing (``reason="no_record"``) where Immich's "Missing" rule (``streamForThumbnailJob``,
+``asset-job.repository.ts``, unchanged through v3) says so: no thumbnail row, no preview row, and, from
+v2.5 on, an edited asset (``asset."isEdited"``) without an edited fullsize row (``asset_file."isEdited"``).
+Its remaining fullsize condition depends on the admin's settings and the decoded original, so a plain
+asset's missing fullsize row is not judged from the database.
 """
 
 from __future__ import annotations
@@ -18,9 +24,24 @@ from immich_thumbnail_exporter.sources.paths import DEFAULT_LOCATION, LEGACY_LOC
 from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
 
-# Kinds every eligible asset must have a row for. Fullsize rows exist only for originals that browsers
-# cannot show, and only when the admin enabled them; Immich decides that from the decoded file, so a
-# missing fullsize row is not a problem we can judge from the database.
+# The kind whose row Immich requires of edited assets only (an edited asset is shown from its edited
+# fullsize rendition).
+EDITED_KIND = "fullsize"
+
+
+def record_kinds(schema: Schema) -> tuple[str, ...]:
+    """The kinds whose missing row counts as ``no_record`` on this schema: a thumbnail and a preview for
+    every eligible asset (``RECORD_KINDS``) and, where assets can be edited, the edited fullsize."""
+    return (*RECORD_KINDS, EDITED_KIND) if schema.has_edited_assets else RECORD_KINDS
+
+
+def _lacking(schema: Schema, kind: str) -> str:
+    """The condition, on asset alias ``x``, that it lacks the row ``kind`` requires."""
+    if kind == EDITED_KIND:
+        return f"""x."isEdited" AND NOT EXISTS
+  (SELECT 1 FROM {schema.files} f WHERE f."assetId" = x.id AND f.type = '{kind}' AND f."isEdited")"""
+    return f"""NOT EXISTS
+  (SELECT 1 FROM {schema.files} f WHERE f."assetId" = x.id AND f.type = '{kind}')"""
 
 
 def lacking_sql(schema: Schema, kinds: tuple[str, ...], with_job_status: bool) -> str:
@@ -28,13 +49,11 @@ def lacking_sql(schema: Schema, kinds: tuple[str, ...], with_job_status: bool) -
 
     Each is an anti-join on ids alone, which PostgreSQL runs as a merge of two index-only scans
     (``asset`` primary key, ``asset_file ("assetId", type)``) instead of a probe per asset: 9 s became
-    under 1 s at a million assets. Eligibility is checked afterwards, on the (few) ids found.
+    under 1 s at a million assets. Eligibility is checked afterwards, on the (few) ids found. The edited
+    fullsize check reads only the (few) edited assets' rows, through ``("assetId", type, "isEdited")``.
     """
-    parts = [
-        f"""SELECT x.id, {i} AS k FROM {schema.assets} x WHERE NOT EXISTS
-  (SELECT 1 FROM {schema.files} f WHERE f."assetId" = x.id AND f.type = '{kind}')"""
-        for i, kind in enumerate(kinds)
-    ]
+    parts = [f"SELECT x.id, {i} AS k FROM {schema.assets} x WHERE {_lacking(schema, kind)}"
+             for i, kind in enumerate(kinds)]
     if with_job_status:
         parts.append(f"""SELECT x.id, {len(kinds)} AS k FROM {schema.assets} x WHERE NOT EXISTS
   (SELECT 1 FROM asset_job_status j WHERE j."assetId" = x.id)""")
@@ -55,7 +74,7 @@ def _totals(schema: Schema) -> str:
 
 def counts_sql(schema: Schema) -> str:
     eligible = schema.eligible("a")
-    kinds = RECORD_KINDS
+    kinds = record_kinds(schema)
     missing = ",\n  ".join(f"count(*) FILTER (WHERE l.k = {i}) AS no_{kind}" for i, kind in enumerate(kinds))
     job_status = f"count(*) FILTER (WHERE l.k = {len(kinds)})" if schema.has_job_status else "0"
     # LATERAL ... LIMIT 1: one primary-key probe per id found, whatever the planner guesses for the CTE.
@@ -91,7 +110,7 @@ async def _counts(conn: asyncpg.Connection, schema: Schema, row: Any, timeout: f
         schema=schema.era,
         version=await server_version(conn, schema, timeout),
         assets={"image": int(row["images"]), "video": int(row["videos"])},
-        no_record={kind: int(row[f"no_{kind}"]) for kind in RECORD_KINDS},
+        no_record={kind: int(row[f"no_{kind}"]) for kind in record_kinds(schema)},
         thumbhash_missing=int(row["thumbhash_missing"]),
         metadata_pending=int(row["metadata_pending"]),
     )
@@ -112,7 +131,7 @@ def counts_and_records_sql(schema: Schema) -> str:
     the rows naming an asset (``k`` set) are the eligible assets with no row of a required kind, ordered by
     kind then id. With none, one row of counts alone."""
     eligible = schema.eligible("a")
-    kinds = RECORD_KINDS
+    kinds = record_kinds(schema)
     labels = " ".join(f"WHEN {i} THEN '{kind}'" for i, kind in enumerate(kinds))
     missing = ",\n  ".join(
         f"(SELECT count(*) FROM found WHERE found.k = {i}) AS no_{kind}" for i, kind in enumerate(kinds)
@@ -188,7 +207,7 @@ async def stream_no_record(
 ) -> AsyncIterator[Problem]:
     """Eligible assets with no row of a required kind. Must run inside a transaction (server cursor)."""
     eligible = schema.eligible("a")
-    kinds = RECORD_KINDS
+    kinds = record_kinds(schema)
     labels = " ".join(f"WHEN {i} THEN '{kind}'" for i, kind in enumerate(kinds))
     sql = f"""WITH lacking AS MATERIALIZED (
 {lacking_sql(schema, kinds, False)}

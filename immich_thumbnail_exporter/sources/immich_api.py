@@ -87,6 +87,20 @@ def parse_jobs(doc: Any) -> list[QueueStats]:
     return out
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def format_version(doc: Any) -> str:
+    """``GET /api/server/version``: ``{major, minor, patch}``, and from v3.0 ``prerelease`` (a release
+    candidate's number, or null)."""
+    if not isinstance(doc, dict) or not all(_number(doc.get(k)) for k in ("major", "minor", "patch")):
+        raise ApiError("GET /api/server/version: unexpected answer")
+    text = f"v{doc['major']}.{doc['minor']}.{doc['patch']}"
+    prerelease = doc.get("prerelease")
+    return f"{text}-rc.{prerelease}" if _number(prerelease) else text
+
+
 def _message(body: str) -> str:
     try:
         doc = json.loads(body)
@@ -164,10 +178,10 @@ class ImmichApi:
             raise ApiError(f"{self.base} does not answer like Immich (GET /api/server/ping)")
 
     async def version(self) -> str:
-        doc = await self.request("GET", "server/version")
-        if not isinstance(doc, dict):
-            raise ApiError("GET /api/server/version: unexpected answer")
-        return f"v{doc.get('major')}.{doc.get('minor')}.{doc.get('patch')}"
+        """The server's version as Immich itself shows it: ``v3.1.0``, or ``v3.2.0-rc.1`` for a release
+        candidate (v3's ``prerelease`` field, rendered as Immich's web UI does). The same text as
+        ``version_history`` gives ``immich_server_info{version}``."""
+        return format_version(await self.request("GET", "server/version"))
 
     async def queues(self) -> list[QueueStats]:
         """Every queue's job counts and pause state (needs an admin key, permission ``queue.read``).

@@ -12,6 +12,10 @@ version string: a restored database can carry a version row that does not match 
 
 The singular names (migration ``1752267649968-StandardizeNames``) and absolute paths
 (``1752759108283-ConvertToAbsolutePaths``) both shipped in v1.136.0; see docs/immich-schema.md.
+
+Besides the era, what a release may add on top: ``asset."isEdited"`` (v2.5, with the edited renditions
+Immich's "Missing" rule asks for) and Immich v3's own ``integrity_report`` table (1781089983296-
+CreateIntegrityReportTable), looked for every round by ``has_integrity_report``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Schema:
     # SQL condition, on alias ``a``, for "Immich would show this asset and give it thumbnails".
     visible: str
     has_edited: bool
+    # asset."isEdited" (1768757482271-SwitchToIsEdited, v2.5): an edited asset needs an edited fullsize.
+    has_edited_assets: bool
     has_job_status: bool
     has_person_thumbnails: bool
     has_version_history: bool
@@ -51,6 +57,10 @@ class Schema:
         return f"{alias}.\"deletedAt\" IS NULL AND {vis} AND {alias}.type IN ('IMAGE', 'VIDEO')"
 
 
+# What the exporter reads of integrity_report; its "path" never leaves the database.
+INTEGRITY_REPORT_COLUMNS = frozenset({"type", "createdAt", "assetId", "fileAssetId"})
+
+
 async def _columns(db: Queryable, table: str, timeout: float) -> set[str]:
     # From pg_attribute, not information_schema.columns: the latter lists only the columns the role may
     # read, so a missing GRANT would look like an unknown schema instead of "permission denied".
@@ -60,6 +70,12 @@ async def _columns(db: Queryable, table: str, timeout: float) -> set[str]:
         timeout=timeout,
     )
     return {str(r["attname"]) for r in rows}
+
+
+async def has_integrity_report(db: Queryable, timeout: float) -> bool:
+    """Whether Immich v3's integrity_report is there with the columns we read. Cheap (the catalogue
+    only), so it is asked every round: an Immich upgraded to v3 under a running exporter is seen."""
+    return INTEGRITY_REPORT_COLUMNS.issubset(await _columns(db, "integrity_report", timeout))
 
 
 async def _exists(db: Queryable, table: str, timeout: float) -> bool:
@@ -73,7 +89,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
         "asset", "asset_file", "assets", "asset_files", "asset_job_status", "person",
         "version_history", "system_metadata",
     )}
-    common = {
+    common: dict[str, bool] = {
         "has_job_status": exists["asset_job_status"],
         "has_version_history": exists["version_history"],
         "has_system_metadata": exists["system_metadata"],
@@ -93,6 +109,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
             files="asset_file",
             visible="a.visibility <> 'hidden'",
             has_edited=edited,
+            has_edited_assets=edited and "isEdited" in cols,
             relative_paths_possible=False,
             **common,
         )
@@ -113,6 +130,7 @@ async def detect(db: Queryable, timeout: float = 10.0) -> Schema:
             files="asset_files",
             visible=visible,
             has_edited=False,
+            has_edited_assets=False,
             relative_paths_possible=True,
             **common,
         )

@@ -25,8 +25,11 @@
 --   person           InitialMigration.ts minus "isFavorite" (1734879118272-AddIsFavoritePerson),
 --                    "color" (1738889177573-AddPersonColor) and "updateId"
 --   version_history  server/src/migrations/1727797340951-AddVersionHistory.ts
---   system_metadata  server/src/migrations/1700345818045-SystemMetadata.ts
+--   system_metadata  server/src/migrations/1700345818045-SystemMetadata.ts ("value" has no default, as in
+--                    Immich's real v1.132.3 schema; this file gave it one until compared with it)
 --   migrations       TypeORM's own migrations table
+-- Compared with Immich's real v1.132.3 schema (../shared/immich-schema/v1.132.3.sql): the tables above
+-- agree column for column apart from the later additions named here.
 
 DO $$
 BEGIN
@@ -167,7 +170,7 @@ CREATE TABLE "version_history" (
 
 CREATE TABLE "system_metadata" (
   "key"   character varying NOT NULL,
-  "value" jsonb             NOT NULL DEFAULT '{}',
+  "value" jsonb             NOT NULL,
   CONSTRAINT "PK_fa94f6857470fb5b81ec6084465" PRIMARY KEY ("key")
 );
 

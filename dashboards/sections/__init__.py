@@ -1,0 +1,1 @@
+"""The dashboard's rows, one module each: ``section(layout)`` adds the row and its panels."""
