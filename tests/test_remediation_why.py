@@ -27,7 +27,7 @@ from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen
 from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
 from immich_thumbnail_exporter.remediation.queue_view import JobState, QueueHealth
-from immich_thumbnail_exporter.remediation.why import explain
+from immich_thumbnail_exporter.remediation.why import Why, clock, explain
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 from tests.remediation_kit import (
@@ -206,7 +206,7 @@ async def test_explain_says_where_the_job_is() -> None:
         (JobState("7", "active", added_ms=ms, started_ms=ms, locked=True), idle, "job_active",
          "its job is running (started 2m ago)"),
         (JobState("7", "failed", added_ms=ms, finished_ms=ms, failed_reason="ENOSPC"), idle, "job_failed",
-         "its job failed 2m ago: ENOSPC"),
+         f"its job failed at {clock(now - 120)}: ENOSPC"),
         (JobState("7", "delayed", added_ms=ms), idle, "job_delayed",
          "its job waits for a retry after an error (added 2m ago)"),
         (JobState("7", "waiting", added_ms=ms, position=3, of=9), idle, "job_waiting",
@@ -223,7 +223,10 @@ async def test_explain_says_where_the_job_is() -> None:
         assert (why.code, why.text) == (code, text)
     seen = JobSeen("7", "a", now - 200, finished_at=now - 60, outcome="completed")
     why = explain(None, seen, idle, now)
-    assert why.code == "no_effect" and why.text.endswith(", 60s ago) and the files are still missing")
+    assert (why.code, why.text) == (
+        "no_effect", f"Immich ran its job (finished at {clock(now - 60)}) and the files are still missing")
+    seen = JobSeen("7", "a", now - 200, finished_at=now - 60, outcome="failed", failed_reason="boom")
+    assert explain(None, seen, idle, now) == Why("job_failed", f"its job failed at {clock(now - 60)}: boom")
 
 
 async def test_a_version_1_ledger_is_read_and_upgraded(tmp_path: Path) -> None:

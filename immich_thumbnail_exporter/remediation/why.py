@@ -65,13 +65,13 @@ def _workers(health: QueueHealth) -> str:
 def explain(state: JobState | None, seen: JobSeen | None, health: QueueHealth | None, now: float) -> Why:
     """One asset's reason, from its job's state now (None: no job), what the stream showed of it, and
     its queue's health."""
+    # Finished jobs say when (a clock time: the sentence is kept in the ledger and read later).
     if seen is not None and seen.finished_at is not None:
         if seen.outcome == "failed":
             why = f": {seen.failed_reason}" if seen.failed_reason else ""
-            return Why("job_failed", f"its job failed at {clock(seen.finished_at)} "
-                                     f"({ago(now - seen.finished_at)} ago){why}")
-        return Why("no_effect", f"Immich ran its job (finished at {clock(seen.finished_at)}, "
-                                f"{ago(now - seen.finished_at)} ago) and the files are still missing")
+            return Why("job_failed", f"its job failed at {clock(seen.finished_at)}{why}")
+        return Why("no_effect", f"Immich ran its job (finished at {clock(seen.finished_at)}) and the files are "
+                                "still missing")
     if state is None:
         return Why("no_job", f"no job names it in the {THUMBNAIL_QUEUE} queue")
     added = f"{ago(now - state.added_ms / 1000)}" if state.added_ms is not None else "an unknown time"
@@ -94,11 +94,10 @@ def explain(state: JobState | None, seen: JobSeen | None, health: QueueHealth | 
         return Why("job_active", f"its job is running (started {started} ago)")
     if state.state == "failed":
         reason = f": {state.failed_reason}" if state.failed_reason else ""
-        when = f" {ago(now - state.finished_ms / 1000)} ago" if state.finished_ms is not None else ""
+        when = f" at {clock(state.finished_ms / 1000)}" if state.finished_ms is not None else ""
         return Why("job_failed", f"its job failed{when}{reason}")
     if state.state == "completed" and state.finished_ms is not None:
-        at = state.finished_ms / 1000
-        return Why("no_effect", f"Immich ran its job (finished at {clock(at)}, {ago(now - at)} ago) "
+        return Why("no_effect", f"Immich ran its job (finished at {clock(state.finished_ms / 1000)}) "
                                 "and the files are still missing")
     return Why("no_effect", "its job has left the queue (Immich removes finished jobs) and the files are "
                             "still missing")
