@@ -8,6 +8,7 @@ real Valkey, the worker a real BullMQ worker on the seeded PostgreSQL database a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import sqlite3
 import time
@@ -358,3 +359,32 @@ async def test_confirmation_and_reasons_need_read_commands_only(
     assert (report.rows[dropped].result, report.rows[dropped].why) == ("not_queued", "not_queued")
     assert {report.rows[a].why for a in fixable - {dropped}} == {"no_worker"}
     assert report.errors == []
+
+
+async def test_redis_lost_while_confirming_calls_nothing_not_queued(
+    imm: Immich, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """Redis goes away during the confirmation window: the run says so, keeps its report, and claims
+    nothing about jobs it could not see."""
+    fixable, _, _ = await expected_sets(imm)
+    own = EmbeddedValkey()
+    own.start()
+    api = SimulatedApi(imm.dsn, own.url, {API_KEY: None})
+    api.drop = set(fixable)  # no job will appear: only the watch's failure can end the window early
+    await api.start()
+    try:
+        config = make_config(imm, api, tmp_path, own.url)
+
+        async def stop_after_the_request() -> None:
+            await wait_for(lambda: api.accepted >= 1, timeout=30, interval=0.05)
+            await asyncio.to_thread(own.stop)
+
+        stopper = asyncio.create_task(stop_after_the_request())
+        report = await regenerate(config, options(tmp_path, apply=True, confirm_within=5))
+        await stopper
+    finally:
+        await api.stop()
+        own.cleanup()
+    assert {a for a, r in report.rows.items() if r.result == "submitted"} == fixable
+    assert any(n.startswith("whether Immich queued the jobs could not be confirmed: ") for n in report.notes)
+    assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}

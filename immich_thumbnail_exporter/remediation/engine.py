@@ -135,7 +135,11 @@ class Regenerator(Selection):
             if note not in self.report.notes:
                 self.report.notes.append(note)
             return
-        confirmation, outcomes = await self.confirmer.settle(wait=True)
+        confirmation, outcomes = await self.confirmer.settle()
+        if self.confirmer.error is not None:
+            note = f"whether Immich queued the jobs could not be confirmed: {self.confirmer.error}"
+            if note not in self.report.notes:
+                self.report.notes.append(note)
         entries = self.ledger.get([*confirmation.confirmed, *outcomes])
         for a, job_id in confirmation.confirmed.items():
             row = self.report.rows.get(a)

@@ -55,12 +55,6 @@ class Confirmation:
     unconfirmed: set[str] = field(default_factory=set)
     unreadable_jobs: int = 0
 
-    def merge(self, other: Confirmation) -> None:
-        self.confirmed.update(other.confirmed)
-        self.not_queued |= other.not_queued
-        self.unconfirmed |= other.unconfirmed
-        self.unreadable_jobs += other.unreadable_jobs
-
 
 def _stamp(entry_id: str) -> float:
     try:
@@ -98,6 +92,12 @@ class JobWatch:
         """A job known from elsewhere (the ledger, the queue) is this asset's latest."""
         if asset_id not in self._by_asset:
             self._remember(JobSeen(job_id, asset_id, time.time()))
+
+    def forget_expected(self) -> None:
+        """Drop the open windows (the stream could not be read through them)."""
+        self._expected.clear()
+        self._confirmed.clear()
+        self._unreadable = 0
 
     @property
     def pending(self) -> bool:
@@ -159,9 +159,8 @@ class JobWatch:
                 del self._by_asset[old.asset_id]
 
     # -- settling windows --------------------------------------------------------------------------
-    async def settle(self, *, force: bool = False) -> Confirmation:
-        """Report the assets confirmed since the last call, and close the windows that ended (all, with
-        ``force``).
+    async def settle(self) -> Confirmation:
+        """Report the assets confirmed since the last call, and close the windows that ended.
 
         Before calling an asset ``not_queued`` the queue itself is searched once for a job naming it: the
         stream may have been trimmed, or the job's data read too late.
@@ -169,7 +168,7 @@ class JobWatch:
         out = Confirmation(confirmed=self._confirmed)
         self._confirmed = {}
         now = time.monotonic()
-        ended = [a for a, deadline in self._expected.items() if force or deadline <= now]
+        ended = [a for a, deadline in self._expected.items() if deadline <= now]
         if not ended:
             return out
         view = await queue_view.queued_assets(self.source, self.prefix)

@@ -296,11 +296,9 @@ class Remediator:
         """Wait for the jobs of this round's requests; count what Immich queued nothing for."""
         if not submitted or self.confirmer is None:
             return 0
-        try:
-            _, outcomes = await self.confirmer.settle(wait=True)
-        except SourceError as exc:
-            log.info("cannot confirm that Immich queued the jobs: %s", exc)
-            return 0
+        _, outcomes = await self.confirmer.settle()
+        if self.confirmer.error is not None:
+            log.info("cannot confirm that Immich queued the jobs: %s", self.confirmer.error)
         for outcome in outcomes.values():
             self.verified[outcome] += 1
         if outcomes:
@@ -340,10 +338,11 @@ class Remediator:
         submitted = 0
         error: str | None = None
         if chosen:
-            try:
-                await self.confirmer.start()
-            except SourceError as exc:
-                sources["redis"] = str(exc)
+            # A round after Redis trouble confirms again: the watch reconnects with the source.
+            self.confirmer.watch, self.confirmer.error = self.watch, None
+            await self.confirmer.start()
+            if self.confirmer.error is not None:
+                sources["redis"] = self.confirmer.error
         for batch in by_owner(chosen, rem.batch_size):
             await self.confirmer.meanwhile(self.limiter.delay())
             await self.limiter.acquire()

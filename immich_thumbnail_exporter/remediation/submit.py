@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from immich_thumbnail_exporter.remediation.jobwatch import Confirmation, JobWatch
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
+from immich_thumbnail_exporter.sources.postgres import SourceError
 
 OTHER_OWNER = ("owned by another Immich user: Immich lets an API key regenerate only its own user's assets "
                "(run again with that user's key)")
@@ -98,17 +99,30 @@ async def submit_batch(
 
 
 class Confirmer:
-    """Did each accepted request queue a job per asset? Without Redis nothing can be confirmed."""
+    """Did each accepted request queue a job per asset? Without Redis nothing can be confirmed.
+
+    When Redis fails half-way, confirmation stops (``error`` says why) and the requests are still
+    verified by their files: nothing is called ``not_queued`` on no evidence.
+    """
 
     def __init__(self, watch: JobWatch | None, ledger: Ledger, window: float, max_attempts: int) -> None:
         self.watch = watch
         self.ledger = ledger
         self.window = window
         self.max_attempts = max_attempts
+        self.error: str | None = None
+
+    def _lost(self, exc: SourceError) -> None:
+        if self.watch is not None:
+            self.watch.forget_expected()  # windows nobody watched say nothing about a job
+        self.error, self.watch = str(exc), None
 
     async def start(self) -> None:
         if self.watch is not None:
-            await self.watch.start()
+            try:
+                await self.watch.start()
+            except SourceError as exc:
+                self._lost(exc)
 
     def accepted(self, asset_ids: Sequence[str]) -> None:
         if self.watch is not None:
@@ -123,27 +137,32 @@ class Confirmer:
         deadline = time.monotonic() + seconds
         while True:
             left = deadline - time.monotonic()
-            await self.watch.poll(block=min(CONFIRM_POLL, left) if left > 0.001 else 0.0)
+            try:
+                await self.watch.poll(block=min(CONFIRM_POLL, left) if left > 0.001 else 0.0)
+            except SourceError as exc:
+                self._lost(exc)
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                return
             if time.monotonic() >= deadline:
                 return
 
-    async def settle(self, *, wait: bool) -> tuple[Confirmation, dict[str, str]]:
-        """Record the windows that ended (with ``wait``, wait for every open one first).
+    async def settle(self) -> tuple[Confirmation, dict[str, str]]:
+        """Wait until every accepted asset has its job or the last window ends, then record the answer.
 
         Returns the confirmation and, for the assets Immich queued nothing for, the ledger's outcome
         (``not_queued``, or ``gave_up`` when no attempts are left)."""
         if self.watch is None:
             return Confirmation(), {}
-        if wait:
-            # Until every asset has its job or the last window ends: then one settle, one queue search.
+        try:
             while self.watch.pending:
                 left = (self.watch.last_deadline() or 0.0) - time.monotonic()
                 if left <= 0:
                     break
                 await self.watch.poll(block=min(CONFIRM_POLL, left))
-        else:
-            await self.watch.poll()
-        confirmation = await self.watch.settle()
+            confirmation = await self.watch.settle()  # one search of the queue for all that have no job yet
+        except SourceError as exc:
+            self._lost(exc)
+            return Confirmation(), {}
         now = time.time()
         if confirmation.confirmed:
             self.ledger.queued(confirmation.confirmed, now)
