@@ -26,7 +26,7 @@ import asyncpg
 
 from bench.dataset import DATABASE, Dataset
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres
-from immich_thumbnail_exporter.scan.files import files_sql
+from immich_thumbnail_exporter.scan.file_sql import files_sql
 from immich_thumbnail_exporter.scan.inventory import count, counts_sql
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from immich_thumbnail_exporter.sources.schema import detect
@@ -184,7 +184,7 @@ class SqlFigures:
 
 def stream_sqls(schema: Any) -> list[str]:
     """The statements the file check streams (one today; the ordered-by-id plan may add more)."""
-    from immich_thumbnail_exporter.scan import files
+    from immich_thumbnail_exporter.scan import file_sql as files
 
     sqls = getattr(files, "stream_sqls", None)
     if sqls is not None:

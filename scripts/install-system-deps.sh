@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: promtool and Prometheus (rule tests, end-to-end
-# scrapes) and Alertmanager (the paging alert's webhook). Installs only what is missing.
+# scrapes), Alertmanager (the paging alert's webhook) and strace (what the file check touches, seen
+# from the kernel: tests/test_strace.py). Installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -9,6 +10,7 @@ command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/dev/null 2>&1 \
   || need+=(prometheus-alertmanager)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+command -v strace >/dev/null 2>&1 || need+=(strace)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

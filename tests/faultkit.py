@@ -1,8 +1,8 @@
 """Tools for the reliability tests: a dedicated PostgreSQL, a scraper that times every request while
 faults happen, process-resource counts, and whole-server freezes.
 
-``EmbeddedPostgres.pause()`` freezes the postmaster and each backend (separate processes), which is what
-``docker pause`` does to a database container.
+``freeze`` stops (SIGSTOP) an embedded server and each of its children: PostgreSQL's postmaster and every
+backend (separate processes), which is what ``docker pause`` does to a database container.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +21,8 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, _Process, child_pids
+from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, _Process
+from immich_thumbnail_exporter.scan.walkers import WALKER
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.helpers import samples
 
@@ -41,13 +43,43 @@ def dedicated_postgres(password_auth: bool = False) -> EmbeddedPostgres:
     return pg
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    out: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:  # gone since it was listed
+            continue
+        # The ppid follows the command name, which is in parentheses and may hold spaces.
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _signal_all(server: _Process, sig: int) -> None:
+    """Signal the server, then each of its children: PostgreSQL's backends are processes of their own
+    (each in its own session, so no process group holds them) that answer on their own."""
+    proc = server.proc
+    if proc is None or proc.poll() is not None:
+        return
+    for pid in [proc.pid, *child_pids(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def freeze(server: _Process) -> None:
-    """SIGSTOP the server and every backend of it, as ``docker pause`` would."""
-    server.pause()
+    """SIGSTOP the server and every backend of it, as ``docker pause`` would: connections stay open but
+    nothing answers."""
+    _signal_all(server, signal.SIGSTOP)
 
 
 def thaw(server: _Process) -> None:
-    server.resume()
+    _signal_all(server, signal.SIGCONT)
 
 
 async def exporter_connections(pg: EmbeddedPostgres, database: str | None = None) -> int:
@@ -75,7 +107,7 @@ def walker_children() -> list[tuple[int, str]]:
                 cmdline = fh.read()
         except OSError:  # gone since it was listed
             continue
-        if b"_walker" in cmdline:
+        if os.fsencode(WALKER) in cmdline.split(b"\0"):
             out.append((pid, stat[stat.rindex(b")") + 2 :].split()[0].decode()))
     return out
 

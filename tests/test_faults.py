@@ -59,7 +59,7 @@ def fault_pg() -> Iterator[EmbeddedPostgres]:
     try:
         yield pg
     finally:
-        pg.resume()
+        thaw(pg)
         pg.cleanup()
         write_report("faults", REPORT)
 
@@ -352,7 +352,7 @@ def fault_valkey() -> Iterator[EmbeddedValkey]:
     try:
         yield server
     finally:
-        server.resume()
+        thaw(server)
         server.cleanup()
 
 

@@ -2,11 +2,13 @@
 location, and symlinks in the media tree pointing outside the media root.
 
 ``PathMapper.relative`` must refuse anything that is not a clean path under the media location, and
-never raise. The ``Reconciler`` (the merge of database rows with ``thumbs/``) must give every row a
-counted outcome (a file, a missing or unreadable file, or a refused path) and must never open, list or
-read anything outside the media root: an audit hook watches every ``open``, ``os.scandir`` and
-``os.listdir`` while it runs, and a file outside the root has a size and content that would show in the
-results if it were ever read.
+never raise. The file check itself (``scan.files.merge_stream``: the production merge of database rows
+with the walk of ``thumbs/``, fed here from a list instead of a cursor, its walk in this process) must give
+every row a counted outcome (a file, a missing or unreadable file, or a refused path) and must never
+open, list or read anything outside the media root: an audit hook watches every ``open``, ``os.scandir``
+and ``os.listdir`` while it runs, in every thread, and a file outside the root has a size and content
+that would show in the results if it were ever read. (``tests/test_strace.py`` watches every system call,
+``lstat`` and ``readlink`` included, of a real ``scan``.)
 
 BullMQ job hashes and event entries with missing, non-JSON, huge or absurd fields (parsed in
 ``collectors/queues.py`` and ``collectors/job_events.py``) must never fail a round: pure functions are fuzzed,
@@ -15,12 +17,11 @@ and malformed jobs are written into a real Valkey beside good ones.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
-import sys
-import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,67 +32,17 @@ from hypothesis import strategies as st
 
 from immich_thumbnail_exporter.demo.seed import jpeg, webp
 from immich_thumbnail_exporter.model import FileStats, Problem
-from immich_thumbnail_exporter.scan.files import Reconciler, original_exists
+from immich_thumbnail_exporter.scan.file_sql import KINDS as STREAM_KINDS
+from immich_thumbnail_exporter.scan.files import merge_stream
+from immich_thumbnail_exporter.scan.verdict import original_exists
+from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS, is_asset_job
+from tests.audit import audited, outside
 
 LOCATIONS = ("/data", "/usr/src/app/upload", "/")
 SECRET_SIZE = 7777  # the file outside the root: a size no file inside has
 SECRET = b"SECRET-CONTENT-" + b"x" * (SECRET_SIZE - 15)  # not a JPEG: reading it would say file_corrupt
-
-# -- an audit hook that records every file or directory opened while armed ----------------------------
-
-
-@dataclass
-class _Audit:
-    armed: bool = False
-    thread: int | None = None
-    seen: list[tuple[str, Any, int]] = field(default_factory=list)
-
-
-_AUDIT = _Audit()
-
-
-def _hook(event: str, args: tuple[Any, ...]) -> None:
-    # Cheap when disarmed: this hook lives for the whole test session.
-    if not _AUDIT.armed or threading.get_ident() != _AUDIT.thread:
-        return
-    if event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], str | bytes):
-        flags = args[2] if event == "open" and len(args) > 2 and isinstance(args[2], int) else 0
-        _AUDIT.seen.append((event, args[0], flags))
-
-
-sys.addaudithook(_hook)
-
-
-class audited:
-    """Record what the code under test opens, in this thread."""
-
-    def __enter__(self) -> list[tuple[str, Any, int]]:
-        _AUDIT.seen = []
-        _AUDIT.thread = threading.get_ident()
-        _AUDIT.armed = True
-        return _AUDIT.seen
-
-    def __exit__(self, *exc: object) -> None:
-        _AUDIT.armed = False
-
-
-def outside(root_real: bytes, seen: list[tuple[str, Any, int]]) -> list[tuple[str, Any, int]]:
-    """The accesses whose real target is not inside the media root. An ``open`` with ``O_NOFOLLOW``
-    cannot go through a link in its last component (it fails), so only its folder is resolved."""
-    bad = []
-    for event, path, flags in seen:
-        raw = os.fsencode(path)
-        if event == "open" and flags & os.O_NOFOLLOW:
-            head, _, tail = raw.rpartition(b"/")
-            real = os.path.realpath(head) + b"/" + tail
-        else:
-            real = os.path.realpath(raw)
-        if not (real == root_real or real.startswith(root_real + b"/")):
-            bad.append((event, path, flags))
-    return bad
-
 
 # -- PathMapper.relative ------------------------------------------------------------------------------
 
@@ -151,7 +102,7 @@ def test_relative_accepts_every_clean_path(rel: str) -> None:
     assert mapper.relative(f"/data/{rel}") == rel
 
 
-# -- the Reconciler on a real media tree --------------------------------------------------------------
+# -- the file check on a real media tree -------------------------------------------------------------
 
 
 @dataclass
@@ -247,29 +198,45 @@ def row_batches(draw: st.DrawFn, tree: Tree) -> tuple[list[tuple[Any, ...]], lis
     return rows, cuts
 
 
-def run_reconciler(
+def run_merge(
     tree: Tree, rows: list[tuple[Any, ...]], cuts: list[int], verify: bool
 ) -> tuple[FileStats, list[Problem]]:
+    """The production file check (``merge_stream``) over ``rows`` ``(stored path, kind, asset id, owner,
+    type, original, eligible)``, streamed as ``files_sql`` streams them and cut into batches at ``cuts``,
+    the walk in this process (in a worker thread, which the audit hook sees) instead of helper processes."""
     mapper = PathMapper(tree.root, tree.location)
     stats = FileStats()
     problems: list[Problem] = []
-    rec = Reconciler(mapper, stats, problems.append, verify_headers=verify)
+    code = {k: i for i, k in enumerate(STREAM_KINDS)}
+    cwd = IMMICH_CWD + "/"
+    stream = [((r[0] if r[0][:1] == "/" else cwd + r[0]).encode("utf-8", "surrogatepass"), code[r[1]], r[2],
+               r[0].encode("utf-8", "surrogatepass")) for r in rows]
+    batches: list[Sequence[Any]] = []
     start = 0
     for cut in [*cuts, len(rows)]:
-        rec.feed(rows[start:cut])
+        if stream[start:cut]:
+            batches.append(stream[start:cut])
         start = max(start, cut)
-    while not rec.finish():
-        pass
+    assets = {r[2]: (r[2], r[3], r[4], r[5], r[6]) for r in rows}
+
+    async def fetch() -> Sequence[Any]:
+        return batches.pop(0) if batches else []
+
+    async def lookup(ids: list[Any]) -> Mapping[Any, Sequence[Any]]:
+        return {i: assets[i] for i in ids if i in assets}
+
+    walk = DiskWalk(mapper.root_bytes, verify, workers=0)
+    asyncio.run(merge_stream(fetch, lookup, mapper, stats, problems.append, verify_headers=verify, disk=walk))
     return stats, problems
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), verify=st.booleans())
-def test_reconciler_counts_every_row_and_never_reads_outside(tree: Tree, data: st.DataObject, verify: bool) -> None:
+def test_file_check_counts_every_row_and_never_reads_outside(tree: Tree, data: st.DataObject, verify: bool) -> None:
     rows, cuts = data.draw(row_batches(tree))
     root_real = os.path.realpath(os.fsencode(tree.root))
     with audited() as seen:
-        stats, problems = run_reconciler(tree, rows, cuts, verify)
+        stats, problems = run_merge(tree, rows, cuts, verify)
     assert not outside(root_real, seen), outside(root_real, seen)
 
     # Every row has exactly one counted outcome (every row here is eligible).
@@ -315,7 +282,7 @@ def test_symlinks_in_the_tree(tree: Tree) -> None:
     )
     root_real = os.path.realpath(os.fsencode(tree.root))
     with audited() as seen:
-        stats, problems = run_reconciler(tree, rows, [], verify=True)
+        stats, problems = run_merge(tree, rows, [], verify=True)
     assert not outside(root_real, seen), outside(root_real, seen)
     reasons = {p.asset_id: p.reason for p in problems}
     assert reasons == {
@@ -363,7 +330,7 @@ def test_two_rows_naming_one_file_get_one_verdict(tree: Tree, name: str, verify:
     rows = [(path, kind, kind, "o", "image", None, True) for kind in ("thumbnail", "preview", "fullsize")]
     if face_first:
         rows.insert(0, (path, "person", "face", "o", None, None, False))
-    stats, problems = run_reconciler(tree, rows, [], verify)
+    stats, problems = run_merge(tree, rows, [], verify)
     want = EXPECTED[name]
     assert [p.reason for p in problems] == ([want] * 3 if want else []), problems
     # A file on disk, even an empty one, counts as a file; a missing or unreadable one does not.

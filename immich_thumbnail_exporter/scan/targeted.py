@@ -1,0 +1,106 @@
+"""The targeted check: a given set of assets judged by the one file rule, without walking the tree.
+
+For ``regenerate`` and remediation (``remediation.check.Checker``), and for verifying what a finished
+thumbnail job left behind. Per batch of ids: one query (``file_sql.targeted_sql``: the assets and their
+``asset_file`` rows together), then every file of the batch looked at in one worker-thread call
+(``verdict.judge_asset``: a row for each kind the asset must have, each path mapped through
+``PathMapper``, the file present, not empty, its first bytes matching its extension, readable; links
+followed inside the media root only). Nothing touches the disk in the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable, Sequence
+
+from immich_thumbnail_exporter.config import MediaConfig
+from immich_thumbnail_exporter.scan.file_sql import targeted_sql
+from immich_thumbnail_exporter.scan.inroot import InRoot
+from immich_thumbnail_exporter.scan.inventory import media_location
+from immich_thumbnail_exporter.scan.verdict import AssetRow, AssetVerdict, judge_asset
+from immich_thumbnail_exporter.sources.paths import PathMapper
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.sources.schema import Schema
+
+__all__ = ["BATCH", "AssetVerdict", "check_assets", "media_mapper"]
+
+# Assets per query (and per worker-thread call).
+BATCH = 1_000
+# The worker thread's time for one batch: generous, for a slow disk (a hung one never answers at all,
+# and the round fails with a timeout instead of waiting for it).
+SECONDS_PER_ASSET = 0.1
+MIN_SECONDS = 30.0
+
+
+def _canonical(asset_id: str) -> str | None:
+    try:
+        return str(uuid.UUID(asset_id))
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+async def media_mapper(pg: PostgresSource, media: MediaConfig) -> PathMapper:
+    """The mapping of stored paths onto ``media.root``, the media location detected when ``auto``."""
+    if not media.root:
+        raise ValueError("media.root is not set")
+    location = media.location
+    if location == "auto":
+        async with pg.connection() as conn:
+            location = await media_location(conn, await pg.schema(), pg.config.statement_timeout)
+    return PathMapper(media.root, location)
+
+
+async def check_assets(
+    pg: PostgresSource,
+    schema: Schema,
+    mapper: PathMapper,
+    asset_ids: Iterable[str],
+    *,
+    headers: bool = True,
+    batch_size: int = BATCH,
+    timeout: float | None = None,
+) -> dict[str, AssetVerdict]:
+    """Judge each asset in ``asset_ids`` as it is now, in the database and on disk.
+
+    Returns one ``AssetVerdict`` per id given (keyed as given): ``exists`` False for an id that is not a
+    UUID or names no asset; else its eligibility, original (``original_exists``) and every problem
+    ``(kind, reason, stored path)`` with reason ``no_record``, ``path_refused`` or a file reason
+    (``verdict.file_reason``); ``written`` when it has none. ``headers``: compare each file's first bytes
+    with its extension (on by default: a file is only called sound on good evidence).
+
+    One query per ``batch_size`` ids (a pooled connection, each statement bounded by ``timeout``,
+    ``database.statement_timeout`` by default), no walk; the files of a batch are looked at in one
+    worker-thread call, bounded in time. Raises what ``PostgresSource`` raises when the database fails,
+    and ``TimeoutError`` when the disk does not answer.
+    """
+    given = list(asset_ids)
+    canonical = {a: _canonical(a) for a in given}
+    ids = sorted({c for c in canonical.values() if c is not None})
+    statement_timeout = pg.config.statement_timeout if timeout is None else timeout
+    sql = targeted_sql(schema)
+    disk: list[InRoot] = []
+    found: dict[str, AssetVerdict] = {}
+    for i in range(0, len(ids), batch_size):
+        chunk = ids[i : i + batch_size]
+        async with pg.connection() as conn:
+            rows = await conn.fetch(sql, [uuid.UUID(a) for a in chunk], timeout=statement_timeout)
+        assets = [AssetRow(r[0], r[1], r[2], r[3], bool(r[4]), [(f[0], f[1], f[2] == "true") for f in r[6]],
+                           edited=bool(r[5])) for r in rows]
+        budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
+        found.update(await asyncio.wait_for(asyncio.to_thread(_judge, mapper, disk, assets, headers), budget))
+    out: dict[str, AssetVerdict] = {}
+    for a in given:
+        c = canonical[a]
+        verdict = found.get(c) if c is not None else None
+        out[a] = verdict if verdict is not None else AssetVerdict(a, exists=False)
+    return out
+
+
+def _judge(
+    mapper: PathMapper, disk: list[InRoot], assets: Sequence[AssetRow], headers: bool
+) -> dict[str, AssetVerdict]:
+    """Blocking (a worker thread): the verdict on each asset of one batch."""
+    if not disk:
+        disk.append(InRoot(mapper.root_bytes))
+    return {a.asset_id: judge_asset(mapper, disk[0], a, headers) for a in assets}
