@@ -145,7 +145,10 @@ class Remediator:
         # Leave out what Immich already has queued and what the key may not touch *before* choosing
         # this round's share: otherwise the same first few would be picked, and skipped, every round.
         queued_ids: set[str] = set()
-        if (wanted or pending) and redis_ok and self.redis is not None:
+        now = time.time()
+        # The queue is searched only when something may be asked for (its search reads up to 20,000 jobs).
+        resubmittable = any(now >= e.due_at(rem.verify_after) for e in pending)
+        if (wanted or resubmittable) and redis_ok and self.redis is not None:
             queued_ids = set((await queued_assets(self.redis, self.prefix)).assets)
         owner = await self._key_owner() if wanted else None
         fresh = self._fresh(wanted, owners, scan_at, {e.asset_id for e in pending}, queued_ids, owner, out)
