@@ -92,11 +92,18 @@ async def test_accepted_but_not_queued_is_said_and_retried(
     for a in queued:  # the confirmed job is in the queue and names the asset
         assert rows[a]["state"] == "submitted" and await job_asset(valkey, rows[a]["job_id"]) == a
 
+    # A dry run right away: nothing is due yet, and each says why its last attempt ended.
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    report = await regenerate(config, options(tmp_path, assets=tuple(dropped)))
+    for a in dropped:
+        row = report.rows[a]
+        assert (row.result, row.why) == ("waiting", "not_queued"), row
+        assert row.detail.endswith("; Immich answered 204 but queued nothing")
+
     # Retried by the same rules as the rest: once its window is over, up to the attempt limit. One more
     # asset's first request is dropped too; its second is queued and fixes it.
     late = sorted(fixable)[4]
     fake.drop_first = {late}
-    config = make_config(imm, fake, tmp_path, valkey.url)
     async with thumbnail_worker(imm, valkey):
         report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=0.5, max_attempts=2,
                                                   confirm_within=1.5, assets=(*dropped, late)))

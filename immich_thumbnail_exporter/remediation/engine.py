@@ -29,7 +29,7 @@ import logging
 import time
 
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.remediation.ledger import Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
@@ -291,8 +291,12 @@ class Regenerator(Selection):
         if not waiting or self.ledger is None:
             return
         entries = self.ledger.get([r.asset_id for r in waiting])
+        # An attempt already settled keeps the reason it ended with; the others say where their job is now.
+        settled = {a: Why(e.why, e.why_text) for a, e in entries.items()
+                   if e.state in RETRYABLE and e.why and e.why_text}
         whys = await self._diagnose({r.asset_id: entries[r.asset_id].job_id if r.asset_id in entries else None
-                                     for r in waiting})
+                                     for r in waiting if r.asset_id not in settled})
+        whys.update(settled)
         for row in waiting:
             why = whys.get(row.asset_id)
             if why is not None:
