@@ -17,12 +17,12 @@ from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.inventory import InventoryCollection
 from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
+from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.http import build_app
 from immich_thumbnail_exporter.exposition.store import SOURCES, Store
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
 from immich_thumbnail_exporter.model import ProblemFeed
-from immich_thumbnail_exporter.remediation.engine import RemediationCollection
 from immich_thumbnail_exporter.runtime import Runner
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 

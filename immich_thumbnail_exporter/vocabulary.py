@@ -78,6 +78,24 @@ COMPLETED = "completed"
 ERROR = "error"
 JOB_OUTCOMES = (COMPLETED, *JOB_STATUSES, ERROR)
 
+# Regeneration: a request's result (``immich_regeneration_requests_total{result}``) and what checking the
+# asset afterwards found (``immich_regeneration_verified_total{result}``, the ledger, the reports).
+REQUEST_RESULTS = ("accepted", "rejected", "error")
+VERIFIED_RESULTS = ("fixed", "still_missing", "not_queued", "gave_up")
+# Why an asset is still broken after a request, as far as the exporter can see (ledger ``why``, reports).
+WHY = (
+    "not_queued",  # Immich answered 204 and no job naming the asset appeared in the queue
+    "queue_paused",  # its job waits in a paused queue
+    "no_worker",  # its job waits in a queue with no live worker
+    "job_waiting",  # its job waits; workers are attached (or their count cannot be read)
+    "job_delayed",  # its job waits for a retry after an error
+    "job_stalled",  # its job is active and no worker holds its lock
+    "job_active",  # its job is running
+    "job_failed",  # its job ended in BullMQ's failed set
+    "no_effect",  # its job finished (or left the queue) and the files are still missing
+    "no_job",  # no job names it in the queue
+    "queue_unknown",  # Redis is not configured or could not be read
+)
 
 # Immich v3's own integrity report (table ``integrity_report``): its entry types, the ``type`` label.
 INTEGRITY_TYPES = ("missing_file", "untracked_file", "checksum_mismatch")

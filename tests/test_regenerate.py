@@ -1,11 +1,12 @@
-"""``regenerate`` and the ``remediation`` collection against a fake Immich API and a real BullMQ worker.
+"""``regenerate`` and the ``remediation`` collection against the demo's simulated Immich.
 
-The fake API answers ``POST /api/assets/jobs`` like Immich (204) and pushes one ``AssetGenerateThumbnails``
-job per asset into the real Valkey with the real ``bullmq`` package (prefix ``immich_bull``, queue
-``thumbnailGeneration``, ``removeOnComplete: true``, ``removeOnFail: false``). A real ``bullmq`` Worker
-plays Immich's thumbnail worker: it looks the asset up in the seeded PostgreSQL database, adds missing
-``asset_file`` rows and writes valid files (webp/jpeg magic bytes). A lazy variant accepts jobs and
-never writes anything, which is what a broken Immich looks like from outside.
+Its API (``demo/simulation/api.py``, an aiohttp double: the only fake part) answers
+``POST /api/assets/jobs`` like Immich (204) and queues real BullMQ jobs in the real Valkey (prefix
+``immich_bull``, queue ``thumbnailGeneration``, ``AssetGenerateThumbnails``, Immich's job options), or
+queues nothing for the assets it is told to drop, as Immich v3.0.0 did. Its worker (a real ``bullmq``
+Worker) plays Immich's thumbnail worker on the seeded PostgreSQL database and media folder: it writes
+valid files and rows, or (``writes=False``) completes every job with ``null`` and writes nothing, which
+is what a broken Immich looks like from outside.
 """
 
 from __future__ import annotations
@@ -13,318 +14,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sqlite3
-import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import pytest
-import pytest_asyncio
-from aiohttp import web
-from bullmq import Queue, Worker
 
 from immich_thumbnail_exporter.collectors.files import FilesCollection
-from immich_thumbnail_exporter.config import Config, load_config
+from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.demo.seed import ERAS, Plan, jpeg, webp
-from immich_thumbnail_exporter.model import ProblemFeed, ProblemStore
+from immich_thumbnail_exporter.demo.simulation.api import JOB_OPTS, SimulatedApi
+from immich_thumbnail_exporter.model import ProblemFeed
 from immich_thumbnail_exporter.output import scan_report
-from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
-from immich_thumbnail_exporter.remediation.engine import Options, RemediationCollection, RunReport, regenerate
-from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
-from immich_thumbnail_exporter.scan.run import run_scan
-from immich_thumbnail_exporter.sources.paths import PathMapper
+from immich_thumbnail_exporter.remediation.engine import regenerate
+from immich_thumbnail_exporter.remediation.ledger import Ledger
+from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
+from tests.remediation_kit import (
+    API_KEY,
+    cli,
+    expected_sets,
+    fake,
+    imm,
+    ledger_rows,
+    make_config,
+    options,
+    owners_of,
+    problem_assets,
+    results,
+    thumbnail_worker,
+)
 
 pytestmark = pytest.mark.asyncio
-
-API_KEY = "test-api-key"
-PREFIX = "immich_bull"
-QUEUE = "thumbnailGeneration"
-JOB_OPTS = {"removeOnComplete": True, "removeOnFail": False}
-# Small enough to be quick, large enough for every injected problem.
-PLAN = Plan(assets=60)
-# The singular-table era (asset, asset_file, absolute paths under /data), which the fake worker writes to.
-ERA = next(label for label, era in ERAS.items() if era.assets == "asset" and not era.relative)
-
-
-# -- a fake Immich: its API and its thumbnail worker -------------------------------------------------
-
-
-class FakeImmich:
-    """``POST /api/assets/jobs`` like Immich: 204 and one BullMQ job per asset; records every POST."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.redis_url = redis_url
-        self.mode = "ok"  # ok, 401, 403, 500
-        self.fail_after: int | None = None  # answer 500 once this many POSTs were accepted
-        # The user the API key belongs to. Like Immich, POST /api/assets/jobs then refuses (400) a request
-        # naming any asset that user does not own (``owners``). None: ownership is not checked.
-        self.key_user: str | None = None
-        self.owners: dict[str, str] = {}
-        # False: GET /api/users/me answers 403, as for a key without the user.read permission.
-        self.me_allowed = True
-        self.posts: list[tuple[float, list[str]]] = []
-        self.accepted = 0
-        self.queue = Queue(QUEUE, {"prefix": PREFIX, "connection": redis_url})
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/api/assets/jobs", self.jobs)
-        app.router.add_get("/api/server/ping", self.answer({"res": "pong"}))
-        app.router.add_get("/api/server/version", self.answer({"major": 1, "minor": 137, "patch": 3}))
-        app.router.add_get("/api/queues", self.answer([]))
-        app.router.add_get("/api/users/me", self.me)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    @staticmethod
-    def answer(doc: Any) -> Any:
-        async def handler(request: web.Request) -> web.Response:
-            return web.json_response(doc)
-
-        return handler
-
-    async def me(self, request: web.Request) -> web.Response:
-        if self.key_user is None or not self.me_allowed:
-            return web.json_response({"message": "Missing required permission: user.read", "statusCode": 403},
-                                     status=403)
-        return web.json_response({"id": self.key_user, "email": "admin@example.com", "isAdmin": True})
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await asyncio.wait_for(self._runner.cleanup(), 10)
-        await asyncio.wait_for(self.queue.close(), 10)
-
-    async def jobs(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.posts.append((time.time(), list(body.get("assetIds", []))))
-        if request.headers.get("x-api-key") != API_KEY:
-            return web.json_response({"message": "Invalid API key", "statusCode": 401}, status=401)
-        mode = self.mode
-        if self.fail_after is not None and self.accepted >= self.fail_after:
-            mode = "500"
-        if mode == "401":
-            return web.json_response({"message": "Invalid user token", "statusCode": 401}, status=401)
-        if mode == "403":
-            return web.json_response({"message": "Missing required permission: asset.update", "statusCode": 403},
-                                     status=403)
-        if mode == "500":
-            return web.json_response({"message": "Internal server error", "statusCode": 500}, status=500)
-        assert body.get("name") == "regenerate-thumbnail", body
-        if self.key_user is not None and any(self.owners.get(a) != self.key_user for a in body["assetIds"]):
-            return web.json_response({"message": "Not found or no asset.update access", "statusCode": 400},
-                                     status=400)
-        for asset_id in body["assetIds"]:
-            await asyncio.wait_for(self.queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
-        self.accepted += 1
-        return web.Response(status=204)
-
-    def submissions(self) -> Counter[str]:
-        return Counter(a for _, ids in self.posts for a in ids)
-
-
-class ThumbnailWorker:
-    """Immich's thumbnail worker, as far as files go. ``writes=False``: accepts jobs, writes nothing."""
-
-    def __init__(self, imm: Immich, redis_url: str, writes: bool = True) -> None:
-        self.imm = imm
-        self.redis_url = redis_url
-        self.writes = writes
-        self.mapper = PathMapper(imm.media, "/data")
-        self.processed: list[str] = []
-        self.pool: asyncpg.Pool | None = None
-        self.worker: Worker | None = None
-
-    async def start(self) -> None:
-        self.pool = await asyncpg.create_pool(self.imm.dsn, min_size=1, max_size=2, timeout=10)
-        self.worker = Worker(QUEUE, self.process, {"prefix": PREFIX, "connection": self.redis_url,
-                                                   "concurrency": 4})
-
-    async def stop(self) -> None:
-        if self.worker is not None:
-            await asyncio.wait_for(self.worker.close(), 15)
-        if self.pool is not None:
-            await asyncio.wait_for(self.pool.close(), 10)
-
-    async def process(self, job: Any, token: str) -> str:
-        asset_id = str(job.data["id"])
-        self.processed.append(asset_id)
-        assert self.pool is not None
-        aid = uuid.UUID(asset_id)
-        async with self.pool.acquire() as conn:
-            asset = await conn.fetchrow('SELECT "ownerId"::text AS owner, "originalPath" AS original '
-                                        "FROM asset WHERE id = $1", aid, timeout=10)
-            if asset is None:
-                return "failed"  # Immich: "Thumbnail generation failed for asset <id>: not found"
-            if not self.writes:
-                return "success"
-            original = self.mapper.relative(asset["original"])
-            if original is None or not await asyncio.to_thread(os.path.exists, self.mapper.local(original)):
-                return "failed"  # Immich cannot decode a missing original
-            rows = {r["type"]: r["path"] for r in await conn.fetch(
-                'SELECT type, path FROM asset_file WHERE "assetId" = $1', aid, timeout=10)}
-            folder = f"/data/thumbs/{asset['owner']}/{asset_id[:2]}/{asset_id[2:4]}"
-            for kind, ext in (("thumbnail", "webp"), ("preview", "jpeg")):
-                if kind not in rows:
-                    rows[kind] = f"{folder}/{asset_id}_{kind}.{ext}"
-                    await conn.execute('INSERT INTO asset_file ("assetId", type, path) VALUES ($1, $2, $3)',
-                                       aid, kind, rows[kind], timeout=10)
-        await asyncio.to_thread(self.write, list(rows.values()))
-        return "success"
-
-    def write(self, paths: list[str]) -> None:
-        for path in paths:
-            rel = self.mapper.relative(path)
-            if rel is None:
-                continue
-            local = self.mapper.local(rel)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            if os.path.islink(local):
-                os.unlink(local)
-            with open(local, "wb") as fh:
-                fh.write(webp(300) if path.endswith(".webp") else jpeg(1200))
-
-
-# -- fixtures and helpers --------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def imm(immich_factory: Any) -> Immich:
-    result: Immich = await immich_factory(ERA, PLAN)
-    return result
-
-
-@pytest_asyncio.fixture
-async def fake(valkey: EmbeddedValkey) -> AsyncIterator[FakeImmich]:
-    api = FakeImmich(valkey.url)
-    await api.start()
-    try:
-        yield api
-    finally:
-        await api.stop()
-
-
-@contextlib.asynccontextmanager
-async def thumbnail_worker(imm: Immich, valkey: EmbeddedValkey, writes: bool = True) -> AsyncIterator[ThumbnailWorker]:
-    worker = ThumbnailWorker(imm, valkey.url, writes)
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-
-
-def make_config(imm: Immich, fake: FakeImmich, state_dir: Path, redis_url: str | None = None,
-                **overrides: Any) -> Config:
-    values: dict[str, Any] = {
-        "database.url": imm.dsn,
-        "media.root": imm.media,
-        "immich.url": fake.url,
-        "immich.api_key": API_KEY,
-        "remediation.state_dir": str(state_dir),
-    }
-    if redis_url:
-        values["redis.url"] = redis_url
-    values.update(overrides)
-    return load_config(None, environ={}, overrides=values)
-
-
-def options(state_dir: Path, **kw: Any) -> Options:
-    base: dict[str, Any] = {"state_dir": str(state_dir), "rate": 50.0, "retry_after": 30.0, "timeout": 30.0}
-    base.update(kw)
-    return Options(**base)
-
-
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
-
-
-def _islink(path: str) -> bool:
-    return os.path.islink(path)
-
-
-async def expected_sets(imm: Immich) -> tuple[set[str], set[str], set[str]]:
-    """(fixable, original missing, unreadable symlink) problem assets, from the database and the disk alone."""
-    problem_ids = set(imm.expected.problem_asset_ids)
-    conn = await asyncpg.connect(imm.dsn, timeout=10)
-    try:
-        assets = await conn.fetch('SELECT id::text, "originalPath" FROM asset WHERE id::text = ANY($1)',
-                                  list(problem_ids), timeout=10)
-        files = await conn.fetch('SELECT "assetId"::text, path FROM asset_file WHERE "assetId"::text = ANY($1)',
-                                 list(problem_ids), timeout=10)
-    finally:
-        await conn.close()
-    no_original = {r[0] for r in assets if not _exists(imm.media + r[1][len("/data"):])}
-    symlinked = {r[0] for r in files if _islink(imm.media + r[1][len("/data"):])}
-    fixable = problem_ids - no_original - symlinked
-    assert len(fixable) >= 10 and len(no_original) == 1 and len(symlinked) == 1
-    return fixable, no_original, symlinked
-
-
-async def owners_of(imm: Immich) -> dict[str, str]:
-    conn = await asyncpg.connect(imm.dsn, timeout=10)
-    try:
-        return {r[0]: r[1] for r in await conn.fetch('SELECT id::text, "ownerId"::text FROM asset', timeout=10)}
-    finally:
-        await conn.close()
-
-
-async def problem_assets(imm: Immich) -> set[str]:
-    """Asset ids a fresh full scan (headers verified) still calls broken."""
-    config = load_config(None, environ={}, overrides={
-        "database.url": imm.dsn, "media.root": imm.media, "checks.verify_headers": True})
-    pg = PostgresSource(config.database)
-    store = ProblemStore()
-    try:
-        await asyncio.wait_for(run_scan(pg, config, store), 60)
-        return {p.asset_id for p in store}
-    finally:
-        store.close()
-        await pg.close()
-
-
-def results(report: RunReport) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for row in report.rows.values():
-        out.setdefault(row.result, set()).add(row.asset_id)
-    return out
-
-
-def ledger_rows(state_dir: Path) -> dict[str, sqlite3.Row]:
-    db = sqlite3.connect(state_dir / FILENAME)
-    db.row_factory = sqlite3.Row
-    try:
-        return {r["asset_id"]: r for r in db.execute("SELECT * FROM asset")}
-    finally:
-        db.close()
-
-
-async def cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
-    base.update(env)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "immich_thumbnail_exporter", *args, env=base,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
+__all__ = ["fake", "imm"]  # fixtures used by name
 
 # -- the ledger on its own -------------------------------------------------------------------------------
 
@@ -371,7 +95,7 @@ async def test_ledger_survives_restart_and_backs_off(tmp_path: Path) -> None:
 # -- regenerate --------------------------------------------------------------------------------------------
 
 
-async def test_dry_run_submits_nothing(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+async def test_dry_run_submits_nothing(imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     state = tmp_path / "state"
     code, out, err = await cli(
@@ -397,7 +121,7 @@ async def test_dry_run_submits_nothing(imm: Immich, fake: FakeImmich, valkey: Em
     assert fake.posts == []
 
 
-async def test_skip_reasons(imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path) -> None:
+async def test_skip_reasons(imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     queued = sorted(fixable)[0]
     # Immich already has a job for this asset and no worker has taken it yet.
@@ -428,7 +152,7 @@ async def test_skip_reasons(imm: Immich, fake: FakeImmich, valkey: EmbeddedValke
 
 
 async def test_apply_wait_fixes_and_verifies(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     assert await problem_assets(imm) == fixable | no_original | symlinked
@@ -461,7 +185,7 @@ async def test_apply_wait_fixes_and_verifies(
 
 
 async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url)
@@ -494,20 +218,28 @@ async def test_worker_that_never_writes_leads_to_retries_then_gave_up(
 
 
 async def test_deadline_leaves_assets_still_broken_and_tracked(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     config = make_config(imm, fake, tmp_path, valkey.url)
     async with thumbnail_worker(imm, valkey, writes=False):
         report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=30, timeout=1.5))
-    assert results(report)["still_broken"] == fixable
+    assert results(report)["still_missing"] == fixable
     assert report.exit_code() == 1
     assert all("when the run ended (attempt 1 of 3)" in report.rows[a].detail for a in fixable)
-    assert {r["state"] for r in ledger_rows(tmp_path).values()} == {"submitted"}
+    # The worker took every job and wrote nothing: each attempt is over, and says so.
+    rows = ledger_rows(tmp_path)
+    ran = {a for a in fixable if report.rows[a].why == "no_effect"}
+    assert ran and all("Immich ran its job (finished at" in report.rows[a].detail for a in ran)
+    assert {rows[a]["state"] for a in ran} == {"still_missing"}
+    assert {rows[a]["why"] for a in ran} == {"no_effect"}
+    # Nothing is asked again before its window (30s) is over: the ledger keeps each one.
+    assert {r["state"] for r in rows.values()} <= {"submitted", "still_missing"}
+    assert fake.submissions() == Counter({a: 1 for a in fixable})
 
 
 async def test_interrupted_run_resumes_from_the_ledger(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     # Redis is left out of the configuration: only the ledger can prevent a second request.
@@ -545,7 +277,7 @@ async def test_interrupted_run_resumes_from_the_ledger(
     ("500", "POST /api/assets/jobs: HTTP 500: Internal server error"),
 ])
 async def test_api_errors_are_reported_and_nothing_is_marked_fixed(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path, mode: str, message: str
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path, mode: str, message: str
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     fake.mode = mode
@@ -575,7 +307,7 @@ async def test_api_errors_are_reported_and_nothing_is_marked_fixed(
 
 
 async def test_api_failing_midway_reports_only_real_fixes(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, no_original, symlinked = await expected_sets(imm)
     fake.fail_after = 1  # the first batch is accepted, then Immich breaks
@@ -596,7 +328,7 @@ async def test_api_failing_midway_reports_only_real_fixes(
 
 
 async def test_remediation_collection_moves_the_counters(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
     overrides = {
@@ -636,7 +368,7 @@ async def test_remediation_collection_moves_the_counters(
 
 
 async def test_scan_review_by_reason_and_time_estimate(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey
 ) -> None:
     _, no_original, symlinked = await expected_sets(imm)
     env = {"DB_URL": imm.dsn}
@@ -674,12 +406,13 @@ async def test_scan_review_by_reason_and_time_estimate(
 
 
 async def test_only_the_key_users_assets_are_submitted(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     fixable, _, _ = await expected_sets(imm)
-    fake.owners = await owners_of(imm)
-    fake.key_user = fake.owners[sorted(fixable)[0]]
-    mine = {a for a in fixable if fake.owners[a] == fake.key_user}
+    owners = await owners_of(imm)
+    key_user = owners[sorted(fixable)[0]]
+    fake.keys[API_KEY] = key_user  # Immich refuses (400) a request naming an asset this user does not own
+    mine = {a for a in fixable if owners[a] == key_user}
     assert 0 < len(mine) < len(fixable)
     config = make_config(imm, fake, tmp_path, valkey.url)
 
@@ -707,7 +440,7 @@ async def test_only_the_key_users_assets_are_submitted(
 
 
 async def test_remediation_reads_problems_from_the_files_result(
-    imm: Immich, fake: FakeImmich, valkey: EmbeddedValkey, tmp_path: Path
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     """Given the files collection's problem feed, a round takes its problems instead of scanning."""
     fixable, _, _ = await expected_sets(imm)
@@ -721,22 +454,26 @@ async def test_remediation_reads_problems_from_the_files_result(
     collection = RemediationCollection(config, pg, feed)
     try:
         outcome = await asyncio.wait_for(collection.collect(), 30)
-        assert fake.posts == []  # no files result yet: no scan of its own
+        assert collection.last is not None and collection.last.candidates == 0
+        assert fake.posts == []  # no file check yet: no scan of its own
         assert outcome.error is None
         await asyncio.wait_for(files.collect(), 60)
         snapshot = feed.latest()
         assert snapshot is not None and {p.asset_id for p in snapshot.problems} >= fixable
         async with thumbnail_worker(imm, valkey):
             outcome = await asyncio.wait_for(collection.collect(), 30)
+            assert collection.last is not None
+            assert collection.last.submitted == len(fixable) and collection.last.not_queued == 0
             assert set(fake.submissions()) == fixable
 
             async def all_fixed() -> bool:
                 await asyncio.wait_for(collection.collect(), 30)
-                return collection.verified["fixed"] == len(fixable)
+                return collection.verified.get("fixed") == len(fixable)
 
             await wait_for(all_fixed, timeout=30, interval=0.2)
-        # The files result still lists the old problems; the ledger knows better: nothing is asked twice.
+        # The feed still lists the old problems; the ledger knows better: nothing is asked twice.
         outcome = await asyncio.wait_for(collection.collect(), 30)
+        assert collection.last is not None and collection.last.submitted == 0
         assert fake.submissions() == Counter({a: 1 for a in fixable})
         (part,) = outcome.parts
         assert part.needs == {"immich_api", "postgres"}
@@ -744,6 +481,7 @@ async def test_remediation_reads_problems_from_the_files_result(
         assert values[("immich_regeneration_requests_total", "accepted")] == collection.requests["accepted"] >= 1
         assert values[("immich_regeneration_verified_total", "fixed")] == len(fixable)
         assert values[("immich_regeneration_verified_total", "still_missing")] == 0
+        assert values[("immich_regeneration_verified_total", "not_queued")] == 0
     finally:
         await collection.close()
         await pg.close()

@@ -27,7 +27,8 @@ def section(layout: Layout) -> None:
             8,
             timeseries(
                 "Regeneration verified (per second)",
-                "Regenerated assets checked on disk afterwards: fixed, still missing, or given up.",
+                "Regeneration attempts settled: fixed, still missing, not queued (Immich answered 204 and "
+                "queued nothing), or given up.",
                 [
                     target(
                         f"sum by (result) (rate(immich_regeneration_verified_total{{{INSTANCE}}}[$__rate_interval]))",

@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from immich_thumbnail_exporter import __version__, logs
-from immich_thumbnail_exporter.cli import check_config, config_schema, demo, scan, serve
+from immich_thumbnail_exporter.cli import check_config, config_schema, demo, regenerate, scan, serve
 from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEMS, fail
 from immich_thumbnail_exporter.config import LOG_FORMATS, LOG_LEVELS, CollectorSwitches, LogSettings, collect
-from immich_thumbnail_exporter.remediation import engine as regenerate
 
 __all__ = ["COLLECTORS", "COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEMS", "build_parser", "main", "overrides"]
 

@@ -186,6 +186,9 @@ class RemediationConfig(_Section):
     file (permissions, a symlink out of the media folder), which regeneration does not change."""
     interval: Duration = Duration(60.0)
     """How often a remediation round runs under serve (verify earlier requests, submit new ones)."""
+    confirm_within: Duration = Duration(10.0)
+    """After each accepted request, how long to look for a job naming each asset before calling it
+    not_queued (Immich v3.0.0 answered 204 and queued nothing)."""
 
 
 @dataclass(frozen=True, config=_SECTION)

@@ -1,9 +1,17 @@
-"""``demo``: a post-restore Immich on embedded PostgreSQL and Valkey, and the exporter serving it.
+"""``demo``: a post-restore Immich on embedded PostgreSQL and Valkey, a simulated Immich beside it, and
+the exporter serving it.
 
 It reproduces the restore report: about 254 assets in the singular schema era, a handful broken in each
 way (files gone while their rows remain, empty and corrupt files, missing rows, no thumbhash, no job
 status, orphans, an original that is gone), regeneration jobs sitting in Redis with no worker to take
-them, and jobs for assets the restored database no longer has. Then it serves the exporter on it.
+them, and jobs for assets the restored database no longer has.
+
+The simulated Immich (``demo/simulation/``) answers the API like Immich, with one API key per user. Its
+thumbnail worker starts ``WORKER_AFTER`` seconds in: first the exporter shows jobs stuck with no worker,
+then the worker takes them (writing most assets' files, completing the orphans' jobs with null, doing
+nothing for one flaky asset's first job). The demo prints the ``regenerate --apply --wait`` command that
+fixes the rest, including the flaky asset on its second attempt and an asset whose first request Immich
+accepts and queues nothing for, as v3.0.0 did.
 """
 
 from __future__ import annotations
@@ -12,61 +20,100 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import uuid
-from typing import Any
+
+import asyncpg
 
 from immich_thumbnail_exporter.app import Exporter
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
+from immich_thumbnail_exporter.demo.simulation.api import JOB_NAME, SimulatedApi
+from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.exposition.http import parse_listen_address
 from immich_thumbnail_exporter.exposition.webconfig import load_web_config
 
 log = logging.getLogger(__name__)
 
-PREFIX = "immich_bull"
-QUEUE = "thumbnailGeneration"
-# Immich's default job options (docs/immich-schema.md, f).
-JOB_OPTS: dict[str, Any] = {"attempts": 3, "removeOnComplete": True, "removeOnFail": False}
+# Seconds of "no worker" before the simulated Immich's worker starts.
+WORKER_AFTER = 60.0
+# Each simulated thumbnail job takes this long.
+JOB_SECONDS = 0.5
+# The retry window the printed regenerate command uses (the default, remediation.verify_after, is 5m).
+RETRY_AFTER = "20s"
 
 
-async def add_stuck_jobs(redis_url: str, asset_ids: list[str], orphan_ids: list[str]) -> int:
-    """Regeneration requests Immich accepted (HTTP 204) that no worker will ever take."""
+async def fixable_assets(dsn: str, media: str, problem_ids: set[str]) -> list[str]:
+    """Problem assets regeneration can fix: the original is there and no thumbnail is a symlink."""
+    conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        from bullmq import Queue
-    except ImportError:
-        log.warning("the bullmq package is not installed: the demo runs without queued jobs")
-        return 0
-    queue = Queue(QUEUE, {"prefix": PREFIX, "connection": redis_url})
-    try:
-        for asset_id in [*asset_ids, *orphan_ids]:
-            await asyncio.wait_for(queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
+        ids = [uuid.UUID(a) for a in problem_ids]
+        originals = await conn.fetch('SELECT id::text, "originalPath" FROM asset WHERE id = ANY($1)', ids)
+        files = await conn.fetch('SELECT "assetId"::text, path FROM asset_file WHERE "assetId" = ANY($1)', ids)
     finally:
-        await asyncio.wait_for(queue.close(), 10)
-    return len(asset_ids) + len(orphan_ids)
+        await conn.close()
+
+    def unfixable() -> set[str]:
+        def local(stored: str) -> str:
+            return media + stored.removeprefix("/data")
+
+        lost = {r[0] for r in originals if not os.path.exists(local(r[1]))}
+        return lost | {r[0] for r in files if os.path.islink(local(r[1]))}
+
+    return sorted(problem_ids - await asyncio.to_thread(unfixable))
 
 
-def _summary(url: str, exp: Expected, jobs: int, dsn: str, media: str) -> str:
+async def users(dsn: str) -> list[tuple[str, str]]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return [(str(r[0]), str(r[1])) for r in await conn.fetch('SELECT id, email FROM "user" ORDER BY email')]
+    finally:
+        await conn.close()
+
+
+def _program() -> str:
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "immich-thumbnail-exporter":
+        return shlex.quote(os.path.abspath(argv0))
+    return f"{shlex.quote(sys.executable)} -m immich_thumbnail_exporter"
+
+
+def _summary(url: str, exp: Expected, jobs: int, env: dict[str, str], media: str, state: str,
+             keys: list[tuple[str, str, int]]) -> str:
     missing = sum(exp.missing.values())
+    exports = " \\\n    ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    commands = "\n".join(
+        f"  # as {email} ({n} problem asset(s) of theirs)\n"
+        f"  IMMICH_API_KEY={key} {_program()} regenerate --media.root {shlex.quote(media)} \\\n"
+        f"    --state-dir {shlex.quote(state)} --apply --wait --retry-after {RETRY_AFTER}"
+        for key, email, n in keys
+    )
     return f"""
 Immich thumbnail exporter demo is running: {url}/
 
   a restored Immich (schema v1.136+, {exp.assets['image']} images and {exp.assets['video']} videos)
   {missing} broken thumbnail-type files or rows, {exp.orphaned_files} orphaned files, \
 {exp.originals_missing} originals gone
-  {jobs} regeneration jobs waiting in Valkey with no worker (some for assets no longer in the database)
+  {jobs} regeneration jobs waiting in Valkey with no worker (some for assets no longer in the database);
+  the simulated Immich's thumbnail worker starts in {WORKER_AFTER:.0f}s and takes them
 
 Look at:
-  {url}/metrics                     immich_asset_files_missing, immich_queue_*, immich_exporter_source_up
+  {url}/metrics                     immich_queue_workers, immich_queue_jobs, immich_queue_oldest_job_age_seconds
+                                        first; then immich_jobs_finished_total and the files series
   {url}/problems?kind=preview       the broken assets, as JSON
-  immich-thumbnail-exporter scan    (with DB_URL and --media.root below) the same as a report
 
-  DB_URL={dsn}
-  --media.root {media}
+Fix the rest: regenerate asks the simulated Immich, confirms each job was queued, waits, and says why
+anything is still broken. Immich lets a key regenerate only its own user's assets: one command per user.
+
+  export {exports}
+{commands}
 
 Press Ctrl-C to stop and clean up.
 """
@@ -77,17 +124,30 @@ async def _run(args: argparse.Namespace) -> int:
     pg = EmbeddedPostgres(f"{workdir}/postgres")
     vk = EmbeddedValkey()
     exporter: Exporter | None = None
+    api: SimulatedApi | None = None
+    worker: SimulatedWorker | None = None
+    worker_task: asyncio.Task[None] | None = None
     try:
         print("starting PostgreSQL and Valkey ...", file=sys.stderr)
         await asyncio.to_thread(pg.start)
         await asyncio.to_thread(vk.start)
         await create_database(pg.dsn, "immich")
         dsn = pg.dsn_for("immich")
-        media = f"{workdir}/media"
+        media, state = f"{workdir}/media", f"{workdir}/state"
         exp = await seed(dsn, media, "v1.136+", Plan(assets=args.assets))
         stuck = sorted(exp.problem_asset_ids)[:6]
         orphans = [str(uuid.UUID(int=0xDEAD0000 + i, version=4)) for i in range(4)]
-        jobs = await add_stuck_jobs(vk.url, stuck, orphans)
+        later = [a for a in await fixable_assets(dsn, media, exp.problem_asset_ids) if a not in stuck]
+        # One API key per Immich user, made now: (key, user id, email).
+        keys = [(f"demo-{secrets.token_hex(12)}", user, email) for user, email in await users(dsn)]
+        api = SimulatedApi(dsn, vk.url, {key: user for key, user, _ in keys})
+        # The flaky asset's first job does nothing; Immich queues nothing for the other's first request.
+        if later:
+            api.drop_first = {later[-1]}
+        await api.start()
+        await asyncio.wait_for(api.queue.addBulk(
+            [{"name": JOB_NAME, "data": {"id": a}} for a in [*stuck, *orphans]]), 10)
+        worker = SimulatedWorker(dsn, media, vk.url, delay=JOB_SECONDS, flaky=set(later[:1]))
         config = load_config(
             None,
             environ={},
@@ -95,6 +155,8 @@ async def _run(args: argparse.Namespace) -> int:
                 "database.url": dsn,
                 "media.root": media,
                 "redis.url": vk.url,
+                "immich.url": api.url,
+                "immich.api_key": keys[0][0],
                 "checks.verify_headers": True,
                 "checks.check_originals": True,
                 "intervals.queues": "5s",
@@ -117,7 +179,11 @@ async def _run(args: argparse.Namespace) -> int:
                 break
             await asyncio.sleep(0.1)
         shown_host = host or "127.0.0.1"
-        print(_summary(f"http://{shown_host}:{exporter.bound_port}", exp, jobs, dsn, media))
+        owned = await _problems_per_owner(dsn, exp.problem_asset_ids)
+        env = {"DB_URL": dsn, "REDIS_URL": vk.url, "IMMICH_URL": api.url}
+        print(_summary(f"http://{shown_host}:{exporter.bound_port}", exp, len(stuck) + len(orphans), env, media,
+                       state, [(key, email, owned.get(user, 0)) for key, user, email in keys]))
+        worker_task = asyncio.create_task(_start_worker_later(worker))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,15 +196,37 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if exporter is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(exporter.stop(), 10)
+        if worker_task is not None:
+            worker_task.cancel()
+            with contextlib.suppress(BaseException):
+                await worker_task
+        for part in (exporter, worker, api):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(part.stop(), 15)
         vk.cleanup()
         pg.stop()
         if args.keep:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _problems_per_owner(dsn: str, problem_ids: set[str]) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch('SELECT "ownerId"::text, count(*) FROM asset WHERE id = ANY($1) GROUP BY 1',
+                                [uuid.UUID(a) for a in problem_ids])
+    finally:
+        await conn.close()
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def _start_worker_later(worker: SimulatedWorker) -> None:
+    await asyncio.sleep(WORKER_AFTER)
+    await worker.start()
+    print("the simulated Immich's thumbnail worker is up: the stuck jobs run now "
+          "(immich_queue_workers{queue=\"thumbnailGeneration\"} 1)", file=sys.stderr)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ _DEFS = [
     Def("immich_regeneration_requests", "counter", ("result",),
         "Regeneration requests sent to Immich's API, by result."),
     Def("immich_regeneration_verified", "counter", ("result",),
-        "Regenerated assets checked afterwards, by result: fixed, still_missing, gave_up."),
+        "Regeneration attempts settled, by result: fixed, still_missing (its attempt is over and a file is "
+        "still missing), not_queued (Immich answered 204 and queued no job), gave_up."),
     Def("immich_server_info", "gauge", ("version", "schema"), "Immich server version and database schema era."),
     Def("immich_exporter_source_up", "gauge", ("source",), "1 when the exporter can use the source."),
     Def("immich_exporter_collection_success", "gauge", ("collection",), "1 when the collection's last run succeeded."),

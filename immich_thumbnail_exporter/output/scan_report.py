@@ -16,7 +16,7 @@ from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 if TYPE_CHECKING:
     from immich_thumbnail_exporter.config import Config
-    from immich_thumbnail_exporter.remediation.check import Throughput
+    from immich_thumbnail_exporter.remediation.queue_view import Throughput
 
 PROBLEM_FIELDS = (
     "asset_id", "owner_id", "asset_type", "kind", "reason", "path", "original_path", "original_exists",
@@ -108,7 +108,7 @@ def observe_queue(config: Config) -> Throughput | str | None:
         return None
     import asyncio
 
-    from immich_thumbnail_exporter.remediation.check import thumbnail_throughput
+    from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
     from immich_thumbnail_exporter.sources.postgres import SourceError
 
     try:

@@ -11,12 +11,19 @@ asking again too early:
   window an asset that is still broken is given up, with the reason.
 * claims run in ``BEGIN IMMEDIATE`` transactions, so ``serve`` and a ``regenerate`` run sharing the
   state directory never both submit one asset.
+* each attempt keeps the job Immich queued for it (``job_id``); why the last attempt that ended left the
+  asset broken stays until it is fixed (``why``: a ``vocabulary.WHY`` code, ``why_text``: the sentence
+  the reports show).
+
+Files written before those columns existed (schema version 1) are upgraded in place when opened for
+writing and read as they are (the new columns empty) when opened read-only.
 
 Nothing here talks to Immich: the ledger only records.
 
 States: ``submitting`` (claimed, request in flight or interrupted), ``submitted`` (Immich accepted it),
-``still_missing`` (verified broken after its window; may be resubmitted), ``error`` (the request failed;
-may be resubmitted), ``fixed``, ``gave_up``.
+``not_queued`` (Immich accepted it and queued no job; may be resubmitted), ``still_missing`` (its attempt
+is over and the asset is still broken; may be resubmitted), ``error`` (the request failed; may be
+resubmitted), ``fixed``, ``gave_up``.
 """
 
 from __future__ import annotations
@@ -26,13 +33,18 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from immich_thumbnail_exporter.remediation.why import Why
 
 FILENAME = "remediation.sqlite3"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 AWAITING = ("submitting", "submitted")
-RETRYABLE = ("still_missing", "error")
+RETRYABLE = ("still_missing", "not_queued", "error")
+# Submitted and not settled: verified again until fixed or given up.
+PENDING = (*AWAITING, "still_missing", "not_queued")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,15 +60,20 @@ CREATE TABLE IF NOT EXISTS asset (
     detail          TEXT,
     gave_up_reason  TEXT,
     fixed_at        REAL,
-    updated         REAL NOT NULL
+    updated         REAL NOT NULL,
+    job_id          TEXT,
+    why             TEXT,
+    why_text        TEXT
 );
 CREATE INDEX IF NOT EXISTS asset_state ON asset (state, last_submitted);
 """
 
-_COLUMNS = (
-    "asset_id, state, attempts, kinds, first_submitted, last_submitted, last_checked, last_outcome, detail, "
-    "gave_up_reason, fixed_at"
+_COLUMN_NAMES = (
+    "asset_id", "state", "attempts", "kinds", "first_submitted", "last_submitted", "last_checked",
+    "last_outcome", "detail", "gave_up_reason", "fixed_at", "job_id", "why", "why_text",
 )
+# Added by schema version 2: (name, type) for ALTER TABLE.
+_ADDED_COLUMNS = (("job_id", "TEXT"), ("why", "TEXT"), ("why_text", "TEXT"))
 
 
 class LedgerError(Exception):
@@ -76,6 +93,9 @@ class Entry:
     detail: str | None
     gave_up_reason: str | None
     fixed_at: float | None
+    job_id: str | None = None
+    why: str | None = None
+    why_text: str | None = None
 
     def window(self, retry_after: float) -> float:
         """How long to wait after the last attempt before calling it failed (backoff per attempt)."""
@@ -117,7 +137,14 @@ def _row(r: Any) -> Entry:
         detail=None if r[8] is None else str(r[8]),
         gave_up_reason=None if r[9] is None else str(r[9]),
         fixed_at=_float(r[10]),
+        job_id=_str(r[11]),
+        why=_str(r[12]),
+        why_text=_str(r[13]),
     )
+
+
+def _str(v: Any) -> str | None:
+    return None if v is None else str(v)
 
 
 def _float(v: Any) -> float | None:
@@ -146,10 +173,11 @@ class Ledger:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 self._db.executescript(_SCHEMA)
-                self._db.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
-                )
+                self._upgrade()
             self._db.execute("PRAGMA busy_timeout=5000")
+            present = {str(r[1]) for r in self._db.execute("PRAGMA table_info(asset)")}
+            # Read-only, a version 1 file lacks the newer columns: they read as empty.
+            self._columns = ", ".join(c if c in present else f"NULL AS {c}" for c in _COLUMN_NAMES)
         except OSError as exc:
             raise LedgerError(
                 f"cannot use state directory {directory}: {exc.strerror or exc} "
@@ -157,6 +185,22 @@ class Ledger:
             ) from None
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open the remediation ledger {self.path}: {exc}") from None
+
+    def _upgrade(self) -> None:
+        present = {str(r[1]) for r in self._db.execute("PRAGMA table_info(asset)")}
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    self._db.execute(f"ALTER TABLE asset ADD COLUMN {name} {kind}")
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (SCHEMA_VERSION,)
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
 
     @classmethod
     def open_existing(cls, directory: str) -> Ledger | None:
@@ -202,7 +246,7 @@ class Ledger:
         out: dict[str, Entry] = {}
         for chunk in _chunks(list(asset_ids)):
             marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
+            for r in self._query(f"SELECT {self._columns} FROM asset WHERE asset_id IN ({marks})", chunk):
                 e = _row(r)
                 out[e.asset_id] = e
         return out
@@ -212,7 +256,7 @@ class Ledger:
         wanted = list(states)
         marks = ",".join("?" * len(wanted))
         rows = self._query(
-            f"SELECT {_COLUMNS} FROM asset WHERE state IN ({marks}) ORDER BY last_submitted, asset_id LIMIT ?",
+            f"SELECT {self._columns} FROM asset WHERE state IN ({marks}) ORDER BY last_submitted, asset_id LIMIT ?",
             [*wanted, limit],
         )
         return [_row(r) for r in rows]
@@ -242,7 +286,7 @@ class Ledger:
             existing = {}
             for chunk in _chunks(list(kinds)):
                 marks = ",".join("?" * len(chunk))
-                for r in db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id IN ({marks})", chunk):
+                for r in db.execute(f"SELECT {self._columns} FROM asset WHERE asset_id IN ({marks})", chunk):
                     existing[str(r[0])] = _row(r)
             for asset_id, asset_kinds in kinds.items():
                 e = existing.get(asset_id)
@@ -266,7 +310,7 @@ class Ledger:
                 db.execute(
                     "UPDATE asset SET state = 'submitting', attempts = ?, kinds = ?, first_submitted = ?, "
                     "last_submitted = ?, last_outcome = 'submitting', gave_up_reason = NULL, fixed_at = NULL, "
-                    "updated = ? WHERE asset_id = ?",
+                    "job_id = NULL, updated = ? WHERE asset_id = ?",
                     (attempts + 1, ",".join(sorted(wanted)), now if first is None else first, now, now, asset_id),
                 )
                 claimed.append(Claim(asset_id, e.state, e.attempts, e.first_submitted, e.last_submitted))
@@ -280,6 +324,14 @@ class Ledger:
                 [(now, a) for a in asset_ids],
             )
 
+    def queued(self, jobs: Mapping[str, str], now: float) -> None:
+        """The job Immich queued for each asset's latest attempt."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE asset SET job_id = ?, updated = ? WHERE asset_id = ? AND state = 'submitted'",
+                [(job_id, now, a) for a, job_id in jobs.items()],
+            )
+
     def release(self, claims: Iterable[Claim], outcome: str, detail: str, now: float) -> None:
         """The request was refused or failed: it does not count as an attempt."""
         with self._write() as db:
@@ -291,56 +343,100 @@ class Ledger:
                     (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, now, c.asset_id),
                 )
 
+    def not_queued(self, asset_ids: Iterable[str], now: float, max_attempts: int) -> dict[str, str]:
+        """Immich accepted these and queued nothing: the attempt is over. Returns each asset's outcome,
+        ``not_queued`` (to be resubmitted once its window has passed) or ``gave_up`` (no attempts left)."""
+        text = why_text = "Immich answered 204 but queued nothing"
+        out: dict[str, str] = {}
+        with self._write() as db:
+            for a in asset_ids:
+                r = db.execute(f"SELECT {self._columns} FROM asset WHERE asset_id = ?", (a,)).fetchone()
+                if r is None or _row(r).state != "submitted":
+                    continue
+                e = _row(r)
+                if e.attempts >= max_attempts:
+                    db.execute(
+                        "UPDATE asset SET state = 'gave_up', last_checked = ?, last_outcome = 'not_queued', "
+                        "gave_up_reason = ?, why = 'not_queued', why_text = ?, updated = ? WHERE asset_id = ?",
+                        (now, f"{text} after {e.attempts} attempt(s)", why_text, now, a),
+                    )
+                    out[a] = "gave_up"
+                else:
+                    db.execute(
+                        "UPDATE asset SET state = 'not_queued', last_checked = ?, last_outcome = 'not_queued', "
+                        "why = 'not_queued', why_text = ?, updated = ? WHERE asset_id = ?",
+                        (now, why_text, now, a),
+                    )
+                    out[a] = "not_queued"
+        return out
+
     def record_check(
-        self, asset_id: str, ok: bool, detail: str, now: float, retry_after: float, max_attempts: int
+        self,
+        asset_id: str,
+        ok: bool,
+        detail: str,
+        now: float,
+        retry_after: float,
+        max_attempts: int,
+        *,
+        over: bool = False,
+        why: Why | None = None,
     ) -> str | None:
         """Record a verification of a submitted asset.
 
-        Returns ``fixed``, ``still_missing`` (window over, will be resubmitted), ``gave_up`` (window over
-        and no attempts left), ``waiting`` (still broken, window not over), ``unchanged`` (already known
-        to be still missing, not resubmitted yet) or None when the ledger does not track it as pending
-        (unknown, fixed or given up, perhaps by another process).
+        ``over``: the attempt is known to have ended before its window did (its job finished, or none was
+        queued), so a broken asset is settled now rather than once the window has passed. ``why`` says
+        why it is still broken.
+
+        Returns ``fixed``, ``still_missing`` (attempt over, will be resubmitted once its window has
+        passed), ``gave_up`` (attempt over and no attempts left), ``waiting`` (still broken, attempt not
+        over), ``unchanged`` (already known to be broken, not resubmitted yet) or None when the ledger
+        does not track it as pending (unknown, fixed or given up, perhaps by another process).
         """
+        code, text = (why.code, why.text) if why is not None else (None, None)
         with self._write() as db:
-            r = db.execute(f"SELECT {_COLUMNS} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
+            r = db.execute(f"SELECT {self._columns} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
             if r is None:
                 return None
             e = _row(r)
-            if e.state not in (*AWAITING, "still_missing"):
+            if e.state not in PENDING:
                 return None
-            if e.state == "still_missing" and not ok:
-                db.execute(
-                    "UPDATE asset SET last_checked = ?, detail = ?, updated = ? WHERE asset_id = ?",
-                    (now, detail, now, asset_id),
-                )
-                return "unchanged"
             if ok:
                 db.execute(
                     "UPDATE asset SET state = 'fixed', fixed_at = ?, last_checked = ?, last_outcome = 'fixed', "
-                    "detail = ?, updated = ? WHERE asset_id = ?",
+                    "detail = ?, why = NULL, why_text = NULL, updated = ? WHERE asset_id = ?",
                     (now, now, detail, now, asset_id),
                 )
                 return "fixed"
-            if now < e.due_at(retry_after):
+            keep = "COALESCE(?, why), why_text = COALESCE(?, why_text)"
+            if e.state in ("still_missing", "not_queued") or (not over and now < e.due_at(retry_after)):
                 db.execute(
-                    "UPDATE asset SET last_checked = ?, detail = ?, updated = ? WHERE asset_id = ?",
-                    (now, detail, now, asset_id),
+                    f"UPDATE asset SET last_checked = ?, detail = ?, why = {keep}, updated = ? WHERE asset_id = ?",
+                    (now, detail, code, text, now, asset_id),
                 )
-                return "waiting"
+                return "unchanged" if e.state in ("still_missing", "not_queued") else "waiting"
             if e.attempts >= max_attempts:
-                reason = f"{detail} after {e.attempts} attempt(s)"
+                reason = f"{detail} after {e.attempts} attempt(s)" + (f": {text}" if text else "")
                 db.execute(
                     "UPDATE asset SET state = 'gave_up', last_checked = ?, last_outcome = 'gave_up', detail = ?, "
-                    "gave_up_reason = ?, updated = ? WHERE asset_id = ?",
-                    (now, detail, reason, now, asset_id),
+                    f"gave_up_reason = ?, why = {keep}, updated = ? WHERE asset_id = ?",
+                    (now, detail, reason, code, text, now, asset_id),
                 )
                 return "gave_up"
             db.execute(
                 "UPDATE asset SET state = 'still_missing', last_checked = ?, last_outcome = 'still_missing', "
-                "detail = ?, updated = ? WHERE asset_id = ?",
-                (now, detail, now, asset_id),
+                f"detail = ?, why = {keep}, updated = ? WHERE asset_id = ?",
+                (now, detail, code, text, now, asset_id),
             )
             return "still_missing"
+
+    def explain(self, whys: Mapping[str, Why], now: float) -> None:
+        """Record why each asset is still broken (as the queue shows it now)."""
+        with self._write() as db:
+            db.executemany(
+                "UPDATE asset SET why = ?, why_text = ?, updated = ? WHERE asset_id = ? AND state <> 'fixed'",
+                [(w.code, w.text, now, a) for a, w in whys.items()],
+            )
 
     def give_up(self, asset_id: str, reason: str, now: float) -> None:
         """Stop trying an asset for a reason found outside verification (e.g. its original is gone)."""

@@ -1,0 +1,314 @@
+"""The thumbnail queue as regeneration sees it: bounded, read-only lookups in Immich's BullMQ keys.
+
+Every read goes through ``RedisSource`` (the one client policy: timeouts, reconnects, secrets re-read)
+and uses read commands only (LLEN, ZCARD, LRANGE, ZRANGE, LPOS, ZRANK, ZSCORE, HMGET, HGET, EXISTS,
+XRANGE, XREVRANGE, XREAD, CLIENT LIST): nothing here writes to Redis, to Immich's database or to its files.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from immich_thumbnail_exporter.config import RedisConfig
+from immich_thumbnail_exporter.sources.bullmq import asset_id_of, to_int, worker_queue
+from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
+
+# Job ids read from the queue per lookup: bounded whatever the queue's length.
+QUEUE_LOOKUP_LIMIT = 20_000
+EVENTS_SAMPLE = 5_000
+HASH_CHUNK = 500
+# Jobs whose state is looked up in one call (each costs a handful of pipelined commands).
+STATE_LOOKUP_LIMIT = 1_000
+# Where a waiting job can be, in the order BullMQ's workers take from them.
+_WAITING = (("active", "list"), ("prioritized", "zset"), ("wait", "list"), ("paused", "list"), ("delayed", "zset"))
+
+
+def asset_of(name: Any, data: Any) -> str | None:
+    """The asset a per-asset thumbnail job names, from its hash's ``name`` and ``data``; else None."""
+    if name not in THUMBNAIL_JOB_NAMES:
+        return None
+    return asset_id_of(data)
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    state: str  # waiting, prioritized, active, paused, delayed
+
+
+@dataclass
+class QueueView:
+    """Assets named by per-asset jobs waiting or running in the thumbnail queue."""
+
+    assets: dict[str, QueuedJob]
+    jobs: int  # jobs in those states
+    checked: int  # job ids actually looked at (bounded)
+
+    @property
+    def complete(self) -> bool:
+        return self.checked >= self.jobs
+
+
+def _key(prefix: str, *parts: str) -> str:
+    return ":".join((prefix, THUMBNAIL_QUEUE, *parts))
+
+
+async def queued_assets(source: RedisSource, prefix: str, limit: int = QUEUE_LOOKUP_LIMIT) -> QueueView:
+    """The per-asset thumbnail jobs waiting or running now. Raises SourceError("redis") when unreachable."""
+
+    async def _read(client: aioredis.Redis) -> QueueView:
+        pipe = client.pipeline(transaction=False)
+        for name, kind in _WAITING:
+            if kind == "list":
+                pipe.llen(_key(prefix, name))
+            else:
+                pipe.zcard(_key(prefix, name))
+        sizes = [int(n or 0) for n in await pipe.execute()]
+        pipe = client.pipeline(transaction=False)
+        budget = limit
+        wanted: list[str] = []
+        for (name, kind), size in zip(_WAITING, sizes, strict=True):
+            n = min(size, budget)
+            if n <= 0:
+                continue
+            budget -= n
+            wanted.append(name)
+            # The right end of a list holds the next jobs to be taken (BullMQ pushes on the left).
+            if kind == "list":
+                pipe.lrange(_key(prefix, name), -n, -1)
+            else:
+                pipe.zrange(_key(prefix, name), 0, n - 1)
+        id_lists = await pipe.execute() if wanted else []
+        job_state: list[tuple[str, str]] = []
+        for name, ids in zip(wanted, id_lists, strict=True):
+            state = "waiting" if name == "wait" else name
+            job_state.extend((str(j), state) for j in ids)
+        assets: dict[str, QueuedJob] = {}
+        for i in range(0, len(job_state), HASH_CHUNK):
+            chunk = job_state[i : i + HASH_CHUNK]
+            pipe = client.pipeline(transaction=False)
+            for job_id, _ in chunk:
+                pipe.hmget(_key(prefix, job_id), "name", "data")
+            for (job_id, state), (name, data) in zip(chunk, await pipe.execute(), strict=True):
+                asset = asset_of(name, data)
+                if asset is not None:
+                    assets.setdefault(asset, QueuedJob(job_id, state))
+        return QueueView(assets, sum(sizes), len(job_state))
+
+    return await source.run("thumbnail queue lookup", _read, source.timeout * 4 + 5)
+
+
+# -- how fast the queue moves ----------------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    """How fast Immich's workers finished thumbnail jobs recently, from the queue's event stream."""
+
+    completed: int  # completed events in the sample
+    window_seconds: float  # from the first to the last of them
+    last_completed_age: float | None  # seconds since the newest one
+    backlog: int  # jobs waiting, prioritized, paused or active now
+
+    @property
+    def rate(self) -> float | None:
+        """Jobs per second, or None when fewer than two jobs finished in the sample."""
+        if self.completed < 2 or self.window_seconds <= 0:
+            return None
+        return (self.completed - 1) / self.window_seconds
+
+
+async def throughput(source: RedisSource, prefix: str, sample: int = EVENTS_SAMPLE) -> Throughput:
+    async def _read(client: aioredis.Redis) -> Throughput:
+        entries: Any = await client.xrevrange(_key(prefix, "events"), "+", "-", count=sample)
+        stamps = []
+        for entry_id, fields in entries or []:
+            if fields and fields.get("event") == "completed":
+                stamps.append(int(str(entry_id).split("-", 1)[0]))
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(_key(prefix, "wait"))
+        pipe.zcard(_key(prefix, "prioritized"))
+        pipe.llen(_key(prefix, "paused"))
+        pipe.llen(_key(prefix, "active"))
+        backlog = sum(int(n or 0) for n in await pipe.execute())
+        if not stamps:
+            return Throughput(0, 0.0, None, backlog)
+        newest, oldest = max(stamps), min(stamps)
+        return Throughput(len(stamps), (newest - oldest) / 1000.0, max(0.0, time.time() - newest / 1000.0), backlog)
+
+    return await source.run("thumbnail queue events", _read, source.timeout * 2 + 5)
+
+
+async def thumbnail_throughput(cfg: RedisConfig, sample: int = EVENTS_SAMPLE) -> Throughput:
+    """``throughput`` on a client of its own, for one-shot commands (``scan``'s review)."""
+    source = RedisSource(cfg)
+    try:
+        return await throughput(source, cfg.prefix, sample)
+    finally:
+        await source.close()
+
+
+# -- the event stream ------------------------------------------------------------------------------
+
+
+async def last_event_id(source: RedisSource, prefix: str) -> str:
+    """The newest entry of the queue's event stream ("0-0" when it is empty or absent)."""
+
+    async def _read(client: aioredis.Redis) -> Any:
+        return await client.xrevrange(_key(prefix, "events"), "+", "-", count=1)
+
+    entries = await source.run("XREVRANGE events", _read)
+    return str(entries[0][0]) if entries else "0-0"
+
+
+async def read_events(
+    source: RedisSource, prefix: str, after: str, count: int, block: float = 0.0
+) -> list[tuple[str, dict[str, str]]]:
+    """Entries after ``after``, oldest first; with ``block`` wait up to that many seconds for the first."""
+    key = _key(prefix, "events")
+
+    async def _read(client: aioredis.Redis) -> Any:
+        if block > 0:
+            return await client.xread({key: after}, count=count, block=max(1, int(block * 1000)))
+        return await client.xrange(key, f"({after}", "+", count=count)
+
+    raw = await source.run("read events", _read, source.timeout + block + 1)
+    if block > 0:
+        raw = raw[0][1] if raw else []
+    return [(str(entry_id), dict(fields or {})) for entry_id, fields in raw or []]
+
+
+async def job_assets(source: RedisSource, prefix: str, job_ids: Sequence[str]) -> dict[str, str | None]:
+    """Each job's asset, read from its hash now; None when the hash is gone or names no asset."""
+    if not job_ids:
+        return {}
+
+    async def _read(client: aioredis.Redis) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(_key(prefix, job_id), "name", "data")
+        return list(await pipe.execute())
+
+    rows = await source.run("job hashes", _read)
+    return {j: asset_of(name, data) for j, (name, data) in zip(job_ids, rows, strict=True)}
+
+
+# -- the state of a job, and of its queue ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueHealth:
+    paused: bool
+    workers: int | None  # live workers attached to the queue; None when CLIENT LIST is refused
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where one job is now. ``state`` is ``gone`` once BullMQ removed it (Immich removes finished jobs)."""
+
+    job_id: str
+    state: str  # waiting, prioritized, paused, delayed, active, failed, completed, gone
+    added_ms: int | None = None
+    started_ms: int | None = None
+    finished_ms: int | None = None
+    position: int | None = None  # 1 = the next job a worker takes from its list
+    of: int | None = None  # jobs in that list
+    locked: bool | None = None  # active jobs: a worker holds its lock
+    failed_reason: str | None = None
+
+
+async def queue_health(source: RedisSource, prefix: str) -> QueueHealth:
+    async def _meta(client: aioredis.Redis) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        pipe.hget(_key(prefix, "meta"), "paused")
+        pipe.llen(_key(prefix, "paused"))
+        return list(await pipe.execute())
+
+    flag, paused_jobs = await source.run("queue meta", _meta)
+    paused = str(flag) in ("1", "true") or int(paused_jobs or 0) > 0
+
+    async def _clients(client: aioredis.Redis) -> list[dict[str, Any]]:
+        return list(await client.client_list())
+
+    try:
+        clients = await source.run("CLIENT LIST", _clients)
+    except ResponseError:
+        return QueueHealth(paused, None)  # refused (ACL, managed Redis): the count is unknown, not 0
+    by_base64 = {base64.b64encode(THUMBNAIL_QUEUE.encode()).decode(): THUMBNAIL_QUEUE}
+    workers = sum(
+        1 for c in clients
+        if worker_queue(str(c.get("name") or ""), prefix, by_base64, {THUMBNAIL_QUEUE}) == THUMBNAIL_QUEUE
+    )
+    return QueueHealth(paused, workers)
+
+
+_FIELDS = ("timestamp", "processedOn", "finishedOn", "failedReason")
+_PER_JOB = 8
+
+
+async def job_states(source: RedisSource, prefix: str, job_ids: Iterable[str]) -> dict[str, JobState]:
+    """Where each job is: its list or set, its position there, its lock; at most STATE_LOOKUP_LIMIT jobs."""
+    ids = list(dict.fromkeys(job_ids))[:STATE_LOOKUP_LIMIT]
+    if not ids:
+        return {}
+
+    async def _read(client: aioredis.Redis) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        pipe.llen(_key(prefix, "wait"))
+        pipe.llen(_key(prefix, "paused"))
+        pipe.zcard(_key(prefix, "prioritized"))
+        for job_id in ids:
+            pipe.hmget(_key(prefix, job_id), list(_FIELDS))
+            pipe.lpos(_key(prefix, "wait"), job_id)
+            pipe.lpos(_key(prefix, "paused"), job_id)
+            pipe.zrank(_key(prefix, "prioritized"), job_id)
+            pipe.zscore(_key(prefix, "delayed"), job_id)
+            pipe.lpos(_key(prefix, "active"), job_id)
+            pipe.exists(_key(prefix, job_id, "lock"))
+            pipe.zscore(_key(prefix, "failed"), job_id)
+        return list(await pipe.execute(raise_on_error=False))
+
+    rows = await source.run("job states", _read, source.timeout * 2 + 5)
+    wait_n, paused_n, prio_n = (_int(v) for v in rows[:3])
+    out: dict[str, JobState] = {}
+    for i, job_id in enumerate(ids):
+        at = 3 + i * _PER_JOB
+        h, in_wait, in_paused, prio_rank, delayed, in_active, lock, failed = rows[at : at + _PER_JOB]
+        fields = h if isinstance(h, list) else [None] * len(_FIELDS)
+        added, started, finished = (to_int(v) for v in fields[:3])
+        reason = fields[3] if isinstance(fields[3], str) else None
+        common: dict[str, Any] = {"added_ms": added, "started_ms": started, "finished_ms": finished}
+        if all(v is None for v in fields):
+            out[job_id] = JobState(job_id, "gone")
+        elif _is_index(in_active):
+            out[job_id] = JobState(job_id, "active", locked=_int(lock) > 0, **common)
+        elif _is_index(in_wait):
+            # LPOS counts from the left, where BullMQ pushes new jobs; workers take from the right.
+            out[job_id] = JobState(job_id, "waiting", position=wait_n - int(in_wait), of=wait_n, **common)
+        elif _is_index(prio_rank):
+            out[job_id] = JobState(job_id, "prioritized", position=int(prio_rank) + 1, of=prio_n, **common)
+        elif _is_index(in_paused):
+            out[job_id] = JobState(job_id, "paused", position=paused_n - int(in_paused), of=paused_n, **common)
+        elif delayed is not None and not isinstance(delayed, Exception):
+            out[job_id] = JobState(job_id, "delayed", **common)
+        elif failed is not None and not isinstance(failed, Exception):
+            out[job_id] = JobState(job_id, "failed", failed_reason=reason, **common)
+        else:
+            out[job_id] = JobState(job_id, "completed" if finished is not None else "gone", **common)
+    return out
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value: Any) -> int:
+    return value if _is_index(value) else 0

@@ -1,0 +1,371 @@
+"""``serve``'s remediation (``remediation.enabled``): one bounded round at a time.
+
+Each round:
+
+1. reads the thumbnail queue's new events (which of the jobs it asked for started or finished);
+2. verifies what earlier rounds asked for with the targeted check: fixed; or, once the attempt is over
+   (its job finished, or none was queued, or its window passed), still missing, with the reason the queue
+   shows; given up after the attempt limit;
+3. takes the problem assets from the file check's latest list (the ``ProblemFeed`` wired in ``app.py``;
+   without a files collection it runs its own scan, at most once per ``intervals.files``), leaves out
+   what Immich already has queued and what the API key's user does not own, and submits at most
+   ``max_per_round`` of them under the rate limit, recorded in the ledger first;
+4. confirms within ``confirm_within`` that a job naming each asset appeared in the queue.
+
+While attempts are under way the collection runs again every few seconds (``FOLLOW_UP``). Those
+follow-up rounds check only the assets whose job just finished or whose window just passed, so an asset
+is called fixed moments after its job finished rather than at the next file check, and a long backlog of
+jobs waiting for a worker costs nothing between full rounds (every ``remediation.interval``, or as soon
+as the file check has a new list).
+
+It never writes to Immich's database, Redis or files: it only asks Immich's API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.model import Problem, ProblemFeed, ProblemStore
+from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
+from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
+from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.queue_view import queued_assets
+from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
+from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
+from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_over, attempt_reasons
+from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
+from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
+from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.vocabulary import VERIFIED_RESULTS
+
+log = logging.getLogger(__name__)
+
+# Seconds between rounds while requests await verification (at most remediation.interval).
+FOLLOW_UP = 5.0
+
+
+@dataclass
+class RoundResult:
+    """What one round did."""
+
+    sources: dict[str, bool | str] = field(default_factory=dict)
+    # An error line when the API refused the requests (the round still counts).
+    error: str | None = None
+    pending: int = 0  # submitted earlier, verified this round
+    candidates: int = 0  # to be submitted (before max_per_round)
+    submitted: int = 0  # accepted by Immich this round
+    not_queued: int = 0  # ... of which Immich queued nothing
+    already_queued: int = 0  # left out: a job for them waits in the queue
+    other_owner: int = 0  # left out: the API key's user does not own them
+
+
+class Remediator:
+    def __init__(self, config: Config, pg: PostgresSource, feed: ProblemFeed | None) -> None:
+        self.config = config
+        self.pg = pg
+        self.feed = feed
+        rem = config.remediation
+        self.api = ImmichApi(config.immich)
+        self.checker = Checker(config, pg) if config.media.root else None
+        self.limiter = RateLimiter(rem.requests_per_second)
+        self.redis = RedisSource(config.redis) if config.redis.enabled else None
+        self.prefix = config.redis.prefix
+        self.watch = JobWatch(self.redis, self.prefix) if self.redis is not None else None
+        self.requests: Counter[str] = Counter()
+        self.verified: Counter[str] = Counter()
+        self.ledger: Ledger | None = None
+        self.confirmer: Confirmer | None = None
+        self.in_flight = False  # attempts are under way: run again soon
+        self._full_next = 0.0  # monotonic time of the next full round
+        self._snapshot: object = None  # the problem list the last full round read
+        self._last_round = 0.0  # unix time the last round started
+        self._problems: list[Problem] = []
+        self._problems_at = 0.0  # when the scan behind self._problems started
+        self._scanned_at = float("-inf")
+        self._owner: str | None = None
+        self._owner_next = 0.0
+        self._api_checked = float("-inf")
+
+    async def close(self) -> None:
+        await self.api.close()
+        if self.redis is not None:
+            await self.redis.close()
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+
+    async def _latest_problems(self, sources: dict[str, bool | str]) -> tuple[list[Problem], float] | None:
+        if self.feed is not None:
+            latest = self.feed.latest()
+            return (list(latest.problems), latest.started_at) if latest is not None else None
+        if time.monotonic() - self._scanned_at >= float(self.config.intervals.files):
+            store = ProblemStore(50_000, keep_overflow=False)
+            result = await run_scan(self.pg, self.config, store)
+            self._problems, self._problems_at = store.in_memory(), result.started_at
+            self._scanned_at = time.monotonic()
+            sources["postgres"] = True
+            sources["filesystem"] = True
+        return self._problems, self._problems_at
+
+    async def _follow_jobs(self, sources: dict[str, bool | str]) -> bool:
+        """Read the queue's new events; False when Redis cannot be read this round."""
+        if self.watch is None:
+            return False
+        try:
+            await self.watch.poll()
+        except SourceError as exc:
+            sources["redis"] = str(exc)
+            return False
+        sources["redis"] = True
+        return True
+
+    async def round(self) -> RoundResult:
+        rem = self.config.remediation
+        if self.checker is None:
+            raise LedgerError("remediation needs media.root to check files before and after")
+        if self.ledger is None:
+            self.ledger = Ledger(rem.state_dir)
+            self.confirmer = Confirmer(self.watch, self.ledger, float(rem.confirm_within), rem.max_attempts)
+        ledger, out = self.ledger, RoundResult()
+        redis_ok = await self._follow_jobs(out.sources)
+        pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+        full = self._full_round()
+        since, self._last_round = self._last_round, time.time()
+        if not full:
+            # A follow-up: only the attempts that ended (their job finished, or their window passed)
+            # and the retries that fell due since the last round.
+            pending = [e for e in pending if self._settling(e, since)]
+        wanted, owners, scan_at = await self._wanted(out.sources) if full else ({}, {}, 0.0)
+        # Leave out what Immich already has queued and what the key may not touch *before* choosing
+        # this round's share: otherwise the same first few would be picked, and skipped, every round.
+        queued_ids: set[str] = set()
+        now = time.time()
+        # The queue is searched only when something may be asked for (its search reads up to 20,000 jobs).
+        resubmittable = any(now >= e.due_at(rem.verify_after) for e in pending)
+        if (wanted or resubmittable) and redis_ok and self.redis is not None:
+            queued_ids = set((await queued_assets(self.redis, self.prefix)).assets)
+        owner = await self._key_owner() if wanted else None
+        fresh = self._fresh(wanted, owners, scan_at, {e.asset_id for e in pending}, queued_ids, owner, out)
+        checks = await self.checker.check([*(e.asset_id for e in pending), *fresh])
+        out.sources["postgres"] = True
+        candidates = await self._verify(pending, checks, queued_ids, out)
+        kinds, reasons = set(rem.kinds), set(rem.reasons)
+        entries = ledger.get(fresh)
+        for a in fresh:
+            chk = checks[a]
+            if not chk.exists or not chk.eligible or chk.original_exists is False:
+                continue
+            broken = {k for k, r, _ in chk.broken(kinds) if r in reasons}
+            if not broken:
+                continue
+            e = entries.get(a)
+            reset = e is not None and e.state == "fixed"
+            candidates.append(Candidate(a, broken, chk.describe(kinds), reset=reset, owner=chk.owner_id))
+        if owner is None and candidates:
+            owner = await self._key_owner()
+        if owner is not None:
+            before = len(candidates)
+            candidates = [c for c in candidates if c.owner in (None, owner)]
+            out.other_owner += before - len(candidates)
+        out.pending, out.candidates = len(pending), len(candidates)
+        out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out.sources)
+        out.not_queued = await self._confirm(out.submitted)
+        await self._check_api(out.sources)
+        now = time.time()
+        self.in_flight = any(
+            e.state in AWAITING or (e.attempts < rem.max_attempts and e.due_at(rem.verify_after) > now)
+            for e in ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+        )
+        log.debug("remediation round: %s; ledger %s; problems from %s", out, ledger.counts(),
+                  "own scan" if self.feed is None else "the file check")
+        return out
+
+    def _full_round(self) -> bool:
+        """Every ``remediation.interval``, and whenever the file check has a new list: every pending
+        asset is checked and new problems are taken on. The rounds between are follow-ups."""
+        snapshot = self.feed.latest() if self.feed is not None else None
+        now = time.monotonic()
+        if now < self._full_next and snapshot is self._snapshot:
+            return False
+        self._full_next, self._snapshot = now + float(self.config.remediation.interval), snapshot
+        return True
+
+    def _settling(self, e: Entry, since: float) -> bool:
+        """Is there something to learn about this attempt now: its job finished, or its window passed
+        (a retry that fell due after ``since``)?"""
+        due = e.due_at(self.config.remediation.verify_after)
+        if e.state in AWAITING:
+            return time.time() >= due or attempt_over(e, self.watch)[0]
+        return since < due <= time.time()
+
+    async def _wanted(self, sources: dict[str, bool | str]) -> tuple[dict[str, set[str]], dict[str, str], float]:
+        """The latest problems remediation may act on: asset -> kinds, asset -> owner, and when they were seen."""
+        rem = self.config.remediation
+        latest = await self._latest_problems(sources)
+        reasons, kinds = set(rem.reasons), set(rem.kinds)
+        wanted: dict[str, set[str]] = {}
+        owners: dict[str, str] = {}
+        if latest is None:
+            return wanted, owners, 0.0
+        problems, scan_at = latest
+        for p in problems:
+            if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
+                wanted.setdefault(p.asset_id, set()).add(p.kind)
+                owners[p.asset_id] = p.owner_id
+        return wanted, owners, scan_at
+
+    def _fresh(
+        self,
+        wanted: dict[str, set[str]],
+        owners: dict[str, str],
+        scan_at: float,
+        pending: set[str],
+        queued_ids: set[str],
+        owner: str | None,
+        out: RoundResult,
+    ) -> list[str]:
+        """Problem assets that may be asked for now (never asked, or due again), at most twice a round's share."""
+        assert self.ledger is not None
+        rem = self.config.remediation
+        now = time.time()
+        entries = self.ledger.get(wanted)
+        fresh: list[str] = []
+        for a in sorted(wanted):
+            e = entries.get(a)
+            if a in pending:
+                continue
+            if a in queued_ids:
+                out.already_queued += 1
+                continue
+            if owner is not None and owners.get(a, owner) != owner:
+                out.other_owner += 1
+                continue
+            if e is None or (e.state in RETRYABLE and e.attempts < rem.max_attempts
+                             and now >= e.due_at(rem.verify_after)):
+                fresh.append(a)
+            elif e.state == "fixed" and (e.fixed_at or 0) < scan_at:
+                fresh.append(a)  # fixed, then a later scan found it broken again
+            if len(fresh) >= rem.max_per_round * 2:
+                break
+        return fresh
+
+    async def _verify(
+        self, pending: list[Entry], checks: dict[str, AssetCheck], queued_ids: set[str], out: RoundResult
+    ) -> list[Candidate]:
+        """Settle what earlier rounds asked for; return those to ask for again now."""
+        assert self.ledger is not None
+        ledger, rem = self.ledger, self.config.remediation
+        kinds = set(rem.kinds)
+        now = time.time()
+        if self.watch is not None:
+            for e in pending:
+                if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
+                    self.watch.adopt(e.asset_id, e.job_id)
+        gone = {e.asset_id for e in pending
+                if not checks[e.asset_id].exists or checks[e.asset_id].original_exists is False}
+        still = [e for e in pending if e.asset_id not in gone and checks[e.asset_id].broken(e.kinds or kinds)]
+        why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, rem.verify_after)
+        again: list[Candidate] = []
+        for e in pending:
+            chk = checks[e.asset_id]
+            if e.asset_id in gone:
+                ledger.give_up(e.asset_id, SKIP_TEXT["not_in_database"] if not chk.exists else
+                               "original file is missing", now)
+                self.verified["gave_up"] += 1
+                continue
+            ek = e.kinds or kinds
+            over, why = why_of.get(e.asset_id, (False, None))
+            outcome = ledger.record_check(e.asset_id, not chk.broken(ek), chk.describe(ek), now,
+                                          rem.verify_after, rem.max_attempts, over=over, why=why)
+            if outcome in VERIFIED_RESULTS:
+                self.verified[outcome] += 1
+                if outcome != "fixed" and why is not None:
+                    log.info("asset %s still %s: %s", e.asset_id, chk.describe(ek), why.text)
+            if outcome not in ("still_missing", "unchanged"):
+                continue
+            if e.asset_id in queued_ids:
+                out.already_queued += 1
+            elif e.attempts < rem.max_attempts and now >= e.due_at(rem.verify_after):
+                again.append(Candidate(e.asset_id, set(ek), chk.describe(ek), owner=chk.owner_id))
+        return again
+
+    async def _confirm(self, submitted: int) -> int:
+        """Wait for the jobs of this round's requests; count what Immich queued nothing for."""
+        if not submitted or self.confirmer is None:
+            return 0
+        _, outcomes = await self.confirmer.settle()
+        if self.confirmer.error is not None:
+            log.info("cannot confirm that Immich queued the jobs: %s", self.confirmer.error)
+        for outcome in outcomes.values():
+            self.verified[outcome] += 1
+        if outcomes:
+            log.warning("Immich accepted the request but queued nothing for %d asset(s): %s", len(outcomes),
+                        ", ".join(sorted(outcomes)))
+        return sum(1 for o in outcomes.values() if o == "not_queued")
+
+    async def _check_api(self, sources: dict[str, bool | str]) -> None:
+        """The API's state when no request said it this round, at most once per ``remediation.interval``."""
+        if "immich_api" in sources or time.monotonic() - self._api_checked < float(self.config.remediation.interval):
+            return
+        self._api_checked = time.monotonic()
+        try:
+            await asyncio.wait_for(self.api.ping(), float(self.config.immich.timeout) + 5)
+            sources["immich_api"] = True
+        except ApiError as exc:
+            sources["immich_api"] = str(exc)
+        except TimeoutError:
+            sources["immich_api"] = "did not answer in time"
+
+    async def _key_owner(self) -> str | None:
+        """The API key's user, asked once an hour; None when the key may not read it."""
+        if time.monotonic() < self._owner_next:
+            return self._owner
+        self._owner_next = time.monotonic() + 3600.0
+        try:
+            self._owner = await asyncio.wait_for(self.api.me(), float(self.config.immich.timeout) + 5)
+        except (ApiError, TimeoutError) as exc:
+            log.info("cannot tell which Immich user the API key belongs to (%s): requests go one owner at a time",
+                     exc)
+            self._owner = None
+        return self._owner
+
+    async def _submit(self, chosen: list[Candidate], sources: dict[str, bool | str]) -> tuple[int, str | None]:
+        assert self.ledger is not None and self.confirmer is not None
+        rem = self.config.remediation
+        submitted = 0
+        error: str | None = None
+        if chosen:
+            # A round after Redis trouble confirms again: the watch reconnects with the source.
+            self.confirmer.watch, self.confirmer.error = self.watch, None
+            await self.confirmer.start()
+            if self.confirmer.error is not None:
+                sources["redis"] = self.confirmer.error
+        for batch in by_owner(chosen, rem.batch_size):
+            await self.confirmer.meanwhile(self.limiter.delay())
+            await self.limiter.acquire()
+            outcome = await submit_batch(
+                self.api, self.ledger, {c.asset_id: c.kinds for c in batch}, retry_after=rem.verify_after,
+                max_attempts=rem.max_attempts, reset=[c.asset_id for c in batch if c.reset],
+            )
+            if outcome.result == "none":
+                continue
+            self.requests[outcome.result] += 1
+            if outcome.error is None:
+                submitted += len(outcome.submitted)
+                self.confirmer.accepted(outcome.submitted)
+                sources["immich_api"] = True
+                continue
+            error = f"immich_api: {outcome.error}{auth_hint(outcome.error)}"
+            if outcome.result == "rejected" and not isinstance(outcome.error, ApiAuthError):
+                sources["immich_api"] = True  # 400 for this batch: the others may still go through
+                continue
+            # 403 says the key lacks a permission: the API itself is up, the collection failed.
+            sources["immich_api"] = True if outcome.error.status == 403 else str(outcome.error)
+            break
+        return submitted, error
