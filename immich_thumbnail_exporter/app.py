@@ -101,6 +101,16 @@ class Exporter:
         await self.pg.close()
 
 
+async def until_stopped() -> None:
+    """Return on SIGTERM or SIGINT (Ctrl-C), for a clean stop instead of a KeyboardInterrupt traceback."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 async def serve(config: Config, web_config: WebConfig, host: str | None, port: int) -> int:
     exporter = Exporter(config, web_config, host, port)
     try:
@@ -109,12 +119,7 @@ async def serve(config: Config, web_config: WebConfig, host: str | None, port: i
         log.error("cannot listen on %s: %s", config.web.listen_address, exc.strerror or exc)
         await exporter.stop()
         return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_stopped()
     log.info("shutting down")
     try:
         await asyncio.wait_for(exporter.stop(), 8)

@@ -11,6 +11,7 @@ from immich_thumbnail_exporter.cli.exits import EXIT_OK, EXIT_PROBLEMS, fail
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.model import FileStats, ProblemStore
 from immich_thumbnail_exporter.output import scan_report as report
+from immich_thumbnail_exporter.remediation.queue_view import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
@@ -22,6 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
     parser.add_argument("--fail-on-problems", action="store_true", help="exit 1 when problems are found")
     parser.add_argument("--max-rows", type=int, default=None, help="table format: list at most this many problems")
+
+
+def observe_queue(config: Config) -> Throughput | str | None:
+    """The thumbnail queue's recent finish rate, for the review's time estimate.
+
+    None when Redis is not configured, the error line when it cannot be read: the report says which.
+    """
+    if not config.redis.enabled:
+        return None
+    try:
+        return asyncio.run(thumbnail_throughput(config.redis))
+    except SourceError as exc:
+        return str(exc)
 
 
 class Progress:
@@ -67,8 +81,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         progress.done()
         return fail([str(exc)])
     progress.done()
-    # The thumbnail queue's recent finish rate, for the review's time estimate (None without Redis).
-    throughput = report.observe_queue(config) if args.format != "csv" else None
+    throughput = observe_queue(config) if args.format != "csv" else None
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         if args.format == "json":

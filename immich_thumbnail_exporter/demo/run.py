@@ -24,14 +24,13 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import uuid
 
 import asyncpg
 
-from immich_thumbnail_exporter.app import Exporter
+from immich_thumbnail_exporter.app import Exporter, until_stopped
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
@@ -184,12 +183,7 @@ async def _run(args: argparse.Namespace) -> int:
         print(_summary(f"http://{shown_host}:{exporter.bound_port}", exp, len(stuck) + len(orphans), env, media,
                        state, [(key, email, owned.get(user, 0)) for key, user, email in keys]))
         worker_task = asyncio.create_task(_start_worker_later(worker))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_stopped()
         print("stopping ...", file=sys.stderr)
         return 0
     except EmbeddedError as exc:

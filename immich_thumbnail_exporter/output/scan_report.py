@@ -15,7 +15,6 @@ from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 if TYPE_CHECKING:
-    from immich_thumbnail_exporter.config import Config
     from immich_thumbnail_exporter.remediation.queue_view import Throughput
 
 PROBLEM_FIELDS = (
@@ -100,21 +99,6 @@ def regeneration_estimate(jobs: int, throughput: Throughput | str | None) -> dic
         + f"; {throughput.backlog} job(s) already queued ahead"
     )
     return out
-
-
-def observe_queue(config: Config) -> Throughput | str | None:
-    """The thumbnail queue's recent finish rate for the review; None when Redis is not configured."""
-    if not config.redis.enabled:
-        return None
-    import asyncio
-
-    from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
-    from immich_thumbnail_exporter.sources.postgres import SourceError
-
-    try:
-        return asyncio.run(thumbnail_throughput(config.redis))
-    except SourceError as exc:
-        return str(exc)
 
 
 def human_duration(seconds: float) -> str:
