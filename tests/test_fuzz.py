@@ -423,6 +423,31 @@ def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[s
     generate_latest(registry)  # renders: no NaN counts, no broken label values
 
 
+xread_entries = st.lists(st.one_of(st.tuples(entry_ids, st.one_of(entry_fields, st.none())), st.none(),
+                                   st.text(max_size=5), st.lists(entry_ids, max_size=3)), max_size=20)
+xread_streams = st.sampled_from(["immich_bull:thumbnailGeneration:events", "immich_bull:other:events", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer=st.one_of(
+    st.lists(st.one_of(st.tuples(xread_streams, xread_entries), st.none(), st.text(max_size=5)), max_size=4),
+    st.dictionaries(xread_streams, xread_entries, max_size=3),  # RESP3
+    st.none(), st.integers(), st.text(max_size=5),
+))
+def test_xread_answers_never_raise(answer: Any) -> None:
+    """The blocking readers' one parse of XREAD (sources.bullmq_events.by_stream): any shape in, only the
+    streams asked for and only entries with a stream id out."""
+    from immich_thumbnail_exporter.sources.bullmq_events import by_stream, parse_id
+
+    wanted = "immich_bull:thumbnailGeneration:events"
+    out = by_stream(answer, {wanted: "thumbnailGeneration"})
+    assert set(out) <= {wanted}
+    for entries in out.values():
+        assert entries
+        for entry_id, _ in entries:
+            parse_id(entry_id)  # raises if not a stream id
+
+
 # Values that used to crash the queue collection (OverflowError on 'inf'/'1e999', RecursionError on deeply
 # nested JSON), taking every queue series down while Redis was fine.
 @pytest.mark.parametrize("value", ["inf", "1e999", "9" * 400, "[" * 100_000])

@@ -18,10 +18,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from immich_thumbnail_exporter.remediation import queue_view
+from immich_thumbnail_exporter.sources.bullmq_events import read_streams, stream_ends
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES
+from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
 BATCH = 1_000
 MAX_JOBS = 50_000
@@ -67,6 +69,7 @@ class JobWatch:
     def __init__(self, source: RedisSource, prefix: str) -> None:
         self.source = source
         self.prefix = prefix
+        self.key = f"{prefix}:{THUMBNAIL_QUEUE}:events"
         self.cursor: str | None = None
         self._expected: dict[str, float] = {}  # asset -> monotonic deadline of its window
         self._jobs: OrderedDict[str, JobSeen] = OrderedDict()  # job id -> job, oldest first
@@ -78,7 +81,7 @@ class JobWatch:
     async def start(self) -> None:
         """Remember where the stream ends now: only later entries can answer a later request."""
         if self.cursor is None:
-            self.cursor = await queue_view.last_event_id(self.source, self.prefix)
+            self.cursor = (await stream_ends(self.source, [self.key]))[0]
 
     # -- expectations ------------------------------------------------------------------------------
     def expect(self, asset_ids: Iterable[str], window: float) -> None:
@@ -116,7 +119,9 @@ class JobWatch:
         await self.start()
         for _ in range(MAX_READS_PER_POLL):
             assert self.cursor is not None
-            entries = await queue_view.read_events(self.source, self.prefix, self.cursor, BATCH, block)
+            block_ms = max(1, int(block * 1000)) if block > 0 else 0
+            read = await read_streams(self.source, {self.key: self.cursor}, BATCH, block_ms)
+            entries = [(eid, f if isinstance(f, dict) else {}) for eid, f in read.get(self.key, [])]
             block = 0.0
             if not entries:
                 return
@@ -126,7 +131,7 @@ class JobWatch:
             if len(entries) < BATCH:
                 return
 
-    async def _apply(self, entries: list[tuple[str, dict[str, str]]]) -> None:
+    async def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
         added = [(eid, f["jobId"]) for eid, f in entries
                  if f.get("event") == "added" and f.get("name") in THUMBNAIL_JOB_NAMES and f.get("jobId")]
         if added and self._expected:

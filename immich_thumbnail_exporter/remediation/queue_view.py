@@ -2,12 +2,12 @@
 
 Every read goes through ``RedisSource`` (the one client policy: timeouts, reconnects, secrets re-read)
 and uses read commands only (LLEN, ZCARD, LRANGE, ZRANGE, LPOS, ZRANK, ZSCORE, HMGET, HGET, EXISTS,
-XRANGE, XREVRANGE, XREAD, CLIENT LIST): nothing here writes to Redis, to Immich's database or to its files.
+XREVRANGE, CLIENT LIST): nothing here writes to Redis, to Immich's database or to its files. Reads that
+the exporter's collectors make too (job hashes, live workers) are ``sources/bullmq.py``'s.
 """
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from immich_thumbnail_exporter.config import RedisConfig
-from immich_thumbnail_exporter.sources.bullmq import asset_id_of, to_int, worker_queue
+from immich_thumbnail_exporter.sources.bullmq import BullMQ, JobHash, paused_flag, to_int
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
@@ -31,11 +31,9 @@ STATE_LOOKUP_LIMIT = 1_000
 _WAITING = (("active", "list"), ("prioritized", "zset"), ("wait", "list"), ("paused", "list"), ("delayed", "zset"))
 
 
-def asset_of(name: Any, data: Any) -> str | None:
-    """The asset a per-asset thumbnail job names, from its hash's ``name`` and ``data``; else None."""
-    if name not in THUMBNAIL_JOB_NAMES:
-        return None
-    return asset_id_of(data)
+def _asset(job: JobHash) -> str | None:
+    """The asset a per-asset thumbnail job names, from its hash; else None."""
+    return job.asset_id if job.name in THUMBNAIL_JOB_NAMES else None
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,10 @@ def _key(prefix: str, *parts: str) -> str:
 async def queued_assets(source: RedisSource, prefix: str, limit: int = QUEUE_LOOKUP_LIMIT) -> QueueView:
     """The per-asset thumbnail jobs waiting or running now. Raises SourceError("redis") when unreachable."""
 
-    async def _read(client: aioredis.Redis) -> QueueView:
+    # The lookup as a whole stays under the one timeout a single read gets.
+    deadline = time.monotonic() + source.timeout
+
+    async def _listed(client: aioredis.Redis) -> tuple[list[int], list[tuple[str, str]]]:
         pipe = client.pipeline(transaction=False)
         for name, kind in _WAITING:
             if kind == "list":
@@ -91,19 +92,19 @@ async def queued_assets(source: RedisSource, prefix: str, limit: int = QUEUE_LOO
         for name, ids in zip(wanted, id_lists, strict=True):
             state = "waiting" if name == "wait" else name
             job_state.extend((str(j), state) for j in ids)
-        assets: dict[str, QueuedJob] = {}
-        for i in range(0, len(job_state), HASH_CHUNK):
-            chunk = job_state[i : i + HASH_CHUNK]
-            pipe = client.pipeline(transaction=False)
-            for job_id, _ in chunk:
-                pipe.hmget(_key(prefix, job_id), "name", "data")
-            for (job_id, state), (name, data) in zip(chunk, await pipe.execute(), strict=True):
-                asset = asset_of(name, data)
-                if asset is not None:
-                    assets.setdefault(asset, QueuedJob(job_id, state))
-        return QueueView(assets, sum(sizes), len(job_state))
+        return sizes, job_state
 
-    return await source.run("thumbnail queue lookup", _read, source.timeout * 4 + 5)
+    sizes, job_state = await source.run("thumbnail queue lookup", _listed, _left(deadline))
+    bullmq = BullMQ(source, prefix)
+    assets: dict[str, QueuedJob] = {}
+    for i in range(0, len(job_state), HASH_CHUNK):
+        chunk = job_state[i : i + HASH_CHUNK]
+        hashes = await bullmq.jobs(THUMBNAIL_QUEUE, [job_id for job_id, _ in chunk], deadline, times=False)
+        for job_id, state in chunk:
+            asset = _asset(hashes[job_id])
+            if asset is not None:
+                assets.setdefault(asset, QueuedJob(job_id, state))
+    return QueueView(assets, sum(sizes), len(job_state))
 
 
 # -- how fast the queue moves ----------------------------------------------------------------------
@@ -156,49 +157,14 @@ async def thumbnail_throughput(cfg: RedisConfig, sample: int = EVENTS_SAMPLE) ->
         await source.close()
 
 
-# -- the event stream ------------------------------------------------------------------------------
-
-
-async def last_event_id(source: RedisSource, prefix: str) -> str:
-    """The newest entry of the queue's event stream ("0-0" when it is empty or absent)."""
-
-    async def _read(client: aioredis.Redis) -> Any:
-        return await client.xrevrange(_key(prefix, "events"), "+", "-", count=1)
-
-    entries = await source.run("XREVRANGE events", _read)
-    return str(entries[0][0]) if entries else "0-0"
-
-
-async def read_events(
-    source: RedisSource, prefix: str, after: str, count: int, block: float = 0.0
-) -> list[tuple[str, dict[str, str]]]:
-    """Entries after ``after``, oldest first; with ``block`` wait up to that many seconds for the first."""
-    key = _key(prefix, "events")
-
-    async def _read(client: aioredis.Redis) -> Any:
-        if block > 0:
-            return await client.xread({key: after}, count=count, block=max(1, int(block * 1000)))
-        return await client.xrange(key, f"({after}", "+", count=count)
-
-    raw = await source.run("read events", _read, source.timeout + block + 1)
-    if block > 0:
-        raw = raw[0][1] if raw else []
-    return [(str(entry_id), dict(fields or {})) for entry_id, fields in raw or []]
+# -- the jobs behind stream entries ----------------------------------------------------------------
 
 
 async def job_assets(source: RedisSource, prefix: str, job_ids: Sequence[str]) -> dict[str, str | None]:
     """Each job's asset, read from its hash now; None when the hash is gone or names no asset."""
-    if not job_ids:
-        return {}
-
-    async def _read(client: aioredis.Redis) -> list[Any]:
-        pipe = client.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(_key(prefix, job_id), "name", "data")
-        return list(await pipe.execute())
-
-    rows = await source.run("job hashes", _read)
-    return {j: asset_of(name, data) for j, (name, data) in zip(job_ids, rows, strict=True)}
+    hashes = await BullMQ(source, prefix).jobs(THUMBNAIL_QUEUE, job_ids, time.monotonic() + source.timeout,
+                                               times=False)
+    return {j: _asset(h) for j, h in hashes.items()}
 
 
 # -- the state of a job, and of its queue ------------------------------------------------------------
@@ -233,21 +199,13 @@ async def queue_health(source: RedisSource, prefix: str) -> QueueHealth:
         return list(await pipe.execute())
 
     flag, paused_jobs = await source.run("queue meta", _meta)
-    paused = str(flag) in ("1", "true") or int(paused_jobs or 0) > 0
-
-    async def _clients(client: aioredis.Redis) -> list[dict[str, Any]]:
-        return list(await client.client_list())
+    paused = paused_flag(flag) or int(paused_jobs or 0) > 0
 
     try:
-        clients = await source.run("CLIENT LIST", _clients)
+        counts = await BullMQ(source, prefix).live_workers([THUMBNAIL_QUEUE], time.monotonic() + source.timeout)
     except ResponseError:
         return QueueHealth(paused, None)  # refused (ACL, managed Redis): the count is unknown, not 0
-    by_base64 = {base64.b64encode(THUMBNAIL_QUEUE.encode()).decode(): THUMBNAIL_QUEUE}
-    workers = sum(
-        1 for c in clients
-        if worker_queue(str(c.get("name") or ""), prefix, by_base64, {THUMBNAIL_QUEUE}) == THUMBNAIL_QUEUE
-    )
-    return QueueHealth(paused, workers)
+    return QueueHealth(paused, counts.get(THUMBNAIL_QUEUE, 0))
 
 
 _FIELDS = ("timestamp", "processedOn", "finishedOn", "failedReason")
@@ -312,3 +270,7 @@ def _is_index(value: Any) -> bool:
 
 def _int(value: Any) -> int:
     return value if _is_index(value) else 0
+
+
+def _left(deadline: float) -> float:
+    return max(0.05, deadline - time.monotonic())

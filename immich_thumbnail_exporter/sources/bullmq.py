@@ -85,6 +85,11 @@ def asset_id_of(data: Any) -> str | None:
     return None
 
 
+def paused_flag(value: Any) -> bool:
+    """A queue's ``meta`` hash ``paused`` field, as read: "1" or "true" while the queue is paused."""
+    return not isinstance(value, Exception) and str(value) in ("1", "true")
+
+
 def glob_escape(text: str) -> str:
     return re.sub(r"([\\*?\[\]])", r"\\\1", text)
 
@@ -237,7 +242,7 @@ class BullMQ:
         wanted: dict[str, dict[str, set[str]]] = {}
         for i, q in enumerate(queues):
             row = first[i * per_queue:(i + 1) * per_queue]
-            (wait, active, paused_n, delayed, prioritized, completed, failed, paused_flag,
+            (wait, active, paused_n, delayed, prioritized, completed, failed, paused,
              wait_ids, paused_ids, prio_ids, active_ids) = row
             s = QueueSample()
             s.counts = {
@@ -245,7 +250,7 @@ class BullMQ:
                 "delayed": _count(delayed), "prioritized": _count(prioritized),
                 "completed": _count(completed), "failed": _count(failed),
             }
-            s.paused = str(paused_flag) in ("1", "true") if not isinstance(paused_flag, Exception) else False
+            s.paused = paused_flag(paused)
             samples[q] = s
             w_ids = _ids(wait_ids)[::-1]
             p_ids = _ids(paused_ids)[::-1]
@@ -313,12 +318,8 @@ class BullMQ:
         when the server refuses the command (logged once, and once again when it works again)."""
         if not queues:
             return {}
-
-        async def _list(client: aioredis.Redis) -> list[dict[str, Any]]:
-            return list(await client.client_list())
-
         try:
-            clients = await self.source.run("CLIENT LIST", _list, _left(deadline))
+            counts = await self.live_workers(queues, deadline)
         except ResponseError as exc:
             if not self._client_list_refused:
                 log.warning(
@@ -332,6 +333,16 @@ class BullMQ:
         if self._client_list_refused:
             log.info("CLIENT LIST works again: immich_queue_workers is back")
             self._client_list_refused = False
+        return counts
+
+    async def live_workers(self, queues: Sequence[str], deadline: float) -> dict[str, int]:
+        """Live workers per queue from ``CLIENT LIST``, without ``workers``' logging: a server that refuses
+        the command raises ResponseError (the caller says what that means for it)."""
+
+        async def _list(client: aioredis.Redis) -> list[dict[str, Any]]:
+            return list(await client.client_list())
+
+        clients = await self.source.run("CLIENT LIST", _list, _left(deadline))
         return count_workers((str(c.get("name") or "") for c in clients), self.prefix, queues)
 
     async def jobs(

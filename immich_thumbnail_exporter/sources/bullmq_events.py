@@ -15,13 +15,16 @@ added), so the gap is exact (``lost``). Older servers do not, and the loss is th
 counted. Each batch is read as ``MULTI; XINFO STREAM; XRANGE; EXEC`` (reads only) so the stream's
 length and the entries agree. A stream that was recreated (FLUSHALL, a restart without persistence) is
 followed from its start; one that went back in time (restored from an older copy) from its end.
+
+The blocking readers (``sources/bullmq_follow.py``, ``remediation/jobwatch.py``) share ``stream_ends``
+and ``read_streams`` (XINFO STREAM, XREAD) below: one way to find where a stream ends and to read past it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,6 +46,14 @@ Entry = tuple[str, Any]
 def parse_id(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def valid_id(entry_id: Any) -> bool:
+    try:
+        parse_id(str(entry_id))
+    except ValueError:
+        return False
+    return True
 
 
 def next_id(entry_id: str) -> str:
@@ -262,3 +273,76 @@ class EventStreams:
 
 def _left(deadline: float) -> float:
     return max(0.05, deadline - time.monotonic())
+
+
+# -- blocking readers ----------------------------------------------------------------------------------
+
+
+async def stream_ends(source: RedisSource, keys: Sequence[str]) -> list[str]:
+    """Each stream's last generated id now ("0-0" for a key that does not exist yet, or is not a stream:
+    everything that appears in it from now on is new). One pipeline of XINFO STREAM."""
+    if not keys:
+        return []
+
+    async def _info(client: aioredis.Redis) -> list[Any]:
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xinfo_stream(key)
+            return list(await pipe.execute(raise_on_error=False))
+
+    infos = await source.run("XINFO STREAM", _info)
+    return [_last_id(info) for info in infos]
+
+
+async def read_streams(
+    source: RedisSource, cursors: Mapping[str, str], count: int, block_ms: int = 0
+) -> dict[str, list[Entry]]:
+    """Entries after each stream's cursor (exclusive), oldest first, at most ``count`` per stream, by key.
+
+    With ``block_ms`` one XREAD waits up to that long for a first entry; the block is kept under half
+    the socket timeout, or a quiet stream would look like a dead server. Raises SourceError."""
+    if not cursors:
+        return {}
+    block = min(block_ms, int(source.timeout * 500)) if block_ms > 0 else None
+    streams: dict[Any, Any] = dict(cursors)
+
+    async def _xread(client: aioredis.Redis) -> Any:
+        return await client.xread(streams, count=count, block=block)
+
+    try:
+        answer = await source.run("XREAD", _xread, (block or 0) / 1000 + source.timeout)
+    except ResponseError as exc:
+        raise SourceError(SOURCE, f"XREAD refused: {describe_redis_error(exc)}") from None
+    return by_stream(answer, cursors)
+
+
+def by_stream(answer: Any, keys: Mapping[str, Any]) -> dict[str, list[Entry]]:
+    """XREAD's answer (a list of [stream, entries], or a dict under RESP3) by stream key, for the keys
+    asked for; entries whose id is not a stream id are left out."""
+    pairs: Sequence[Any]
+    if isinstance(answer, dict):
+        pairs = list(answer.items())
+    elif isinstance(answer, list):
+        pairs = answer
+    else:
+        return {}
+    out: dict[str, list[Entry]] = {}
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) != 2:
+            continue
+        stream, entries = pair
+        key = str(stream)
+        if key not in keys or not isinstance(entries, list):
+            continue
+        good = [e for e in entries if isinstance(e, list | tuple) and len(e) == 2 and valid_id(e[0])]
+        if good:
+            out[key] = [(str(e[0]), e[1]) for e in good]
+    return out
+
+
+def _last_id(info: Any) -> str:
+    if isinstance(info, dict):
+        last = info.get("last-generated-id")
+        if last and valid_id(last):
+            return str(last)
+    return "0-0"  # no such key (yet), or not a stream

@@ -21,17 +21,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from immich_thumbnail_exporter.sources.bullmq import BullMQ, JobHash
-from immich_thumbnail_exporter.sources.bullmq_events import Entry, parse_id
-from immich_thumbnail_exporter.sources.postgres import SourceError
-from immich_thumbnail_exporter.sources.redis import SOURCE, RedisSource, describe_redis_error
+from immich_thumbnail_exporter.sources.bullmq_events import Entry, parse_id, read_streams, stream_ends
+from immich_thumbnail_exporter.sources.redis import RedisSource
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +126,9 @@ class JobFollower:
         if time.monotonic() >= self._next_head:
             self._next_head = time.monotonic() + HEAD_INTERVAL
             await self._read_heads()
-        streams: dict[Any, Any] = {self.key(q): cursors[q] for q in self.jobs}
-
-        async def _xread(client: aioredis.Redis) -> Any:
-            return await client.xread(streams, count=READ_COUNT, block=self.block_ms)
-
-        try:
-            answer = await self.source.run("XREAD", _xread, self.block_ms / 1000 + self.source.timeout)
-        except ResponseError as exc:
-            raise SourceError(SOURCE, f"XREAD refused: {describe_redis_error(exc)}") from None
-        batches = _by_queue(answer, {self.key(q): q for q in self.jobs})
+        by_key = await read_streams(self.source, {self.key(q): cursors[q] for q in self.jobs}, READ_COUNT,
+                                    self.block_ms)
+        batches = {q: by_key[self.key(q)] for q in self.jobs if self.key(q) in by_key}
         if not batches:
             if time.monotonic() >= self._next_check:
                 await self._check_continuity()
@@ -151,17 +142,9 @@ class JobFollower:
 
     async def _ends(self) -> dict[str, str]:
         """Each stream's last id now ("0-0" for a stream that does not exist yet: all of it will be new)."""
-        keys = [self.key(q) for q in self.jobs]
-
-        async def _info(client: aioredis.Redis) -> list[Any]:
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.xinfo_stream(key)
-                return list(await pipe.execute(raise_on_error=False))
-
-        infos = await self.source.run("XINFO STREAM", _info)
+        ends = await stream_ends(self.source, [self.key(q) for q in self.jobs])
         self._next_check = time.monotonic() + CONTINUITY_CHECK
-        return {q: _last_id(info) for q, info in zip(self.jobs, infos, strict=True)}
+        return dict(zip(self.jobs, ends, strict=True))
 
     async def _check_continuity(self) -> None:
         """A stream whose newest id is below our cursor was replaced: follow the new one from its start."""
@@ -303,45 +286,6 @@ class JobFollower:
         while len(self._tracked) > self.max_tracked:
             self._tracked.popitem(last=False)
             self.stats.evicted += 1
-
-
-def _by_queue(answer: Any, queues: Mapping[str, str]) -> dict[str, list[Entry]]:
-    """XREAD's answer (a list of [stream, entries], or a dict under RESP3) by queue name."""
-    pairs: Sequence[Any]
-    if isinstance(answer, dict):
-        pairs = list(answer.items())
-    elif isinstance(answer, list):
-        pairs = answer
-    else:
-        return {}
-    out: dict[str, list[Entry]] = {}
-    for pair in pairs:
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            continue
-        stream, entries = pair
-        queue = queues.get(str(stream))
-        if queue is None or not isinstance(entries, list):
-            continue
-        good = [e for e in entries if isinstance(e, list | tuple) and len(e) == 2 and _valid_id(e[0])]
-        if good:
-            out[queue] = [(str(e[0]), e[1]) for e in good]
-    return out
-
-
-def _last_id(info: Any) -> str:
-    if isinstance(info, dict):
-        last = info.get("last-generated-id")
-        if last and _valid_id(last):
-            return str(last)
-    return "0-0"  # no such key (yet), or not a stream
-
-
-def _valid_id(entry_id: Any) -> bool:
-    try:
-        parse_id(str(entry_id))
-    except ValueError:
-        return False
-    return True
 
 
 def _id(entry_id: str) -> tuple[int, int]:
