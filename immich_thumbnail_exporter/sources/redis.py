@@ -1,9 +1,9 @@
 """Immich's Redis/Valkey (BullMQ), read-only.
 
-The exporter only ever sends read commands (LLEN, ZCARD, LRANGE, HMGET, EXISTS, SCAN, XRANGE, XINFO,
-CLIENT LIST, PING) plus MULTI/EXEC around reads, and the connection set-up of the client library
-(AUTH/HELLO, SELECT, CLIENT SETNAME on its own connection). It never writes a key, never creates a
-consumer group and never touches a connection other than its own.
+The exporter only ever sends read commands (LLEN, ZCARD, LRANGE, ZRANGE, LPOS, ZRANK, ZSCORE, HGET, HMGET,
+EXISTS, SCAN, XRANGE, XREVRANGE, XREAD, XINFO, CLIENT LIST, PING) plus MULTI/EXEC around reads, and the
+connection set-up of the client library (AUTH/HELLO, SELECT, CLIENT SETNAME on its own connection). It
+never writes a key, never creates a consumer group and never touches a connection other than its own.
 
 Connection settings follow Immich's ``REDIS_*`` variables (see ``RedisConfig``): a URL, a unix socket, or
 host/port/db with optional username and password. The password (or the whole URL) can come from a file:
