@@ -13,6 +13,7 @@ import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ from tests.remediation_kit import (
     ledger_rows,
     make_config,
     options,
+    problem_assets,
     thumbnail_worker,
 )
 from tests.test_security import REDIS_ACL
@@ -62,6 +64,10 @@ async def job_asset(valkey: EmbeddedValkey, job_id: str) -> str | None:
 
 
 # -- regenerate -------------------------------------------------------------------------------------------
+
+
+async def _none_broken(imm: Immich, assets: Iterable[str]) -> bool:
+    return not await problem_assets(imm) & set(assets)
 
 
 async def test_accepted_but_not_queued_is_said_and_retried(
@@ -105,6 +111,8 @@ async def test_accepted_but_not_queued_is_said_and_retried(
     late = sorted(fixable)[4]
     fake.drop_first = {late}
     async with thumbnail_worker(imm, valkey):
+        # The first run's queued jobs are taken first: the run below must find those assets fixed already.
+        await wait_for(lambda: _none_broken(imm, queued), timeout=60, interval=0.3)
         report = await regenerate(config, options(tmp_path, apply=True, wait=True, retry_after=0.5, max_attempts=2,
                                                   confirm_within=1.5, assets=(*dropped, late)))
     for a in dropped:
