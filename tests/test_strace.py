@@ -174,6 +174,17 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _program_folders() -> set[str]:
+    """Every folder that holds, or lies above, the interpreter, its libraries or this checkout."""
+    folders: set[str] = set()
+    for place in (sys.executable, sys.prefix, sys.base_prefix, str(ROOT), *sys.path):
+        path = os.path.normpath(os.path.abspath(place)) if place else ""
+        while path and path != os.path.dirname(path):
+            folders.add(path)
+            path = os.path.dirname(path)
+    return folders
+
+
 def violations(found: list[Call], media: str, forbidden: list[str]) -> list[Call]:
     """Calls naming a forbidden place, or a folder above the media root (resolving the root's real path
     the way ``os.path.realpath`` does names each of them)."""
@@ -182,6 +193,10 @@ def violations(found: list[Call], media: str, forbidden: list[str]) -> list[Call
     while parent != os.path.dirname(parent):
         above.add(parent)
         parent = os.path.dirname(parent)
+    # The interpreter names the folders above its own files as it starts and imports (finding its prefix,
+    # resolving its executable): when the checkout or the venv shares a folder with the media root (both
+    # under /tmp, say), that folder is named for the program's own sake, not the media root's.
+    above -= _program_folders()
     return [c for c in found if c.path in above or any(inside(c.path, f) for f in forbidden)]
 
 
@@ -198,6 +213,11 @@ def run_traced(
 @pytest_asyncio.fixture
 async def traps(immich_factory: Any, tmp_path: Path) -> Traps:
     imm: Immich = await immich_factory("v1.136+")
+    # Folders above the root are watched too: give the root some that the program has no reason of its
+    # own to name (tempfile puts it straight under /tmp, which the checkout or its venv may share).
+    deep = tmp_path / "above" / "the-root"
+    deep.mkdir(parents=True)
+    imm.media = str(shutil.move(imm.media, str(deep / "media")))
     return await lay_traps(imm, tmp_path)
 
 
