@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -127,12 +126,6 @@ async def immich_factory(postgres: EmbeddedPostgres) -> AsyncIterator[object]:
 def era(request: pytest.FixtureRequest) -> str:
     """A build id (an era label or a real release) for tests that run per era."""
     return str(request.param)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
