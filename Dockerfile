@@ -23,7 +23,7 @@ WORKDIR /src
 # Only what the package needs (no .git, no local virtual environments). README* and LICENSE* are
 # copied when present: pyproject.toml refers to README.md.
 COPY pyproject.toml README* LICENSE* ./
-COPY immich_thumbnail_exporter/ ./immich_thumbnail_exporter/
+COPY exporter/ ./exporter/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install . \
     && immich-thumbnail-exporter --help > /dev/null

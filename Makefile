@@ -29,7 +29,7 @@ node-deps: system-deps
 	npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 
 lint: $(VENV)/.test-installed
-	$(BIN)/ruff check immich_thumbnail_exporter tests dashboards deploy bench scripts
+	$(BIN)/ruff check exporter tests dashboards deploy bench scripts
 	$(BIN)/mypy
 
 test: $(VENV)/.test-installed system-deps node-deps lint

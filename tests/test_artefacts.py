@@ -86,7 +86,7 @@ def exporter_config() -> ModuleType:
     try:
         import immich_thumbnail_exporter.config as config
     except ImportError:
-        sys.path.insert(0, str(ROOT))
+        sys.path.insert(0, str(ROOT / "exporter"))
         import immich_thumbnail_exporter.config as config
     return config
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = "immich_thumbnail_exporter"
-ROOT = Path(__file__).resolve().parent.parent / PACKAGE
+ROOT = Path(__file__).resolve().parent.parent / "exporter" / PACKAGE
 
 # Usable from anywhere: plain words, plain data, settings and logging.
 BASE = frozenset({"__init__", "vocabulary", "model", "logs", "config"})
