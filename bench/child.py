@@ -78,7 +78,7 @@ class RssWatch(threading.Thread):
 
 
 async def scan(dsn: str, media: str, extra: dict[str, Any]) -> dict[str, Any]:
-    from immich_thumbnail_exporter.model import ProblemStore
+    from immich_thumbnail_exporter.findings import ProblemStore
     from immich_thumbnail_exporter.output.scan_report import summary
     from immich_thumbnail_exporter.scan.run import run_scan
     from immich_thumbnail_exporter.sources.postgres import PostgresSource

@@ -22,7 +22,7 @@ import aiohttp
 import asyncpg
 
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, _Process
-from immich_thumbnail_exporter.scan.walkers import WALKER
+from immich_thumbnail_exporter.scan.disk_walk import WALKER
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.helpers import samples
 

@@ -20,7 +20,7 @@ from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import ERAS, Plan
 from immich_thumbnail_exporter.demo.simulation.api import SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
-from immich_thumbnail_exporter.model import ProblemStore
+from immich_thumbnail_exporter.findings import ProblemStore
 from immich_thumbnail_exporter.remediation.engine import Options
 from immich_thumbnail_exporter.remediation.ledger import FILENAME
 from immich_thumbnail_exporter.remediation.report import RunReport

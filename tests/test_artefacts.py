@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from immich_thumbnail_exporter.exposition.metrics import DEFS, exposed_names
+from immich_thumbnail_exporter.metrics import DEFS, exposed_names
 from immich_thumbnail_exporter.vocabulary import KINDS, QUEUE_STATES, REASONS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from immich_thumbnail_exporter.demo.seed import jpeg, webp
-from immich_thumbnail_exporter.model import FileStats, Problem
+from immich_thumbnail_exporter.findings import FileStats, Problem
+from immich_thumbnail_exporter.scan.disk_walk import DiskWalk
+from immich_thumbnail_exporter.scan.file_check import merge_stream
 from immich_thumbnail_exporter.scan.file_sql import KINDS as STREAM_KINDS
-from immich_thumbnail_exporter.scan.files import merge_stream
 from immich_thumbnail_exporter.scan.verdict import original_exists
-from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import IMMICH_CWD, PathMapper
 from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, KINDS, REASONS, is_asset_job
 from tests.audit import audited, outside

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from immich_thumbnail_exporter import __version__
-from immich_thumbnail_exporter.exposition.metrics import DEFS
+from immich_thumbnail_exporter.metrics import DEFS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter
 

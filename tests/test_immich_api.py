@@ -17,10 +17,10 @@ from aiohttp.test_utils import TestServer as AiohttpServer
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.exposition.store import Result, Store
 from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ImmichApi, QueueStats
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.store import Result, Store
 from tests.test_queues import Samples, flat, jobs, value
 
 ADMIN_KEY = "admin-key"

@@ -173,7 +173,7 @@ def _comparable(summary: dict[str, Any]) -> dict[str, Any]:
 
 async def _scan_summary(imm: Immich, **overrides: Any) -> tuple[dict[str, Any], list[str]]:
     from immich_thumbnail_exporter.config import load_config
-    from immich_thumbnail_exporter.model import ProblemStore
+    from immich_thumbnail_exporter.findings import ProblemStore
     from immich_thumbnail_exporter.output.scan_report import summary
     from immich_thumbnail_exporter.scan.run import run_scan
     from immich_thumbnail_exporter.sources.postgres import PostgresSource

@@ -24,7 +24,7 @@ from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.simulation.api import JOB_OPTS, SimulatedApi
-from immich_thumbnail_exporter.model import ProblemFeed
+from immich_thumbnail_exporter.findings import ProblemFeed
 from immich_thumbnail_exporter.output import scan_report
 from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.remediation.ledger import Ledger

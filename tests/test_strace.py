@@ -222,7 +222,9 @@ async def traps(immich_factory: Any, tmp_path: Path) -> Traps:
 
 
 def walker_pids(trace: str) -> set[int]:
-    return {int(line.split(None, 1)[0]) for line in trace.splitlines() if " execve(" in line and "walker.py" in line}
+    return {
+        int(line.split(None, 1)[0]) for line in trace.splitlines() if " execve(" in line and "walk_child.py" in line
+    }
 
 
 def check_trace(trace: str, traps: Traps) -> list[Call]:

@@ -20,7 +20,7 @@ import pytest
 
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.seed import Plan
-from immich_thumbnail_exporter.model import ProblemStore
+from immich_thumbnail_exporter.findings import ProblemStore
 from immich_thumbnail_exporter.scan.file_sql import targeted_sql
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.scan.targeted import check_assets, media_mapper

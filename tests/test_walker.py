@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from immich_thumbnail_exporter.scan.walker import FILE, SIZE_UNKNOWN, SYMLINK
-from immich_thumbnail_exporter.scan.walkers import DiskWalk
+from immich_thumbnail_exporter.scan.disk_walk import DiskWalk
+from immich_thumbnail_exporter.scan.walk_child import FILE, SIZE_UNKNOWN, SYMLINK
 from tests.faultkit import until
 
 pytestmark = pytest.mark.asyncio

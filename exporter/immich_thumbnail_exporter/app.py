@@ -20,11 +20,11 @@ from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.exposition.http import build_app
-from immich_thumbnail_exporter.exposition.store import SOURCES, Store
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
-from immich_thumbnail_exporter.model import ProblemFeed
+from immich_thumbnail_exporter.findings import ProblemFeed
 from immich_thumbnail_exporter.runtime import Runner
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.store import SOURCES, Store
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ import time
 from collections.abc import Sequence
 
 from immich_thumbnail_exporter.collectors.base import Collection, Outcome
-from immich_thumbnail_exporter.exposition.store import Result, Store
 from immich_thumbnail_exporter.scan.run import probe_filesystem
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.store import Result, Store
 
 log = logging.getLogger(__name__)
 

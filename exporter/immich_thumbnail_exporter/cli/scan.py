@@ -9,7 +9,7 @@ import time
 
 from immich_thumbnail_exporter.cli.exits import EXIT_OK, EXIT_PROBLEMS, fail
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.model import FileStats, ProblemStore
+from immich_thumbnail_exporter.findings import FileStats, ProblemStore
 from immich_thumbnail_exporter.output import scan_report as report
 from immich_thumbnail_exporter.remediation.queue_view import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.store import Part
 
 
 @dataclass

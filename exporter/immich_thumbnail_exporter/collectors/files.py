@@ -6,11 +6,11 @@ from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.exposition.metrics import gauge
-from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import ProblemFeed, ProblemSnapshot, ProblemStore
+from immich_thumbnail_exporter.findings import ProblemFeed, ProblemSnapshot, ProblemStore
+from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.vocabulary import FILE_REASONS, KINDS
 
 

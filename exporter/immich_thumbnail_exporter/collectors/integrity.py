@@ -13,7 +13,7 @@ import logging
 
 from prometheus_client.core import Metric
 
-from immich_thumbnail_exporter.exposition.metrics import gauge
+from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.sources import integrity
 from immich_thumbnail_exporter.sources.integrity import IntegrityReport
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError

@@ -7,11 +7,11 @@ from prometheus_client.core import Metric
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.collectors.integrity import IntegrityReader
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.exposition.metrics import gauge
-from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import InventoryCounts
+from immich_thumbnail_exporter.findings import InventoryCounts
+from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.scan.run import run_inventory
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.store import Part
 
 
 def inventory_families(counts: InventoryCounts) -> list[Metric]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
-from immich_thumbnail_exporter.exposition.metrics import counter, family
+from immich_thumbnail_exporter.metrics import counter, family
 from immich_thumbnail_exporter.sources.bullmq import BullMQ, JobHash, loads
 from immich_thumbnail_exporter.sources.bullmq_events import Entry, parse_id
 from immich_thumbnail_exporter.vocabulary import COMPLETED, ERROR, JOB_STATUSES

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.exposition.metrics import counter
-from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.metrics import counter
 from immich_thumbnail_exporter.scan.run import probe_filesystem
 from immich_thumbnail_exporter.scan.targeted import AssetVerdict, check_assets, media_mapper
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
@@ -42,6 +41,7 @@ from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.sources.schema import Schema, SchemaError
+from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.vocabulary import (
     ASSET_MISSING,
     NO_EFFECT,

@@ -35,14 +35,14 @@ from redis.exceptions import ResponseError
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.collectors.job_events import JobCounters
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.exposition.metrics import gauge
-from immich_thumbnail_exporter.exposition.store import Part
+from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.sources.bullmq import BullMQ, QueueSample
 from immich_thumbnail_exporter.sources.bullmq_events import EventStreams
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi, QueueStats
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.vocabulary import QUEUE_STATES
 
 log = logging.getLogger(__name__)

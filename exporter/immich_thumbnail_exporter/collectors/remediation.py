@@ -10,13 +10,13 @@ from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.exposition.metrics import counter
-from immich_thumbnail_exporter.exposition.store import Part
-from immich_thumbnail_exporter.model import ProblemFeed
+from immich_thumbnail_exporter.findings import ProblemFeed
+from immich_thumbnail_exporter.metrics import counter
 from immich_thumbnail_exporter.remediation.ledger import Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.rounds import FOLLOW_UP, Remediator, RoundResult
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.vocabulary import REQUEST_RESULTS, VERIFIED_RESULTS
 
 

@@ -11,7 +11,10 @@ from immich_thumbnail_exporter.config.durations import Duration, duration_argume
 from immich_thumbnail_exporter.config.env import ENV_MAP, env_overrides
 from immich_thumbnail_exporter.config.errors import ConfigError
 from immich_thumbnail_exporter.config.load import NOT_CONFIGURED, Loaded, collect, load_config, read_yaml
-from immich_thumbnail_exporter.config.model import (
+from immich_thumbnail_exporter.config.redact import describe, redact_url
+from immich_thumbnail_exporter.config.schema import config_schema
+from immich_thumbnail_exporter.config.secret import Secret
+from immich_thumbnail_exporter.config.sections import (
     LOG_FORMATS,
     LOG_LEVELS,
     ChecksConfig,
@@ -26,9 +29,6 @@ from immich_thumbnail_exporter.config.model import (
     RemediationConfig,
     WebSettings,
 )
-from immich_thumbnail_exporter.config.redact import describe, redact_url
-from immich_thumbnail_exporter.config.schema import config_schema
-from immich_thumbnail_exporter.config.secret import Secret
 
 __all__ = [
     "ENV_MAP",

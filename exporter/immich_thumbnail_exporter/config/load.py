@@ -18,8 +18,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from immich_thumbnail_exporter.config.env import database_variables, env_overrides
 from immich_thumbnail_exporter.config.errors import ConfigError, key_text, problems_of
-from immich_thumbnail_exporter.config.model import SECTIONS, Config, secret_fields
 from immich_thumbnail_exporter.config.secret import Secret
+from immich_thumbnail_exporter.config.sections import SECTIONS, Config, secret_fields
 
 T = TypeVar("T")
 

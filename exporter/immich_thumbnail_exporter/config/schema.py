@@ -7,7 +7,7 @@ from typing import Any, Final
 from pydantic import TypeAdapter
 
 from immich_thumbnail_exporter import __version__
-from immich_thumbnail_exporter.config.model import Config
+from immich_thumbnail_exporter.config.sections import Config
 
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
 

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from prometheus_client.exposition import choose_encoder
 
 from immich_thumbnail_exporter import __version__
-from immich_thumbnail_exporter.exposition.store import Store, StoreCollector
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
-from immich_thumbnail_exporter.model import ProblemFeed
+from immich_thumbnail_exporter.findings import ProblemFeed
+from immich_thumbnail_exporter.store import Store, StoreCollector
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
-from immich_thumbnail_exporter.model import Problem, ProblemStore
+from immich_thumbnail_exporter.findings import Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.model import Problem, ProblemFeed, ProblemStore
+from immich_thumbnail_exporter.findings import Problem, ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError

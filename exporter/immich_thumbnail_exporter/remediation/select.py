@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.model import Problem, ProblemStore
+from immich_thumbnail_exporter.findings import Problem, ProblemStore
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker, valid_asset_id
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger

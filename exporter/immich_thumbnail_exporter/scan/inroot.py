@@ -7,7 +7,7 @@ once it is known to lie inside the root. A target that leaves the root (an absol
 ``..`` above the root) is judged from its text alone: no system call ever names it. Chains of links are
 followed up to ``MAX_LINKS``, as the kernel does.
 
-Facts come out in the walk's terms (``scan/walker.py``): ``(size, flag)`` with size -1 for "not there",
+Facts come out in the walk's terms (``scan/walk_child.py``): ``(size, flag)`` with size -1 for "not there",
 so that a path looked at here is judged exactly as the walk would have judged it (``verdict.file_reason``).
 
 Every call here blocks on the file system: callers run them in a worker thread, never in the event loop.
@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 
 from immich_thumbnail_exporter.logs import warn_once
-from immich_thumbnail_exporter.scan.walker import FILE, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE, head_flag
+from immich_thumbnail_exporter.scan.walk_child import FILE, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE, head_flag
 
 log = logging.getLogger(__name__)
 

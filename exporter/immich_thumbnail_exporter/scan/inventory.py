@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from immich_thumbnail_exporter.model import InventoryCounts, Problem
+from immich_thumbnail_exporter.findings import InventoryCounts, Problem
 from immich_thumbnail_exporter.sources.paths import DEFAULT_LOCATION, LEGACY_LOCATION, location_from_sample
 from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.vocabulary import RECORD_KINDS

@@ -4,7 +4,7 @@
   server-side cursor, ordered bytewise by the path Immich would resolve (``file_sql.files_sql``);
 * the disk side is a depth-first walk of ``thumbs/`` that lists each directory once and sorts its
   entries, so the walk comes out in the same bytewise order (a directory sorts as ``name/``:
-  ``scan/walkers.py``).
+  ``scan/disk_walk.py``).
 
 A path on both sides is a file that exists; database-only is missing; disk-only is an orphan. No path is
 ever checked with its own ``stat`` for existence; sizes come from the directory entry (``fstatat`` on
@@ -27,12 +27,12 @@ from collections.abc import Sequence
 from itertools import compress
 from typing import Any
 
+from immich_thumbnail_exporter.findings import FileStats
 from immich_thumbnail_exporter.logs import warn_once
-from immich_thumbnail_exporter.model import FileStats
 from immich_thumbnail_exporter.scan.file_sql import KINDS, PERSON
 from immich_thumbnail_exporter.scan.inroot import Facts, InRoot
 from immich_thumbnail_exporter.scan.verdict import file_reason, on_disk
-from immich_thumbnail_exporter.scan.walker import FILE, KIND_MASK, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE, Frame
+from immich_thumbnail_exporter.scan.walk_child import FILE, KIND_MASK, SYMLINK, UNREADABLE_DIR, UNREADABLE_FILE, Frame
 from immich_thumbnail_exporter.sources.paths import PathMapper
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from immich_thumbnail_exporter.model import FileStats
+from immich_thumbnail_exporter.findings import FileStats
 from immich_thumbnail_exporter.scan.file_sql import originals_sql
 from immich_thumbnail_exporter.scan.inroot import MISSING, InRoot
 from immich_thumbnail_exporter.sources.paths import PathMapper

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field, replace
 import asyncpg
 
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.model import FileStats, InventoryCounts, Problem, ProblemStore
-from immich_thumbnail_exporter.scan.files import reconcile
+from immich_thumbnail_exporter.findings import FileStats, InventoryCounts, Problem, ProblemStore
+from immich_thumbnail_exporter.scan.disk_walk import DiskWalk
+from immich_thumbnail_exporter.scan.file_check import reconcile
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import count, count_and_stream_records, media_location
 from immich_thumbnail_exporter.scan.originals import check_originals
 from immich_thumbnail_exporter.scan.verdict import original_exists
-from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 

@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.scan.inroot import MISSING, InRoot
 from immich_thumbnail_exporter.scan.inventory import EDITED_KIND
-from immich_thumbnail_exporter.scan.walker import HEAD_BAD, HEAD_UNREADABLE, KIND_MASK, UNREADABLE_DIR, UNREADABLE_FILE
+from immich_thumbnail_exporter.scan.walk_child import (
+    HEAD_BAD,
+    HEAD_UNREADABLE,
+    KIND_MASK,
+    UNREADABLE_DIR,
+    UNREADABLE_FILE,
+)
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
 

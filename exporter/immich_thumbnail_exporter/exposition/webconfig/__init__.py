@@ -44,7 +44,6 @@ auth), ``ratelimit``, ``middleware`` (all of it applied to requests), ``config``
 from immich_thumbnail_exporter.exposition.webconfig.auth import DEFAULT_AUTH_TIMEOUT
 from immich_thumbnail_exporter.exposition.webconfig.config import WebConfig
 from immich_thumbnail_exporter.exposition.webconfig.load import load_web_config
-from immich_thumbnail_exporter.exposition.webconfig.model import RateLimit, TLSServerConfig, WebConfigError
 from immich_thumbnail_exporter.exposition.webconfig.names import (
     ALLOWED_HEADERS,
     CIPHER_SUITES,
@@ -52,6 +51,7 @@ from immich_thumbnail_exporter.exposition.webconfig.names import (
     CURVES,
     TLS_VERSIONS,
 )
+from immich_thumbnail_exporter.exposition.webconfig.parts import RateLimit, TLSServerConfig, WebConfigError
 
 __all__ = [
     "ALLOWED_HEADERS",

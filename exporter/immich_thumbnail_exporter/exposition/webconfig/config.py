@@ -9,7 +9,7 @@ from aiohttp.typedefs import Middleware
 
 from immich_thumbnail_exporter.exposition.webconfig.auth import DEFAULT_AUTH_TIMEOUT
 from immich_thumbnail_exporter.exposition.webconfig.middleware import build_middleware
-from immich_thumbnail_exporter.exposition.webconfig.model import Problem, RateLimit, TLSServerConfig, error
+from immich_thumbnail_exporter.exposition.webconfig.parts import Problem, RateLimit, TLSServerConfig, error
 from immich_thumbnail_exporter.exposition.webconfig.tls import reloading_context
 
 

@@ -18,7 +18,6 @@ import yaml
 from immich_thumbnail_exporter.config.durations import parse_duration
 from immich_thumbnail_exporter.exposition.webconfig.auth import valid_bcrypt
 from immich_thumbnail_exporter.exposition.webconfig.config import WebConfig
-from immich_thumbnail_exporter.exposition.webconfig.model import Problem, RateLimit, TLSServerConfig, error
 from immich_thumbnail_exporter.exposition.webconfig.names import (
     ALLOWED_HEADERS,
     ALLOWED_HEADERS_LOWER,
@@ -33,6 +32,7 @@ from immich_thumbnail_exporter.exposition.webconfig.names import (
     TOP_KEYS,
     VERIFYING_AUTH_TYPES,
 )
+from immich_thumbnail_exporter.exposition.webconfig.parts import Problem, RateLimit, TLSServerConfig, error
 from immich_thumbnail_exporter.exposition.webconfig.tls import MAX_FILE_BYTES, build_context, read_small_file
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from immich_thumbnail_exporter.exposition.webconfig.auth import BasicAuth, basic_credentials
-from immich_thumbnail_exporter.exposition.webconfig.model import RateLimit
+from immich_thumbnail_exporter.exposition.webconfig.parts import RateLimit
 from immich_thumbnail_exporter.exposition.webconfig.ratelimit import TokenBucket
 from immich_thumbnail_exporter.exposition.webconfig.tls import client_san_allowed, normalise_san
 

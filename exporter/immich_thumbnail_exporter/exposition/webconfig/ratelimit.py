@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from immich_thumbnail_exporter.exposition.webconfig.model import RateLimit
+from immich_thumbnail_exporter.exposition.webconfig.parts import RateLimit
 
 
 class TokenBucket:

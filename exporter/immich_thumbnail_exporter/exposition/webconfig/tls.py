@@ -18,8 +18,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from immich_thumbnail_exporter.exposition.webconfig.model import Problem, TLSServerConfig
 from immich_thumbnail_exporter.exposition.webconfig.names import CIPHER_SUITES, CURVES
+from immich_thumbnail_exporter.exposition.webconfig.parts import Problem, TLSServerConfig
 
 log = logging.getLogger(__name__)
 

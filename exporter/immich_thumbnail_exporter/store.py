@@ -18,7 +18,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from immich_thumbnail_exporter import __version__
-from immich_thumbnail_exporter.exposition.metrics import gauge, merge
+from immich_thumbnail_exporter.metrics import gauge, merge
 
 # Every source, in the order ``immich_exporter_source_up`` and the status page list them.
 SOURCES = ("postgres", "filesystem", "redis", "immich_api")

@@ -1,7 +1,7 @@
 """The full file check: the database's file stream merged with the walk of ``thumbs/``.
 
 Where the time goes, and how it is kept small (``python -m bench``; README, "Performance"): the walk runs
-in helper processes (``scan/walkers.py``) working ahead while PostgreSQL counts and sorts; the database
+in helper processes (``scan/disk_walk.py``) working ahead while PostgreSQL counts and sorts; the database
 stream is narrow (path bytes, a kind code, the asset id: no join, a third of the sort's temporary
 files: ``scan/file_sql.py``), and a one-shot ``scan`` reads it on a second connection in the same
 snapshot (``scan/run.py``), so the sort runs while the counts do. The merge (``scan/merge.py``) runs in
@@ -21,12 +21,12 @@ from typing import Any
 
 import asyncpg
 
-from immich_thumbnail_exporter.model import FileStats, Problem
+from immich_thumbnail_exporter.findings import FileStats, Problem
+from immich_thumbnail_exporter.scan.disk_walk import DiskWalk
 from immich_thumbnail_exporter.scan.file_sql import files_sql, problem_assets_sql
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.merge import Merge
 from immich_thumbnail_exporter.scan.verdict import original_exists
-from immich_thumbnail_exporter.scan.walkers import DiskWalk
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.schema import Schema
 

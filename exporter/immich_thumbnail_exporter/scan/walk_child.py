@@ -1,7 +1,7 @@
 """The disk side of the file check: list and stat directory trees in bytewise path order.
 
-Standard library only: besides being imported by ``immich_thumbnail_exporter.scan.walkers``, this file is run as a
-helper process (``python -I -S walker.py ROOT HEADERS BUFFER [SIZES]``) so that its system calls and per-file Python
+Standard library only: besides being imported by ``immich_thumbnail_exporter.scan.disk_walk``, this file is run as a
+helper process (``python -I -S walk_child.py ROOT HEADERS BUFFER [SIZES]``) so that its system calls and per-file Python
 work (about 3 µs a file, 12 µs a directory on a small VM: most of a scan's CPU) run beside the exporter,
 not under its GIL, where they would delay scrapes. The helper lowers its own priority (``nice``).
 

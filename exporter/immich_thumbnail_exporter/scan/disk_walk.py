@@ -1,5 +1,5 @@
 """The disk side of the file check: every entry under ``thumbs/`` in bytewise path order, walked by
-helper processes (``scan/walker.py``, standard library only, at low priority).
+helper processes (``scan/walk_child.py``, standard library only, at low priority).
 
 At a million assets, listing 356k folders and ``lstat`` of 2M files is 60% of the CPU a scan needs, so
 the walk runs in two helper processes, each taking every other ``thumbs/<owner>/<xx>`` subtree, reading
@@ -28,15 +28,15 @@ from array import array
 from collections.abc import AsyncIterator, Iterator
 
 from immich_thumbnail_exporter.logs import warn_once
-from immich_thumbnail_exporter.scan import walker as _walker
-from immich_thumbnail_exporter.scan.walker import UNREADABLE_DIR, Frame, list_level, walk_tree
+from immich_thumbnail_exporter.scan import walk_child as _walker
+from immich_thumbnail_exporter.scan.walk_child import UNREADABLE_DIR, Frame, list_level, walk_tree
 
 log = logging.getLogger(__name__)
 
 THUMBS = b"thumbs"
 # How far each walker may work ahead of the merge.
 WALKER_BUFFER = 32 << 20
-WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "walker.py")
+WALKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "walk_child.py")
 WALKER_RUNNABLE = bool(sys.executable) and os.path.exists(WALKER)
 # Started through ``nice`` when there is one, so that even the interpreter's start-up (tens of
 # milliseconds, every scan) runs at the walker's low priority; the walker lowers its own otherwise.
