@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from immich_thumbnail_exporter.config import ConfigError, Secret, describe, load_config, parse_duration, redact_url
+from tests.helpers import run_cli
 
 
 def test_defaults() -> None:
@@ -234,3 +235,39 @@ def test_duration_flags_parse_with_the_same_parser() -> None:
     assert duration_argument("1m30s") == 90
     with pytest.raises(argparse.ArgumentTypeError, match="expected a duration like 15s"):
         duration_argument("soon")
+
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("database:\n  host: db\n  port: 5432\n  host: other\n",
+     "malformed YAML at line 4, column 3: duplicate key 'host' (first given at line 2)"),
+    ("database: {host: db}\nmedia: {root: /data}\ndatabase: {host: other}\n",
+     "malformed YAML at line 3, column 1: duplicate key 'database' (first given at line 1)"),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, text: str, expected: str) -> None:
+    """A key given twice is an error naming it, not the last one silently winning (the web configuration
+    file refuses them the same way)."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(cfg), environ={})
+    assert err.value.problems == [f"{cfg}: {expected}"]
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    """``<<: *anchor`` followed by a key of its own is YAML's override, not a duplicate."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("database:\n  <<: {host: db, port: 1111}\n  port: 2222\n")
+    c = load_config(str(cfg), environ={})
+    assert (c.database.host, c.database.port) == ("db", 2222)
+
+
+def test_check_config_names_a_duplicate_key_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("database:\n  host: db\nintervals:\n  files: 1h\n  files: 2h\n")
+    res = run_cli("check-config", "--config.file", str(cfg))
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    duplicate = "malformed YAML at line 5, column 3: duplicate key 'files' (first given at line 4)"
+    assert errors == [f"error: {cfg}: {duplicate}"]
+    assert "Traceback" not in res.stderr

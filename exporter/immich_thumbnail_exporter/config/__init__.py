@@ -1,7 +1,8 @@
 """Configuration: one YAML file, then the environment, then flags (later wins).
 
-``model`` declares the sections (pydantic dataclasses: a key that is not a field is an error), ``types``
-what each field accepts, ``env`` Immich's variable names, ``load`` the merge and the validation (every
+``sections`` declares the sections (pydantic dataclasses: a key that is not a field is an error),
+``types`` what each field accepts, ``env`` Immich's variable names, ``strict_yaml`` the one YAML reader
+(duplicate keys refused; the web configuration uses it too), ``load`` the merge and the validation (every
 problem listed at once), ``errors`` the problem lines (each named by its dotted path), ``secret``
 file-backed secrets, ``durations`` the one duration parser, ``redact`` what may be shown, ``schema`` the
 published JSON Schema.

@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from immich_thumbnail_exporter.config import strict_yaml
 from immich_thumbnail_exporter.config.env import database_variables, env_overrides
 from immich_thumbnail_exporter.config.errors import ConfigError, key_text, problems_of
 from immich_thumbnail_exporter.config.secret import Secret
@@ -115,12 +116,9 @@ def read_yaml(path: str) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: configuration file is not UTF-8 text"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{path}: malformed YAML{where}: {problem}"]) from None
+        raise ConfigError([f"{path}: {strict_yaml.describe(exc)}"]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -36,9 +36,10 @@ Certificates, keys and the client CA file are re-read when they change on disk (
 handshake), so a rotated certificate is served without a restart, as with the toolkit. The rest of the
 file is read once, at start.
 
-One module per job: ``names`` (the format's vocabulary), ``model`` (the parsed parts, errors), ``load``
-(the file, every problem listed at once), ``tls`` (contexts and their reload), ``auth`` (bcrypt basic
-auth), ``ratelimit``, ``middleware`` (all of it applied to requests), ``config`` (``WebConfig``).
+One module per job: ``names`` (the format's vocabulary), ``parts`` (the parsed parts, errors), ``load``
+(the file, every problem listed at once, read with ``config.strict_yaml``), ``tls`` (contexts and their
+reload), ``auth`` (bcrypt basic auth), ``middleware`` (all of it applied to requests, the rate limit with
+``timing.RateLimiter``), ``config`` (``WebConfig``).
 """
 
 from immich_thumbnail_exporter.exposition.webconfig.auth import DEFAULT_AUTH_TIMEOUT

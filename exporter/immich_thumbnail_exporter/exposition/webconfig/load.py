@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from immich_thumbnail_exporter.config import strict_yaml
 from immich_thumbnail_exporter.config.durations import parse_duration
 from immich_thumbnail_exporter.exposition.webconfig.auth import valid_bcrypt
 from immich_thumbnail_exporter.exposition.webconfig.config import WebConfig
@@ -55,29 +56,6 @@ def load_web_config(path: str | None) -> WebConfig:
     return config
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses duplicate keys, as Go's ``yaml.UnmarshalStrict`` does."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node)
-        try:
-            duplicate = key in seen
-            seen.add(key)
-        except TypeError:  # unhashable: construct_mapping below reports it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def _load(path: str, problems: list[str]) -> WebConfig | None:
     try:
         content = read_small_file(path)
@@ -86,14 +64,9 @@ def _load(path: str, problems: list[str]) -> WebConfig | None:
     if content is None:
         raise Problem(f"the file is larger than {MAX_FILE_BYTES} bytes; is it the right file?")
     try:
-        data = yaml.load(content, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+        data = strict_yaml.load(content)
     except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise Problem(f"malformed YAML{where}: {problem}") from None
+        raise Problem(strict_yaml.describe(exc)) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

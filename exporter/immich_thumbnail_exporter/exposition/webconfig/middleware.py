@@ -9,8 +9,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from immich_thumbnail_exporter.exposition.webconfig.auth import BasicAuth, basic_credentials
 from immich_thumbnail_exporter.exposition.webconfig.parts import RateLimit
-from immich_thumbnail_exporter.exposition.webconfig.ratelimit import TokenBucket
 from immich_thumbnail_exporter.exposition.webconfig.tls import client_san_allowed, normalise_san
+from immich_thumbnail_exporter.timing import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def build_middleware(
     rate limit (429) and basic auth (401 with ``WWW-Authenticate: Basic``; 503 when the bcrypt check does
     not finish within ``auth_timeout`` seconds). ``headers`` are set on every response, errors included."""
     auth = BasicAuth(users, auth_timeout) if users else None
-    bucket = TokenBucket(rate_limit) if rate_limit is not None else None
+    # One bucket shared by every guarded request: the exporter-toolkit's limiter is global, not per client.
+    bucket = RateLimiter(1.0 / rate_limit.interval, rate_limit.burst) if rate_limit is not None else None
     allowed_sans = None
     if client_allowed_sans is not None:
         allowed_sans = frozenset(normalise_san(s) for s in client_allowed_sans)
