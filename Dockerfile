@@ -1,13 +1,16 @@
-# syntax=docker/dockerfile:1
-#
 # immich-thumbnail-exporter: Prometheus exporter for Immich thumbnails and job queues.
 #
 #   docker build -t immich-thumbnail-exporter .
 #   docker run --rm -p 9813:9813 --env-file /path/to/immich/.env \
 #     -v /path/to/immich/library:/data:ro immich-thumbnail-exporter
 #
+#   podman build --format docker -t immich-thumbnail-exporter .   (docker format: keeps the HEALTHCHECK)
+#
 # Two stages: the first builds a virtual environment with the project and its dependencies, the second
 # copies only that environment onto a clean python:3.11-slim and runs as an unprivileged numeric user.
+# No `# syntax=` line: it makes BuildKit fetch a Dockerfile parser image before building, so a machine
+# that already has the base image could not build offline. `RUN --mount=type=cache` needs no such line
+# with BuildKit (Docker 23 and later) or buildah/podman.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 
@@ -38,8 +41,10 @@ LABEL org.opencontainers.image.title="immich-thumbnail-exporter" \
 
 # Numeric uid/gid so that Kubernetes' runAsNonRoot can verify it. The state directory is created with
 # the right owner, so a fresh Docker volume mounted there inherits it.
-RUN groupadd --system --gid 10001 exporter \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home \
+# Not --system: system accounts stop at uid 999, and useradd warns about 10001. --no-log-init: no sparse
+# lastlog entry for a high uid.
+RUN groupadd --gid 10001 exporter \
+    && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home \
        --home-dir /var/lib/immich-thumbnail-exporter --shell /usr/sbin/nologin exporter \
     && install -d -o 10001 -g 10001 -m 0750 /var/lib/immich-thumbnail-exporter
 

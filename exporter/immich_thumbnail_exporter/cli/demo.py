@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from immich_thumbnail_exporter import logs
 from immich_thumbnail_exporter.config import LOG_FORMATS, LOG_LEVELS
@@ -19,8 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The demo builds its own configuration: no configuration file, no environment."""
     # Imported here: the demo's servers and seeding are for this command (and the tests) only, and its
-    # wheels are the optional [demo] extra.
-    from immich_thumbnail_exporter.demo.run import run_demo
+    # wheels are the optional [demo] extra, which a plain install (the container image) does not have.
+    try:
+        from immich_thumbnail_exporter.demo.run import run_demo
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("immich_thumbnail_exporter"):
+            raise  # our own module missing is a bug, not a missing extra
+        print(
+            f"error: the demo needs the [demo] extra ({exc.name} is not installed): "
+            "pip install 'immich-thumbnail-exporter[demo]'",
+            file=sys.stderr,
+        )
+        return 2
 
     logs.setup(args.log_level, args.log_format)
     return run_demo(args)
