@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint system-deps node-deps bench clean
+.PHONY: demo test lint system-deps node-deps bench clean image-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(VENV)/.test-installed
 
 test: $(VENV)/.test-installed system-deps node-deps lint
 	$(BIN)/python -m pytest
+
+# Builds the Dockerfile with podman (or docker) and runs the image as deploy/ does: scripts/image_check.py.
+# IMAGE_CHECK_FLAGS=--stand-in-base where no registry is reachable (a local python:3.11-slim from Debian).
+image-check: $(VENV)/.test-installed
+	$(BIN)/python scripts/image_check.py $(IMAGE_CHECK_FLAGS)
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m bench
