@@ -360,11 +360,12 @@ async def test_remediation_collection_moves_the_counters(
         got = await wait_for(counters, timeout=60, interval=0.3)
         assert got["accepted"] is not None and got["accepted"] >= 1
         assert got["rejected"] == 0 and got["gave_up"] == 0
-        await asyncio.sleep(1.0)  # a few more rounds: nothing is asked twice
-        assert fake.submissions() == Counter({a: 1 for a in fixable})
+        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
+        after = remediation.rounds
+        await wait_for(lambda: remediation.rounds >= after + 3, timeout=30)  # a few more rounds:
+        assert fake.submissions() == Counter({a: 1 for a in fixable})  # nothing is asked twice
         result = exporter.store.result("remediation")
         assert result is not None and result.success, result
-        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
         assert remediation.ledger is not None and remediation.ledger.counts() == {"fixed": len(fixable)}
     assert not await problem_assets(imm) & fixable
 

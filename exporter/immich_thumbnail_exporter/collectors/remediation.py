@@ -47,6 +47,7 @@ class RemediationCollection:
         self.timeout = max(float(rem.interval), own_scan) + submit_time + float(rem.confirm_within) + 60.0
         self.interval = float(rem.interval)
         self.states = SourceStates(log, "remediation")
+        self.rounds = 0  # rounds finished, whatever their outcome (tests wait on it)
 
     def _pace(self) -> None:
         """Every few seconds while requests await verification, else ``remediation.interval``."""
@@ -88,6 +89,7 @@ class RemediationCollection:
         except LedgerError as exc:
             error = str(exc)
         self._pace()
+        self.rounds += 1
         return Outcome((Part(self.needs, self.families()),), sources, error)
 
     async def close(self) -> None:

@@ -113,9 +113,9 @@ class Regenerator:
             outcome = await self._submit_one(batch)
             self._record_outcome(batch, outcome, n, len(batches))
             if outcome.ledger_error is not None:
+                # Nothing more can be recorded, so nothing more is sent or confirmed.
                 self._ledger_full(outcome.ledger_error, [c for b in batches[n - 1 :] for c in b])
-                stopped = True
-                break
+                return False
             if outcome.error is not None:
                 stop = outcome.requests["error"] > 0 or isinstance(outcome.error, ApiAuthError)
                 message = str(outcome.error) + auth_hint(outcome.error)

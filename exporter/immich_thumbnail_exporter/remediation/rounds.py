@@ -102,6 +102,7 @@ class Remediator:
         self._snapshot: object = None  # the problem list the last full round read
         self._last_round: float | None = None  # monotonic time the last round started
         self.clock = RetryClock()
+        self.last_full = False  # was the last round a full one (else a follow-up)
         self._problems: list[Problem] = []
         self._problems_at = 0.0  # when the scan behind self._problems started
         self._scanned_at = float("-inf")
@@ -150,9 +151,12 @@ class Remediator:
             self.ledger = Ledger(rem.state_dir)
             self.confirmer = Confirmer(self.watch, self.ledger, float(rem.confirm_within), rem.max_attempts)
         ledger, out = self.ledger, RoundResult()
+        # A write that changed nothing (no row matched) succeeds on a full disk too: only a round-end
+        # probe says whether the ledger can be written again.
+        had_failed = ledger.failed is not None
         redis_ok = await self._follow_jobs(out.sources)
         pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
-        full = self._full_round()
+        full = self.last_full = self._full_round()
         now_mono = time.monotonic()
         elapsed = None if self._last_round is None else now_mono - self._last_round
         self._last_round = now_mono
@@ -191,8 +195,7 @@ class Remediator:
         out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out)
         out.not_queued = await self._confirm(out.submitted)
         await self._check_api(out.sources)
-        if ledger.failed is not None:
-            # No write this round said otherwise: the ledger still cannot be written.
+        if had_failed or ledger.failed is not None:
             ledger.probe(time.time())
         self.in_flight = any(
             e.state in AWAITING or (e.attempts < rem.max_attempts
