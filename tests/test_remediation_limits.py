@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import yaml
 
 from immich_thumbnail_exporter.collectors.remediation import RemediationCollection
 from immich_thumbnail_exporter.config import Config
@@ -34,6 +35,7 @@ from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.remediation_kit import (
     API_KEY,
+    cli,
     expected_sets,
     fake,
     imm,
@@ -268,5 +270,13 @@ async def test_check_config_warns_when_the_state_folder_has_less_room_than_a_rou
         assert round_room(200) > 1024 * 1024
         warning = room_warning(config)
         assert warning is not None and "KiB free, a remediation round may need" in warning
+        (tmp_path / "config.yml").write_text(yaml.safe_dump({
+            "database": {"url": imm.dsn}, "media": {"root": imm.media},
+            "immich": {"url": fake.url, "api_key": API_KEY},
+            "remediation": {"enabled": True, "state_dir": str(disk), "max_per_round": 200},
+        }))
+        code, out, err = await cli("check-config", "--config.file", str(tmp_path / "config.yml"), env={})
+        assert code == 0, (out, err)
+        assert f"warning: {warning}" in out
     with small_disk(tmp_path / "big", "64m") as disk:
         assert room_warning(serve_config(imm, fake, valkey, disk)) is None
