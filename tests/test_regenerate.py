@@ -50,6 +50,8 @@ from tests.remediation_kit import (
 pytestmark = pytest.mark.asyncio
 __all__ = ["fake", "imm"]  # fixtures used by name
 
+REFUSED = "Not found or no asset.update access"  # Immich's utils/access.ts requireAccess, asset.update
+
 # -- the ledger on its own -------------------------------------------------------------------------------
 
 
@@ -433,7 +435,7 @@ async def test_only_the_key_users_assets_are_submitted(
     assert by["skipped"] & fixable == fixable - mine
     for a in fixable - mine:
         assert report.rows[a].reason == "refused"
-        assert report.rows[a].detail == "Immich refused it: Not found or no asset.update access"
+        assert report.rows[a].detail == f"Immich refused it: {REFUSED}"
     accepted = [ids for _, ids in fake.posts if not set(ids) - mine]
     assert sorted(accepted) == [sorted(mine)]
     others = len(fixable - mine)
@@ -444,6 +446,11 @@ async def test_only_the_key_users_assets_are_submitted(
     rows = ledger_rows(tmp_path)
     assert all(rows[a]["last_outcome"] == "refused" and rows[a]["attempts"] == 0 for a in fixable - mine)
     fake.posts.clear()
+
+    # Run again at once: what Immich refused is not asked again before a window has passed.
+    report = await regenerate(config, options(tmp_path, apply=True))
+    assert all(report.rows[a].reason == "refused" and REFUSED in report.rows[a].detail for a in fixable - mine)
+    assert fake.posts == [] and report.exit_code() == 0
 
     # A key that says whose it is: the other user's assets are skipped with the reason, nothing is sent.
     fake.me_allowed = True

@@ -70,6 +70,12 @@ CASES: list[tuple[str, Entry | None, Seen, QueueSeen, Policy, str, str, bool]] =
     ("owner unknown: sent", None, replace(BROKEN, owner=OTHER), NO_QUEUE, replace(POLICY, key_owner=None),
      SUBMIT, "new", False),
     ("already queued", None, BROKEN, QueueSeen(queued=True), POLICY, SKIP, "queued", False),
+    # Immich refused it on its own (a 400 isolated from its batch): not asked again every round.
+    ("refused lately", entry("error", 0), BROKEN, QueueSeen(since_refused=99), POLICY, SKIP, "refused", False),
+    ("refused a window ago", entry("error", 0), BROKEN, QueueSeen(since_refused=100), POLICY, SUBMIT, "retry_due",
+     False),
+    ("refused lately, never asked before", None, BROKEN, QueueSeen(since_refused=5), POLICY, SKIP, "refused",
+     False),
     ("new", None, BROKEN, NO_QUEUE, POLICY, SUBMIT, "new", False),
     ("a person (face thumbnail)", None, replace(BROKEN, target="person"), NO_QUEUE, POLICY, SUBMIT, "new", False),
     ("broken again after a fix", entry("fixed"), BROKEN, NO_QUEUE, POLICY, SUBMIT, "broken_again", True),
@@ -122,9 +128,7 @@ def test_decide(name: str, e: Entry | None, seen: Seen, queue: QueueSeen, policy
 
 def test_the_table_covers_every_action_and_reason() -> None:
     covered = {(c[5], c[6]) for c in CASES}
-    every = {(a, r) for a in ACTIONS for r in REASONS[a]}
-    # "refused" is Immich's answer after a request, not a decision made before one.
-    assert every - covered == {(SKIP, "refused")}
+    assert covered == {(a, r) for a in ACTIONS for r in REASONS[a]}
 
 
 def test_kinds_asked_for_include_those_already_tracked() -> None:
@@ -178,3 +182,17 @@ def test_a_request_from_an_earlier_process_is_pinned_when_first_seen() -> None:
     clock.requested(A, c.wall)
     assert clock.since(renewed) == pytest.approx(0)
     assert clock.since(replace(earlier, attempts=0, last_submitted=None)) is None
+
+
+def test_a_refusal_is_timed_on_the_monotonic_clock_too() -> None:
+    c = Clocks()
+    clock = RetryClock(wall=lambda: c.wall, mono=lambda: c.mono)
+    refused = replace(entry("error", 0), last_outcome="refused", last_checked=c.wall - 10)
+    view = clock.view(refused)
+    assert view.since_refused == pytest.approx(10) and view.since_request is None
+    c.wall += 3600
+    assert decide(refused, BROKEN, clock.view(refused), POLICY).reason == "refused"
+    c.mono += 90
+    assert decide(refused, BROKEN, clock.view(refused), POLICY) == Decision(SUBMIT, "retry_due",
+                                                                             kinds=frozenset({"preview", "thumbnail"}))
+    assert clock.view(entry("error", 0)).since_refused is None

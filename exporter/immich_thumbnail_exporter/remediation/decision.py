@@ -9,7 +9,7 @@ clock) of four inputs:
   what is broken, its original);
 * ``queue``: the queue's view of it (``QueueSeen``: a job naming it waits there; its latest attempt is
   known to be over because its job finished or none was queued; how long ago, by the monotonic clock,
-  the last request went);
+  the last request went, and the last time Immich refused it on its own);
 * ``policy``: the run's rules (``Policy``: attempts, the retry window, the key's user, ...).
 
 It returns a ``Decision``: an action (``ACTIONS``) and a reason code (``REASONS``). The caller does the
@@ -93,6 +93,8 @@ class QueueSeen:
     attempt_over: bool = False
     # Seconds since the last request (``RetryClock``); None when never asked.
     since_request: float | None = None
+    # Seconds since Immich last refused it on its own (400, isolated from its batch); None when it did not.
+    since_refused: float | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,8 @@ def decide(entry: Entry | None, seen: Seen, queue: QueueSeen, policy: Policy) ->
         return Decision(SUBMIT, "retry_gave_up", reset=True, kinds=seen.fixable)
     if blocked is not None:
         return _skip(blocked)
+    if queue.since_refused is not None and queue.since_refused < policy.retry_after:
+        return _skip("refused")  # asked again once a window has passed, not every round
     if queue.queued:
         return _skip("queued")
     if entry is None:
@@ -215,11 +219,25 @@ class RetryClock:
     def since(self, entry: Entry | None) -> float | None:
         if entry is None or entry.last_submitted is None or entry.attempts < 1:
             return None
-        pinned = self._pinned.get(entry.asset_id)
-        if pinned is None or pinned[0] != entry.last_submitted:
-            # Another process's request, or one from before this process: pin it now.
-            pinned = (entry.last_submitted, self._mono() - max(0.0, self._wall() - entry.last_submitted))
-            self._pinned[entry.asset_id] = pinned
+        # Another process's request, or one from before this process, is pinned when first seen.
+        return self._since(entry.asset_id, entry.last_submitted)
+
+    def view(self, entry: Entry | None, queued: bool | None = None, attempt_over: bool = False) -> QueueSeen:
+        """The decision's ``QueueSeen`` for an entry, with this clock's times."""
+        return QueueSeen(queued=queued, attempt_over=attempt_over, since_request=self.since(entry),
+                         since_refused=self.since_refused(entry))
+
+    def since_refused(self, entry: Entry | None) -> float | None:
+        """Seconds since Immich refused the target on its own (the ledger keeps when: ``last_checked``)."""
+        if entry is None or entry.last_outcome != "refused" or entry.last_checked is None:
+            return None
+        return self._since(f"{entry.asset_id}#refused", entry.last_checked)
+
+    def _since(self, key: str, wall_at: float) -> float:
+        pinned = self._pinned.get(key)
+        if pinned is None or pinned[0] != wall_at:
+            pinned = (wall_at, self._mono() - max(0.0, self._wall() - wall_at))
+            self._pinned[key] = pinned
         return self._mono() - pinned[1]
 
     def forget(self, target: str) -> None:

@@ -42,7 +42,6 @@ from immich_thumbnail_exporter.remediation.decision import (
     SETTLE,
     SKIP,
     SUBMIT,
-    QueueSeen,
     decide,
     window_over,
 )
@@ -294,7 +293,7 @@ class Regenerator:
             detail = chk.describe(kinds)
             over, why = why_of.get(a, (False, None))
             seen = run.seen(chk, kinds, every, every, a in locked)
-            d = decide(entry, seen, QueueSeen(attempt_over=over, since_request=run.clock.since(entry)), policy)
+            d = decide(entry, seen, run.clock.view(entry, attempt_over=over), policy)
             if d.action == FIXED:
                 if ledger.record(a, "fixed", detail, now) is None:
                     continue  # settled by another process meanwhile: read again next pass

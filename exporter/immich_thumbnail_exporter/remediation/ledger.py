@@ -351,14 +351,17 @@ class Ledger:
             )
 
     def release(self, claims: Iterable[Claim], outcome: str, detail: str, now: float) -> None:
-        """The request was refused or failed: it does not count as an attempt."""
+        """The request was refused or failed: it does not count as an attempt. An asset Immich refused on
+        its own (``refused``) keeps when (``last_checked``), so that it is not asked again too soon."""
         with self._write() as db:
             for c in claims:
                 state = c.prev_state or "error"
                 db.execute(
                     "UPDATE asset SET state = ?, attempts = ?, first_submitted = ?, last_submitted = ?, "
-                    "last_outcome = ?, detail = ?, updated = ? WHERE asset_id = ? AND state = 'submitting'",
-                    (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, now, c.asset_id),
+                    "last_outcome = ?, detail = ?, last_checked = CASE WHEN ? = 'refused' THEN ? "
+                    "ELSE last_checked END, updated = ? WHERE asset_id = ? AND state = 'submitting'",
+                    (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, outcome, now, now,
+                     c.asset_id),
                 )
 
     def not_queued(self, asset_ids: Iterable[str], now: float, max_attempts: int) -> dict[str, str]:

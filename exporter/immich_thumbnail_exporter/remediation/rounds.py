@@ -41,7 +41,6 @@ from immich_thumbnail_exporter.remediation.decision import (
     SUBMIT,
     WAIT,
     Policy,
-    QueueSeen,
     RetryClock,
     Seen,
     decide,
@@ -185,7 +184,7 @@ class Remediator:
         entries = ledger.get(fresh)
         for a in fresh:
             d = decide(entries.get(a), self._seen(checks[a], a in locked, None),
-                       QueueSeen(queued=a in queued_ids, since_request=self.clock.since(entries.get(a))), policy)
+                       self.clock.view(entries.get(a), a in queued_ids), policy)
             if d.action == SUBMIT:
                 chk = checks[a]
                 candidates.append(Candidate(a, set(d.kinds), chk.describe(d.kinds), reset=d.reset, owner=chk.owner_id))
@@ -298,7 +297,7 @@ class Remediator:
                 continue
             e = entries.get(a)
             seen = Seen(owner=owners.get(a), broken=frozenset(wanted[a]), fixable=frozenset(wanted[a]))
-            d = decide(e, seen, QueueSeen(queued=a in queued_ids, since_request=self.clock.since(e)), policy)
+            d = decide(e, seen, self.clock.view(e, a in queued_ids), policy)
             if d.action == SUBMIT:
                 fresh.append(a)
             elif d.action == SKIP:
@@ -333,7 +332,7 @@ class Remediator:
         for e in pending:
             a, chk, ek = e.asset_id, checks[e.asset_id], kinds_of[e.asset_id]
             over, why = why_of.get(a, (False, None))
-            queue = QueueSeen(queued=a in queued_ids, attempt_over=over, since_request=self.clock.since(e))
+            queue = self.clock.view(e, a in queued_ids, over)
             d = decide(e, self._seen(chk, a in locked, ek), queue, policy)
             detail = chk.describe(ek)
             if d.action == GIVE_UP and d.reason != "attempts_exhausted":

@@ -28,7 +28,6 @@ from immich_thumbnail_exporter.remediation.decision import (
     WAIT,
     Decision,
     Policy,
-    QueueSeen,
     RetryClock,
     Seen,
     decide,
@@ -212,7 +211,7 @@ class Selector:
         for a in ids:
             chk, entry = checks[a], entries.get(a)
             seen = run.seen(chk, set(opts.kinds), select_reasons, submit_reasons, a in locked)
-            queue = QueueSeen(queued=a in queued if queued is not None else None, since_request=run.clock.since(entry))
+            queue = run.clock.view(entry, a in queued if queued is not None else None)
             d = decide(entry, seen, queue, policy)
             cand = self._act(a, chk, entry, d, now)
             if cand is not None:
@@ -234,6 +233,9 @@ class Selector:
             if d.reason in ("queued",):
                 return None  # explained once the queue was read (``_explain_queued``)
             detail = skip_text(d.reason, chk)
+            if d.reason == "refused" and entry is not None and entry.detail:
+                detail = (f"{detail}: {entry.detail} (at an earlier request; asked again once "
+                          f"{ago(opts.retry_after)} have passed)")
             report.set(Row(a, "skipped", problems if d.reason != "nothing_to_fix" else "", kinds if problems else (),
                            attempts, detail, reason=d.reason))
             return None
