@@ -50,44 +50,51 @@ from tests.remediation_kit import (
 pytestmark = pytest.mark.asyncio
 __all__ = ["fake", "imm"]  # fixtures used by name
 
+REFUSED = "Not found or no asset.update access"  # Immich's utils/access.ts requireAccess, asset.update
+
 # -- the ledger on its own -------------------------------------------------------------------------------
 
 
-async def test_ledger_survives_restart_and_backs_off(tmp_path: Path) -> None:
+async def test_ledger_survives_restart_and_records_the_decisions(tmp_path: Path) -> None:
+    """The ledger records; ``decision.decide`` decides (tests/unit/test_decision.py): windows, retries and
+    giving up are its, the ledger only refuses to claim an asset twice or past its attempts."""
     state = tmp_path / "state" / "nested"
     ledger = Ledger(str(state))
     assert ledger._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     t0 = 1_000_000.0
-    claims = ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0, retry_after=10, max_attempts=3)
+    claims = ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0, max_attempts=3)
     assert [c.asset_id for c in claims] == ["a", "b"]
     ledger.accepted(["a"], t0)
     # "b" was claimed and then the process died before the answer: it stays "submitting".
     ledger.close()
 
     ledger = Ledger(str(state))  # a restart
-    assert ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0 + 1, 10, 3) == []  # nothing twice
-    assert ledger.record_check("a", False, "preview file_missing", t0 + 5, 10, 3) == "waiting"
-    assert ledger.record_check("a", False, "preview file_missing", t0 + 10, 10, 3) == "still_missing"
-    assert ledger.record_check("b", True, "all files present", t0 + 10, 10, 3) == "fixed"
-    (_again,) = ledger.claim({"a": {"thumbnail"}}, t0 + 11, 10, 3)
+    assert ledger.claim({"a": {"preview"}, "b": {"thumbnail"}}, t0 + 1, 3) == []  # nothing twice
+    assert ledger.record("a", "waiting", "preview file_missing", t0 + 5) == "waiting"
+    assert ledger.get(["a"])["a"].state == "submitted"
+    assert ledger.record("a", "still_missing", "preview file_missing", t0 + 10) == "still_missing"
+    assert ledger.record("a", "still_missing", "preview file_missing", t0 + 10) == "unchanged"
+    assert ledger.record("b", "fixed", "all files present", t0 + 10) == "fixed"
+    assert ledger.record("b", "still_missing", "x", t0 + 11) is None  # settled: not pending any more
+    (_again,) = ledger.claim({"a": {"thumbnail"}}, t0 + 11, 3)
     ledger.accepted(["a"], t0 + 11)
     a = ledger.get(["a"])["a"]
     assert (a.state, a.attempts, a.kinds, a.first_submitted) == ("submitted", 2, {"preview", "thumbnail"}, t0)
-    # The second window is twice as long; then the third attempt, then giving up after its window (40s).
-    assert ledger.record_check("a", False, "x", t0 + 11 + 19, 10, 3) == "waiting"
-    assert ledger.record_check("a", False, "x", t0 + 11 + 20, 10, 3) == "still_missing"
-    claims = ledger.claim({"a": {"preview"}}, t0 + 40, 10, 3)
+    assert a.due_at(10) == t0 + 11 + 20  # the second window is twice as long
+    assert ledger.record("a", "still_missing", "x", t0 + 11 + 20) == "still_missing"
+    claims = ledger.claim({"a": {"preview"}}, t0 + 40, 3)
     # A refused request does not count as an attempt.
     ledger.release(claims, "rejected", "HTTP 403", t0 + 40)
     a = ledger.get(["a"])["a"]
     assert (a.state, a.attempts, a.last_submitted, a.last_outcome) == ("still_missing", 2, t0 + 11, "rejected")
-    ledger.claim({"a": {"preview"}}, t0 + 41, 10, 3)
+    ledger.claim({"a": {"preview"}}, t0 + 41, 3)
     ledger.accepted(["a"], t0 + 41)
-    assert ledger.record_check("a", False, "preview file_missing", t0 + 41 + 40, 10, 3) == "gave_up"
+    assert ledger.claim({"a": {"preview"}}, t0 + 1000, 3) == []  # awaiting verification
+    assert ledger.record("a", "gave_up", "preview file_missing", t0 + 41 + 40) == "gave_up"
     a = ledger.get(["a"])["a"]
     assert a.gave_up_reason == "preview file_missing after 3 attempt(s)"
-    assert ledger.claim({"a": {"preview"}}, t0 + 1000, 10, 3) == []
-    assert [c.asset_id for c in ledger.claim({"a": {"preview"}}, t0 + 1000, 10, 3, reset=["a"])] == ["a"]
+    assert ledger.claim({"a": {"preview"}}, t0 + 1000, 3) == []
+    assert [c.asset_id for c in ledger.claim({"a": {"preview"}}, t0 + 1000, 3, reset=["a"])] == ["a"]
     assert ledger.get(["a"])["a"].attempts == 1
     ledger.close()
 
@@ -355,11 +362,12 @@ async def test_remediation_collection_moves_the_counters(
         got = await wait_for(counters, timeout=60, interval=0.3)
         assert got["accepted"] is not None and got["accepted"] >= 1
         assert got["rejected"] == 0 and got["gave_up"] == 0
-        await asyncio.sleep(1.0)  # a few more rounds: nothing is asked twice
-        assert fake.submissions() == Counter({a: 1 for a in fixable})
+        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
+        after = remediation.rounds
+        await wait_for(lambda: remediation.rounds >= after + 3, timeout=30)  # a few more rounds:
+        assert fake.submissions() == Counter({a: 1 for a in fixable})  # nothing is asked twice
         result = exporter.store.result("remediation")
         assert result is not None and result.success, result
-        (remediation,) = [c for c in exporter.runner.collections if isinstance(c, RemediationCollection)]
         assert remediation.ledger is not None and remediation.ledger.counts() == {"fixed": len(fixable)}
     assert not await problem_assets(imm) & fixable
 
@@ -417,25 +425,40 @@ async def test_only_the_key_users_assets_are_submitted(
     config = make_config(imm, fake, tmp_path, valkey.url)
 
     # A key that may not say whose it is: requests go one owner at a time; Immich refuses the other
-    # owner's request, which stops neither the key user's request nor its verification.
+    # owner's request, which is split until each refused asset stands alone (each reported with
+    # Immich's words), and stops neither the key user's request nor its verification.
     fake.me_allowed = False
     async with thumbnail_worker(imm, valkey):
         report = await regenerate(config, options(tmp_path, apply=True, wait=True))
     by = results(report)
     assert by["fixed"] == mine
-    assert by["not_submitted"] == fixable - mine
-    assert len(fake.posts) == 2 and {frozenset(ids) for _, ids in fake.posts} == {frozenset(mine),
-                                                                                  frozenset(fixable - mine)}
-    assert report.exit_code() == 2
-    assert report.errors == ["POST /api/assets/jobs: HTTP 400: Not found or no asset.update access"]
+    assert by["skipped"] & fixable == fixable - mine
+    for a in fixable - mine:
+        assert report.rows[a].reason == "refused"
+        assert report.rows[a].detail == f"Immich refused it: {REFUSED}"
+    accepted = [ids for _, ids in fake.posts if not set(ids) - mine]
+    assert sorted(accepted) == [sorted(mine)]
+    others = len(fixable - mine)
+    assert len(fake.posts) == 1 + 2 * others - 1  # halved down to single assets
+    assert report.requests["rejected"] == 2 * others - 1
+    assert report.errors == [] and report.exit_code() == 0
     assert any("cannot tell which Immich user the API key belongs to" in n for n in report.notes)
+    rows = ledger_rows(tmp_path)
+    assert all(rows[a]["last_outcome"] == "refused" and rows[a]["attempts"] == 0 for a in fixable - mine)
+    fake.posts.clear()
+
+    # Run again at once: what Immich refused is not asked again before a window has passed.
+    report = await regenerate(config, options(tmp_path, apply=True))
+    assert all(report.rows[a].reason == "refused" and REFUSED in report.rows[a].detail for a in fixable - mine)
+    assert fake.posts == [] and report.exit_code() == 0
 
     # A key that says whose it is: the other user's assets are skipped with the reason, nothing is sent.
     fake.me_allowed = True
     report = await regenerate(config, options(tmp_path, apply=True, wait=True))
     assert results(report) == {"skipped": (fixable - mine) | {a for a in report.rows if a not in fixable}}
     assert all("owned by another Immich user" in report.rows[a].detail for a in fixable - mine)
-    assert len(fake.posts) == 2
+    assert all(report.rows[a].reason == "other_owner" for a in fixable - mine)
+    assert fake.posts == []
     assert report.exit_code() == 0
 
 

@@ -271,7 +271,7 @@ async def test_a_version_1_ledger_is_read_and_upgraded(tmp_path: Path) -> None:
     ledger = Ledger(str(tmp_path))
     ledger.queued({"a": "42"}, 11)
     assert ledger.get(["a"])["a"].job_id == "42"
-    assert ledger.record_check("b", True, "all files present", 20, 10, 3) == "fixed"
+    assert ledger.record("b", "fixed", "all files present", 20) == "fixed"
     ledger.close()
     db = sqlite3.connect(tmp_path / FILENAME)
     assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)

@@ -10,6 +10,7 @@ import logging
 from immich_thumbnail_exporter.cli.exits import EXIT_OK, fail
 from immich_thumbnail_exporter.config import Config, Loaded, WebSettings, describe
 from immich_thumbnail_exporter.exposition.webconfig import WebConfigError, load_web_config
+from immich_thumbnail_exporter.remediation.room import room_warning
 from immich_thumbnail_exporter.scan.run import media_identity
 from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
@@ -39,6 +40,8 @@ def run(loaded: Loaded, args: argparse.Namespace) -> int:
     if log.isEnabledFor(logging.DEBUG):
         print(json.dumps(describe(loaded.config), indent=2, default=str))
     problems.extend(asyncio.run(_check_connections(loaded.config)))
+    if (room := room_warning(loaded.config)) is not None:
+        print(f"warning: {room}")
     if problems:
         return fail(problems)
     print("configuration ok")

@@ -2,9 +2,15 @@
 
 The work is ``remediation/rounds.py``; this module turns a round into an ``Outcome``:
 ``immich_regeneration_requests_total{result}`` and ``immich_regeneration_verified_total{result}``.
+
+A ledger that cannot be written (a full disk: "database or disk is full") fails the collection on every
+round until a write succeeds, the short follow-up rounds included: each round that writes nothing tries
+one small write while the last one failed (``Ledger.probe``).
 """
 
 from __future__ import annotations
+
+import logging
 
 from prometheus_client.core import Metric
 
@@ -14,10 +20,13 @@ from immich_thumbnail_exporter.findings import ProblemFeed
 from immich_thumbnail_exporter.metrics import counter
 from immich_thumbnail_exporter.remediation.ledger import Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.rounds import FOLLOW_UP, Remediator, RoundResult
+from immich_thumbnail_exporter.sources.health import SourceStates
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.vocabulary import REQUEST_RESULTS, VERIFIED_RESULTS
+
+log = logging.getLogger(__name__)
 
 
 class RemediationCollection:
@@ -37,6 +46,8 @@ class RemediationCollection:
         own_scan = float(config.intervals.files) if feed is None else 0.0
         self.timeout = max(float(rem.interval), own_scan) + submit_time + float(rem.confirm_within) + 60.0
         self.interval = float(rem.interval)
+        self.states = SourceStates(log, "remediation")
+        self.rounds = 0  # rounds finished, whatever their outcome (tests wait on it)
 
     def _pace(self) -> None:
         """Every few seconds while requests await verification, else ``remediation.interval``."""
@@ -69,12 +80,16 @@ class RemediationCollection:
             self.last = await self.remediator.round()
             sources, error = self.last.sources, self.last.error
         except (SourceError, SchemaError) as exc:
-            source = exc.source if isinstance(exc, SourceError) else "postgres"
-            sources[source] = str(exc)
-            error = f"{source}: {exc}"
+            failure = self.states.failed(exc)
+            if failure.source is not None and failure.state is not None:
+                sources[failure.source] = failure.state
+            elif isinstance(exc, SchemaError):
+                sources["postgres"] = str(exc)
+            error = failure.error
         except LedgerError as exc:
             error = str(exc)
         self._pace()
+        self.rounds += 1
         return Outcome((Part(self.needs, self.families()),), sources, error)
 
     async def close(self) -> None:

@@ -18,6 +18,7 @@ def row_dict(row: Row) -> dict[str, Any]:
         "attempts": row.attempts,
         "detail": row.detail,
         "why": row.why,
+        "reason": row.reason,
     }
 
 

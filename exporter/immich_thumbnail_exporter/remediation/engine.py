@@ -18,6 +18,12 @@ job being queued, nor about a worker ever producing the files. So a run:
    once its waiting window is over (doubling each time) and given up after the attempt limit. Every
    asset still broken at the end says why, as the queue shows it (``remediation.why``).
 
+Every "what now" about an asset (skip and why, wait, ask again, give up, fixed) is ``decision.decide``,
+the one decision ``serve``'s rounds use too. Locked assets (Immich's locked folder) are never sent; a
+request Immich refuses with 400 is split until the refused assets stand alone (``submit.submit_batch``).
+When the ledger cannot be written (a full disk) the run stops sending and its report lists what it sent
+before, all of it recorded in the ledger.
+
 Dry run unless ``apply``. Steps 1 to 3 are ``remediation/select.py``; the command line is
 ``cli/regenerate.py``; the report's rendering ``output/regenerate_report.py``.
 """
@@ -29,11 +35,20 @@ import logging
 import time
 
 from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.remediation.decision import (
+    FIXED,
+    GIVE_UP,
+    RETRY,
+    SETTLE,
+    SKIP,
+    SUBMIT,
+    decide,
+    window_over,
+)
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
-from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
-from immich_thumbnail_exporter.remediation.select import Failure, Options, Selection
+from immich_thumbnail_exporter.remediation.select import Failure, Options, RunState, Selector
 from immich_thumbnail_exporter.remediation.submit import (
     BatchOutcome,
     Candidate,
@@ -42,125 +57,188 @@ from immich_thumbnail_exporter.remediation.submit import (
     by_owner,
     submit_batch,
 )
-from immich_thumbnail_exporter.remediation.why import NOT_QUEUED, SKIP_TEXT, Why, ago, attempt_reasons, diagnose
+from immich_thumbnail_exporter.remediation.why import (
+    NOT_QUEUED,
+    SKIP_TEXT,
+    Why,
+    ago,
+    attempt_reasons,
+    diagnose,
+    skip_text,
+)
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
+from immich_thumbnail_exporter.timing import Backoff, RateLimiter, deadline_in, left
+from immich_thumbnail_exporter.vocabulary import REASONS
 
 __all__ = ["Failure", "Options", "Regenerator", "preflight", "regenerate"]
 
 log = logging.getLogger(__name__)
 
-# A failed request (5xx, network) is retried this many times, after these pauses, before the run stops.
-REQUEST_RETRY_DELAYS = (0.5, 1.0, 2.0)
+# A failed request (5xx, network) is retried this many times, after a pause doubling from 0.5s, before
+# the run stops.
+REQUEST_RETRIES = 3
 
 
-class Regenerator(Selection):
-    """One ``regenerate`` run. Holds the connections; ``close()`` releases them."""
+class Regenerator:
+    """One ``regenerate`` run. Holds the connections (``RunState``); ``close()`` releases them."""
 
     def __init__(self, config: Config, opts: Options) -> None:
-        super().__init__(config, opts)
+        self.run = RunState.open(config, opts)
+        self.selector = Selector(self.run)
         self.confirmer: Confirmer | None = None
         self.limiter = RateLimiter(opts.rate)
 
+    async def close(self) -> None:
+        await self.run.close()
+
     # -- submission --------------------------------------------------------------------------------
     async def submit(self, candidates: list[Candidate]) -> bool:
-        """Submit in batches under the rate limit, then confirm the jobs; False when the API stopped the run.
+        """Submit in batches under the rate limit, then confirm the jobs; False when the run must stop.
 
-        A refused batch (400: e.g. an asset the key may not touch) does not stop the others; a rejected
-        key (401/403) or an API that keeps failing (5xx, network, after retries) stops the run.
+        An asset Immich refuses on its own (400) does not stop the others; a rejected key (401/403), an
+        API that keeps failing (5xx, network, after retries) or a ledger that cannot be written stops
+        the run.
         """
-        assert self.api is not None and self.ledger is not None and self.confirmer is not None
-        batches = by_owner(candidates, self.opts.batch_size)
+        run = self.run
+        assert run.ledger is not None and self.confirmer is not None
+        report = run.report
+        batches = by_owner(candidates, run.opts.batch_size)
         stopped = False
         for n, batch in enumerate(batches, 1):
             # The pause the rate limit imposes is spent reading the queue for the last batches' jobs.
             await self.confirmer.meanwhile(self.limiter.delay())
             outcome = await self._submit_one(batch)
+            self._record_outcome(batch, outcome, n, len(batches))
+            if outcome.ledger_error is not None:
+                # Nothing more can be recorded, so nothing more is sent or confirmed.
+                self._ledger_full(outcome.ledger_error, [c for b in batches[n - 1 :] for c in b])
+                return False
             if outcome.error is not None:
-                stop = outcome.result == "error" or isinstance(outcome.error, ApiAuthError)
+                stop = outcome.requests["error"] > 0 or isinstance(outcome.error, ApiAuthError)
                 message = str(outcome.error) + auth_hint(outcome.error)
-                if message not in self.report.errors:
-                    self.report.errors.append(message)
+                if message not in report.errors:
+                    report.errors.append(message)
                 for rest in batches[n - 1 :] if stop else [batch]:
                     for c in rest:
-                        if c.asset_id not in self.tracked:
-                            self.report.set(Row(c.asset_id, "not_submitted", c.problems, tuple(sorted(c.kinds)),
-                                                detail=f"request {outcome.result}: {outcome.error}"))
+                        if c.asset_id not in run.tracked and c.asset_id not in outcome.refused:
+                            report.set(Row(c.asset_id, "not_submitted", c.problems, tuple(sorted(c.kinds)),
+                                           detail=f"request failed: {outcome.error}"))
                 if stop:
                     stopped = True
                     break
-                continue
-            log.info("regeneration request %d of %d: %d asset(s) accepted", n, len(batches), len(outcome.submitted))
-            self.confirmer.accepted(outcome.submitted)
-            entries = self.ledger.get(outcome.submitted)
-            by_id = {c.asset_id: c for c in batch}
-            for a in outcome.submitted:
-                c, e = by_id[a], entries[a]
-                self.tracked[a] = set(e.kinds)
-                self.report.set(Row(a, "submitted", c.problems, tuple(sorted(e.kinds)), e.attempts,
-                                    "Immich accepted the request (not verified: use --wait)"))
-            for c in batch:
-                if c.asset_id not in outcome.submitted and c.asset_id not in self.report.rows:
-                    # Another process claimed it first (serve and a run sharing the ledger).
-                    e2 = self.ledger.get([c.asset_id]).get(c.asset_id)
-                    if e2 is not None:
-                        self._track_waiting(c.asset_id, e2, c.problems, time.time())
         await self.confirm()
         return not stopped
 
+    def _record_outcome(self, batch: list[Candidate], outcome: BatchOutcome, n: int, of: int) -> None:
+        run = self.run
+        assert run.ledger is not None and self.confirmer is not None
+        report = run.report
+        report.requests.update(outcome.requests)
+        report.sent.extend(outcome.accepted_requests)
+        by_id = {c.asset_id: c for c in batch}
+        for a, message in outcome.refused.items():
+            c = by_id[a]
+            report.set(Row(a, "skipped", c.problems, tuple(sorted(c.kinds)),
+                           detail=f"{SKIP_TEXT['refused']}: {message}", reason="refused"))
+        if outcome.refused:
+            log.warning("Immich refused %d asset(s) on their own: %s", len(outcome.refused),
+                        ", ".join(sorted(outcome.refused)))
+        if outcome.submitted:
+            log.info("regeneration batch %d of %d: %d asset(s) accepted", n, of, len(outcome.submitted))
+            self.confirmer.accepted(outcome.submitted)
+        entries = run.ledger.get(outcome.submitted)
+        for a in outcome.submitted:
+            c, e = by_id[a], entries.get(a)
+            run.clock.requested(a, outcome.claimed_at)
+            kinds = set(e.kinds) if e is not None else set(c.kinds)
+            run.tracked[a] = kinds
+            note = ("sent before the state folder filled; recorded in the ledger" if outcome.ledger_error
+                    else "Immich accepted the request (not verified: use --wait)")
+            report.set(Row(a, "submitted", c.problems, tuple(sorted(kinds)), e.attempts if e else 1, note))
+        if outcome.error is None and outcome.ledger_error is None:
+            for c in batch:
+                if c.asset_id not in outcome.submitted and c.asset_id not in outcome.refused \
+                        and c.asset_id not in report.rows:
+                    # Another process claimed it first (serve and a run sharing the ledger).
+                    e2 = run.ledger.get([c.asset_id]).get(c.asset_id)
+                    if e2 is not None:
+                        run.track_waiting(c.asset_id, e2, c.problems, time.time())
+
+    def _ledger_full(self, error: str, unsent: list[Candidate]) -> None:
+        """The ledger could not be written: say so, with every request sent before, and stop sending."""
+        report = self.run.report
+        sent = sum(len(ids) for ids in report.sent)
+        line = (f"{error}: stopped sending; the {len(report.sent)} request(s) sent before ({sent} asset(s), "
+                "listed as submitted) are recorded in the ledger")
+        if line not in report.errors:
+            report.errors.append(line)
+        for c in unsent:
+            if c.asset_id not in self.run.tracked and c.asset_id not in report.rows:
+                report.set(Row(c.asset_id, "not_submitted", c.problems, tuple(sorted(c.kinds)),
+                               detail="not sent: the ledger could not be written"))
+
     async def _submit_one(self, batch: list[Candidate]) -> BatchOutcome:
-        assert self.api is not None and self.ledger is not None
+        """One batch, its requests retried after an error (5xx, network) with a growing pause."""
+        run = self.run
+        assert run.api is not None and run.ledger is not None
         kinds = {c.asset_id: c.kinds for c in batch}
         reset = [c.asset_id for c in batch if c.reset]
-        outcome = BatchOutcome("none", [])
-        for delay in (*REQUEST_RETRY_DELAYS, None):
-            await self.limiter.acquire()
-            outcome = await submit_batch(self.api, self.ledger, kinds, retry_after=self.opts.retry_after,
-                                         max_attempts=self.opts.max_attempts, reset=reset)
-            if outcome.result != "none":
-                self.report.requests[outcome.result] += 1
-            if outcome.result != "error" or delay is None:
-                return outcome
+        total = BatchOutcome("none", [])
+        backoff = Backoff(0.5, 2.0)
+        for attempt in range(REQUEST_RETRIES + 1):
+            outcome = await submit_batch(run.api, run.ledger, kinds, max_attempts=run.opts.max_attempts,
+                                         reset=reset, pace=self.limiter.acquire)
+            total = total.merge(outcome)
+            retry = outcome.error is not None and outcome.requests["error"] > 0 \
+                and not isinstance(outcome.error, ApiAuthError)
+            if not retry or outcome.ledger_error is not None or attempt == REQUEST_RETRIES:
+                return total
+            delay = backoff.failed()
             log.warning("regeneration request failed (%s); retrying in %.1fs", outcome.error, delay)
             await asyncio.sleep(delay)
-        return outcome
+            kinds = {a: k for a, k in kinds.items() if a not in total.submitted and a not in total.refused}
+            total.error = None
+        return total
 
     async def confirm(self) -> None:
         """Wait (up to ``confirm_within`` after the last request) for a job naming each submitted asset."""
-        assert self.confirmer is not None and self.ledger is not None
-        if self.watch is None:
+        run = self.run
+        assert self.confirmer is not None and run.ledger is not None
+        report = run.report
+        if run.watch is None:
             note = ("Redis is not configured: whether Immich queued a job for each accepted asset cannot be "
                     "confirmed")
-            if note not in self.report.notes:
-                self.report.notes.append(note)
+            if note not in report.notes:
+                report.notes.append(note)
             return
         confirmation, outcomes = await self.confirmer.settle()
         if self.confirmer.error is not None:
             note = f"whether Immich queued the jobs could not be confirmed: {self.confirmer.error}"
-            if note not in self.report.notes:
-                self.report.notes.append(note)
-        entries = self.ledger.get([*confirmation.confirmed, *outcomes])
+            if note not in report.notes:
+                report.notes.append(note)
+        entries = run.ledger.get([*confirmation.confirmed, *outcomes])
         for a, job_id in confirmation.confirmed.items():
-            row = self.report.rows.get(a)
+            row = report.rows.get(a)
             if row is not None and row.result == "submitted":
                 row.detail = f"Immich accepted the request and queued job {job_id} (not verified: use --wait)"
         if outcomes:
             log.warning("Immich accepted the request but queued nothing for %d asset(s): %s", len(outcomes),
                         ", ".join(sorted(outcomes)))
         for a, outcome in outcomes.items():
-            row, entry = self.report.rows.get(a), entries.get(a)
+            row, entry = report.rows.get(a), entries.get(a)
             attempts = entry.attempts if entry else 0
             problems, kinds = (row.problems, row.kinds) if row else ("", ())
             if outcome == "gave_up":
-                self.tracked.pop(a, None)
-                self.report.set(Row(a, "gave_up", problems, kinds, attempts,
-                                    f"{NOT_QUEUED} after {attempts} attempt(s)", "not_queued"))
+                run.tracked.pop(a, None)
+                report.set(Row(a, "gave_up", problems, kinds, attempts,
+                               f"{NOT_QUEUED} after {attempts} attempt(s)", "not_queued"))
             else:
-                self.report.set(Row(a, "not_queued", problems, kinds, attempts,
-                                    f"{NOT_QUEUED} (attempt {attempts} of {self.opts.max_attempts})", "not_queued"))
+                report.set(Row(a, "not_queued", problems, kinds, attempts,
+                               f"{NOT_QUEUED} (attempt {attempts} of {run.opts.max_attempts})", "not_queued"))
         if confirmation.unconfirmed:
-            self.report.notes.append(
+            report.notes.append(
                 f"{len(confirmation.unconfirmed)} accepted asset(s) could not be confirmed as queued: "
                 f"{confirmation.unreadable_jobs} thumbnail job(s) finished before their data could be read"
             )
@@ -168,77 +246,94 @@ class Regenerator(Selection):
     # -- verification ------------------------------------------------------------------------------
     async def wait(self) -> None:
         """Check the submitted assets until each is fixed or given up, or the deadline passes."""
-        assert self.ledger is not None
-        opts = self.opts
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + opts.deadline_seconds
+        run = self.run
+        opts = run.opts
+        deadline = deadline_in(opts.deadline_seconds)
         try:
-            while self.tracked and loop.time() < deadline:
-                await asyncio.sleep(max(0.0, min(opts.poll_interval, deadline - loop.time())))
+            while run.tracked and left(deadline) > 0:
+                await asyncio.sleep(min(opts.poll_interval, left(deadline)))
                 if not await self._poll():
                     break
         except (SourceError, SchemaError) as exc:
             # Lost the database or Redis while waiting: report what is known, as still broken.
             line = _source_line(exc)
-            if line not in self.report.errors:
-                self.report.errors.append(line)
+            if line not in run.report.errors:
+                run.report.errors.append(line)
         await self._finish_wait()
 
     async def _poll(self) -> bool:
-        """One verification pass; False when the API stopped the run."""
-        assert self.ledger is not None
-        opts = self.opts
-        if self.watch is not None:
-            await self.watch.poll()
-        checks = await self.checker.check(list(self.tracked))
+        """One verification pass (``decision.decide`` for each asset); False when the run must stop."""
+        run = self.run
+        assert run.ledger is not None
+        ledger, opts, report = run.ledger, run.opts, run.report
+        if run.watch is not None:
+            await run.watch.poll()
+        ids = list(run.tracked)
+        checks = await run.checker.check(ids)
+        locked = await run.checker.locked(ids)
         now = time.time()
-        entries = self.ledger.get(list(self.tracked))
-        broken = [e for a, e in entries.items() if a in self.tracked and checks[a].exists
-                  and checks[a].original_exists is not False and checks[a].broken(self.tracked[a])]
-        why_of = await attempt_reasons(broken, self.watch, self.redis, self.prefix, opts.retry_after)
+        entries = ledger.get(ids)
+        broken = [e for a, e in entries.items() if a in run.tracked and checks[a].exists
+                  and checks[a].original_exists is not False and checks[a].broken(run.tracked[a])]
+        due = {e.asset_id for e in broken if window_over(e, run.clock.since(e), opts.retry_after)}
+        why_of = await attempt_reasons(broken, run.watch, run.redis, run.prefix, due)
+        policy = run.policy()
+        every = set(REASONS)
         resubmit: list[Candidate] = []
-        for a, kinds in list(self.tracked.items()):
+        for a, kinds in list(run.tracked.items()):
             chk, entry = checks[a], entries.get(a)
-            attempts = entry.attempts if entry else 0
-            if not chk.exists or chk.original_exists is False:
-                reason = SKIP_TEXT["not_in_database"] if not chk.exists else "original file is missing"
-                self.ledger.give_up(a, reason, now)
-                self.report.set(Row(a, "gave_up", chk.describe(kinds), tuple(sorted(kinds)), attempts, reason))
-                del self.tracked[a]
+            if entry is None or entry.state in ("fixed", "gave_up"):
+                # Settled elsewhere (another process): report what the ledger says.
+                if entry is not None:
+                    report.set(Row(a, entry.state, entry.detail or "", tuple(sorted(kinds)), entry.attempts,
+                                   entry.gave_up_reason or "settled by another process"))
+                del run.tracked[a]
                 continue
-            ok = not chk.broken(kinds)
+            attempts = entry.attempts
             detail = chk.describe(kinds)
             over, why = why_of.get(a, (False, None))
-            outcome = self.ledger.record_check(a, ok, detail, now, opts.retry_after, opts.max_attempts,
-                                               over=over, why=why)
-            if outcome is None:  # settled elsewhere (another process): report what the ledger says
-                fresh = self.ledger.get([a]).get(a)
-                if fresh is not None and fresh.state in ("fixed", "gave_up"):
-                    self.report.set(Row(a, fresh.state, detail, tuple(sorted(kinds)), fresh.attempts,
-                                        fresh.gave_up_reason or "settled by another process"))
-                    del self.tracked[a]
-                continue
-            if outcome == "fixed":
-                since = now - (entry.last_submitted or now) if entry else 0.0
+            seen = run.seen(chk, kinds, every, every, a in locked)
+            d = decide(entry, seen, run.clock.view(entry, attempt_over=over), policy)
+            if d.action == FIXED:
+                if ledger.record(a, "fixed", detail, now) is None:
+                    continue  # settled by another process meanwhile: read again next pass
+                since = run.clock.since(entry) or 0.0
                 before = f" (attempt {attempts}; the one before: {entry.why_text})" if (
-                    entry and attempts > 1 and entry.why_text) else ""
-                self.report.set(Row(a, "fixed", "", tuple(sorted(kinds)), attempts,
-                                    f"verified {ago(since)} after the last request{before}"))
-                del self.tracked[a]
-            elif outcome == "gave_up":
+                    attempts > 1 and entry.why_text) else ""
+                report.set(Row(a, "fixed", "", tuple(sorted(kinds)), attempts,
+                               f"verified {ago(since)} after the last request{before}"))
+                del run.tracked[a]
+            elif d.action == GIVE_UP and d.reason != "attempts_exhausted":
+                reason = skip_text(d.reason, chk, short=True)
+                ledger.give_up(a, reason, now)
+                report.set(Row(a, "gave_up", detail, tuple(sorted(kinds)), attempts, reason, reason=d.reason))
+                del run.tracked[a]
+            elif d.action == GIVE_UP:
+                if entry.state in RETRYABLE:
+                    ledger.give_up(a, f"still {detail} after {attempts} attempt(s)", now)
+                else:
+                    ledger.record(a, "gave_up", detail, now, why=why)
                 why_text = f": {why.text}" if why else ""
-                self.report.set(Row(a, "gave_up", detail, tuple(sorted(kinds)), attempts,
-                                    f"still {detail} after {attempts} attempt(s){why_text}",
-                                    why.code if why else None))
-                del self.tracked[a]
-            elif outcome in ("still_missing", "unchanged"):
-                if outcome == "still_missing" and why is not None:
+                report.set(Row(a, "gave_up", detail, tuple(sorted(kinds)), attempts,
+                               f"still {detail} after {attempts} attempt(s){why_text}",
+                               why.code if why else None, reason=d.reason))
+                del run.tracked[a]
+            elif d.action in (SETTLE, RETRY):
+                ledger.record(a, "still_missing", detail, now, why=why)
+                if why is not None:
                     log.info("asset %s: %s; asked again once its window is over", a, why.text)
-                if entry is not None and now >= entry.due_at(opts.retry_after):
-                    resubmit.append(Candidate(a, set(kinds), detail, owner=chk.owner_id))
-            else:
-                self.report.set(Row(a, "waiting", detail, tuple(sorted(kinds)), attempts,
-                                    f"checked {detail}; waiting for Immich"))
+                if d.action == RETRY:
+                    resubmit.append(Candidate(a, set(d.kinds), detail, owner=chk.owner_id))
+            elif d.action == SUBMIT:
+                resubmit.append(Candidate(a, set(d.kinds), detail, owner=chk.owner_id))
+            elif d.action == SKIP:
+                report.set(Row(a, "skipped", detail, tuple(sorted(kinds)), attempts, skip_text(d.reason, chk),
+                               reason=d.reason))
+                del run.tracked[a]
+            elif entry.state not in RETRYABLE:  # WAIT: its attempt runs
+                ledger.record(a, "waiting", detail, now, why=why)
+                report.set(Row(a, "waiting", detail, tuple(sorted(kinds)), attempts,
+                               f"checked {detail}; waiting for Immich"))
         if resubmit:
             resubmit = await self._not_queued(resubmit)
             if resubmit and not await self.submit(resubmit):
@@ -247,50 +342,53 @@ class Regenerator(Selection):
 
     async def _finish_wait(self) -> None:
         """Every asset still broken when the run ends: still_missing or not_queued, and why."""
-        assert self.ledger is not None
-        opts = self.opts
-        entries = self.ledger.get(list(self.tracked))
-        left = {a: k for a, k in self.tracked.items()
-                if not (a in self.report.rows and self.report.rows[a].result == "not_submitted")}
+        run = self.run
+        assert run.ledger is not None
+        opts, report = run.opts, run.report
+        entries = run.ledger.get(list(run.tracked))
+        pending = {a: k for a, k in run.tracked.items()
+                   if not (a in report.rows and report.rows[a].result == "not_submitted")}
         whys = await self._diagnose({a: entries[a].job_id if a in entries else None
-                                     for a in left if entries.get(a) is None or entries[a].state != "not_queued"})
-        for a, kinds in left.items():
+                                     for a in pending if entries.get(a) is None or entries[a].state != "not_queued"})
+        for a, kinds in pending.items():
             entry = entries.get(a)
             attempts = entry.attempts if entry else 0
-            row = self.report.rows.get(a)
+            row = report.rows.get(a)
             problems = row.problems if row else ""
             of = f"(attempt {attempts} of {opts.max_attempts})"
             later = "the ledger keeps track: run again later"
             if entry is not None and entry.state == "not_queued":
-                self.report.set(Row(a, "not_queued", problems, tuple(sorted(kinds)), attempts,
-                                    f"{NOT_QUEUED} {of}; {later}", "not_queued"))
+                report.set(Row(a, "not_queued", problems, tuple(sorted(kinds)), attempts,
+                               f"{NOT_QUEUED} {of}; {later}", "not_queued"))
                 continue
             why = whys.get(a)
             reason = f": {why.text}" if why else ""
             broken = entry.detail if entry and entry.detail else problems or "broken"
-            self.report.set(Row(a, "still_missing", problems, tuple(sorted(kinds)), attempts,
-                                f"still {broken} when the run ended {of}{reason}; {later}",
-                                why.code if why else None))
+            report.set(Row(a, "still_missing", problems, tuple(sorted(kinds)), attempts,
+                           f"still {broken} when the run ended {of}{reason}; {later}",
+                           why.code if why else None))
 
     async def _diagnose(self, jobs: dict[str, str | None]) -> dict[str, Why]:
         """Why each asset is still broken, recorded in the ledger too; nothing when Redis cannot say."""
+        run = self.run
         if not jobs:
             return {}
         try:
-            whys = await diagnose(self.redis, self.prefix, jobs, self.watch)
+            whys = await diagnose(run.redis, run.prefix, jobs, run.watch)
         except SourceError as exc:  # pragma: no cover - diagnose turns Redis trouble into queue_unknown
             log.info("cannot tell why assets are still broken: %s", exc)
             return {}
-        if self.ledger is not None and not self.ledger.readonly:
-            self.ledger.explain(whys, time.time())
+        if run.ledger is not None and not run.ledger.readonly:
+            run.ledger.explain(whys, time.time())
         return whys
 
     async def _explain_waiting(self) -> None:
         """Rows waiting on an earlier run's request: add where its job is now."""
-        waiting = [r for r in self.report.rows.values() if r.result == "waiting"]
-        if not waiting or self.ledger is None:
+        run = self.run
+        waiting = [r for r in run.report.rows.values() if r.result == "waiting"]
+        if not waiting or run.ledger is None:
             return
-        entries = self.ledger.get([r.asset_id for r in waiting])
+        entries = run.ledger.get([r.asset_id for r in waiting])
         # An attempt already settled keeps the reason it ended with; the others say where their job is now.
         settled = {a: Why(e.why, e.why_text) for a, e in entries.items()
                    if e.state in RETRYABLE and e.why and e.why_text}
@@ -304,49 +402,64 @@ class Regenerator(Selection):
 
     async def _not_queued(self, candidates: list[Candidate]) -> list[Candidate]:
         """Resubmit only what is not still waiting in the queue (a slow Immich is not a failed one)."""
-        if self.redis is None:
+        run = self.run
+        if run.redis is None:
             return candidates
-        view = await queued_assets(self.redis, self.prefix)
+        view = await queued_assets(run.redis, run.prefix)
         return [c for c in candidates if c.asset_id not in view.assets]
 
     # -- the whole run -----------------------------------------------------------------------------
-    async def run(self) -> RunReport:
-        opts, config = self.opts, self.config
+    async def execute(self) -> RunReport:
+        run = self.run
+        opts, config, report = run.opts, run.config, run.report
         if opts.apply:
-            self.ledger = Ledger(opts.state_dir)
-            self.confirmer = Confirmer(self.watch, self.ledger, opts.confirm_within, opts.max_attempts)
+            run.ledger = Ledger(opts.state_dir)
+            self.confirmer = Confirmer(run.watch, run.ledger, opts.confirm_within, opts.max_attempts)
         else:
-            self.ledger = Ledger.open_existing(opts.state_dir)
-        candidates = await self.select()
-        candidates = await self.skip_queued(candidates)
-        candidates = await self.skip_other_owners(candidates)
+            run.ledger = Ledger.open_existing(opts.state_dir)
+        try:
+            candidates = await self.selector.select()
+        except LedgerError as exc:
+            if not opts.apply:
+                raise
+            # Nothing sent yet: what the selection recorded is in the ledger; nothing else is lost.
+            self._ledger_full(str(exc), [])
+            return report
         if opts.limit is not None and len(candidates) > opts.limit:
-            self.report.notes.append(
+            report.notes.append(
                 f"{len(candidates) - opts.limit} more asset(s) to submit left for a later run (--limit {opts.limit})"
             )
             candidates = candidates[: opts.limit]
         if not opts.apply:
+            entries = run.ledger.get([c.asset_id for c in candidates]) if run.ledger else {}
             for c in candidates:
-                entry = self.ledger.get([c.asset_id]).get(c.asset_id) if self.ledger else None
-                attempts = entry.attempts if entry else 0
-                self.report.set(Row(c.asset_id, "would_submit", c.problems, tuple(sorted(c.kinds)), attempts,
-                                    f"would ask Immich (attempt {attempts + 1} of {opts.max_attempts})"))
+                entry = entries.get(c.asset_id)
+                attempts = 0 if entry is None or c.reset else entry.attempts
+                report.set(Row(c.asset_id, "would_submit", c.problems, tuple(sorted(c.kinds)), attempts,
+                               f"would ask Immich (attempt {attempts + 1} of {opts.max_attempts})"))
             if opts.wait:
-                self.report.notes.append("--wait ignored in a dry run")
+                report.notes.append("--wait ignored in a dry run")
             await self._explain_waiting()
-            return self.report
+            return report
         if not config.immich.api_key:
-            self.report.notes.append("immich.api_key is not set: Immich will refuse the requests")
+            report.notes.append("immich.api_key is not set: Immich will refuse the requests")
         assert self.confirmer is not None
         await self.confirmer.start()  # before the first request: only later jobs can be its answer
-        if candidates:
+        try:
             # After an API error the run stops submitting, but still verifies what Immich accepted.
-            await self.submit(candidates)
-        if opts.wait:
-            await self.wait()
-        else:
-            await self._explain_waiting()
-        return self.report
+            if candidates and not await self.submit(candidates) and _ledger_failed(run):
+                return report
+            if opts.wait:
+                await self.wait()
+            else:
+                await self._explain_waiting()
+        except LedgerError as exc:
+            self._ledger_full(str(exc), [])
+        return report
+
+
+def _ledger_failed(run: RunState) -> bool:
+    return run.ledger is not None and run.ledger.failed is not None
 
 
 def preflight(config: Config, opts: Options) -> None:
@@ -357,15 +470,18 @@ def preflight(config: Config, opts: Options) -> None:
 
 
 async def regenerate(config: Config, opts: Options) -> RunReport:
-    """Run once; raises Failure for a configuration, connection or API problem found before any request."""
+    """Run once; raises Failure for a configuration, connection or API problem found before any request.
+
+    A ledger that cannot be written once requests were sent ends the run with its report (an error line
+    names what was sent and recorded): the requests are not lost from view."""
     preflight(config, opts)
-    run = Regenerator(config, opts)
+    regenerator = Regenerator(config, opts)
     try:
-        return await run.run()
+        return await regenerator.execute()
     except (SourceError, SchemaError, LedgerError) as exc:
         raise Failure(_source_line(exc)) from None
     finally:
-        await run.close()
+        await regenerator.close()
 
 
 def _source_line(exc: Exception) -> str:

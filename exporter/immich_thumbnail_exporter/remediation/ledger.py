@@ -163,6 +163,8 @@ class Ledger:
         self.directory = directory
         self.path = os.path.join(directory, FILENAME)
         self.readonly = readonly
+        # The last write's failure ("database or disk is full"), until a write succeeds.
+        self.failed: str | None = None
         try:
             if readonly:
                 uri = "file:" + self.path.replace("?", "%3f").replace("#", "%23") + "?mode=ro"
@@ -219,16 +221,31 @@ class Ledger:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
+            raise self._failed(exc) from None
         try:
             yield self._db
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
-            raise LedgerError(f"remediation ledger {self.path}: {exc}") from None
+            raise self._failed(exc) from None
         except BaseException:
             self._rollback()
             raise
+        self.failed = None
+
+    def _failed(self, exc: sqlite3.Error) -> LedgerError:
+        # Kept until a write succeeds: a round that writes nothing must not look healthy meanwhile.
+        self.failed = f"remediation ledger {self.path}: {exc}"
+        return LedgerError(self.failed)
+
+    def probe(self, now: float) -> None:
+        """A small write (the time of the last round): raises LedgerError while the ledger cannot be
+        written; clears ``failed`` once it can."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_write', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (repr(now),)
+            )
 
     def _rollback(self) -> None:
         if self._db.in_transaction:
@@ -269,16 +286,17 @@ class Ledger:
         self,
         kinds: Mapping[str, Iterable[str]],
         now: float,
-        retry_after: float,
         max_attempts: int,
         reset: Iterable[str] = (),
     ) -> list[Claim]:
         """Record a submission for each asset that may be submitted now; return those claimed.
 
         An asset may be submitted when the ledger has never seen it, or when its last attempt failed
-        to fix it (or the request failed), attempts remain and its window has passed. Assets in
-        ``reset`` start over (fixed earlier and broken again, or given up and retried on request).
-        Everything else (awaiting verification, given up, fixed) is left alone.
+        to fix it (or the request failed) and attempts remain. Whether its window has passed is the
+        caller's decision (``decision.decide``, on the monotonic clock): the ledger's wall-clock times
+        only carry it across restarts. Assets in ``reset`` start over (fixed earlier and broken again,
+        or given up and retried on request). Everything else (awaiting verification, given up, fixed)
+        is left alone: a claim in ``BEGIN IMMEDIATE`` sees another process's claim and skips it.
         """
         reset_set = set(reset)
         claimed: list[Claim] = []
@@ -302,7 +320,7 @@ class Ledger:
                 fresh = asset_id in reset_set and e.state in ("fixed", "gave_up", *RETRYABLE)
                 if fresh:
                     attempts, first = 0, None
-                elif e.state in RETRYABLE and e.attempts < max_attempts and now >= e.due_at(retry_after):
+                elif e.state in RETRYABLE and e.attempts < max_attempts:
                     attempts, first = e.attempts, e.first_submitted
                     wanted |= e.kinds
                 else:
@@ -333,14 +351,17 @@ class Ledger:
             )
 
     def release(self, claims: Iterable[Claim], outcome: str, detail: str, now: float) -> None:
-        """The request was refused or failed: it does not count as an attempt."""
+        """The request was refused or failed: it does not count as an attempt. An asset Immich refused on
+        its own (``refused``) keeps when (``last_checked``), so that it is not asked again too soon."""
         with self._write() as db:
             for c in claims:
                 state = c.prev_state or "error"
                 db.execute(
                     "UPDATE asset SET state = ?, attempts = ?, first_submitted = ?, last_submitted = ?, "
-                    "last_outcome = ?, detail = ?, updated = ? WHERE asset_id = ? AND state = 'submitting'",
-                    (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, now, c.asset_id),
+                    "last_outcome = ?, detail = ?, last_checked = CASE WHEN ? = 'refused' THEN ? "
+                    "ELSE last_checked END, updated = ? WHERE asset_id = ? AND state = 'submitting'",
+                    (state, c.prev_attempts, c.prev_first, c.prev_last, outcome, detail, outcome, now, now,
+                     c.asset_id),
                 )
 
     def not_queued(self, asset_ids: Iterable[str], now: float, max_attempts: int) -> dict[str, str]:
@@ -370,30 +391,17 @@ class Ledger:
                     out[a] = "not_queued"
         return out
 
-    def record_check(
-        self,
-        asset_id: str,
-        ok: bool,
-        detail: str,
-        now: float,
-        retry_after: float,
-        max_attempts: int,
-        *,
-        over: bool = False,
-        why: Why | None = None,
-    ) -> str | None:
-        """Record a verification of a submitted asset.
+    def record(self, asset_id: str, outcome: str, detail: str, now: float, *, why: Why | None = None) -> str | None:
+        """Record what a verification of a submitted asset decided (``decision.decide``).
 
-        ``over``: the attempt is known to have ended before its window did (its job finished, or none was
-        queued), so a broken asset is settled now rather than once the window has passed. ``why`` says
-        why it is still broken.
-
-        Returns ``fixed``, ``still_missing`` (attempt over, will be resubmitted once its window has
-        passed), ``gave_up`` (attempt over and no attempts left), ``waiting`` (still broken, attempt not
-        over), ``unchanged`` (already known to be broken, not resubmitted yet) or None when the ledger
-        does not track it as pending (unknown, fixed or given up, perhaps by another process).
+        ``outcome``: ``fixed``; ``still_missing`` (its attempt is over, asked again later); ``gave_up``
+        (its attempt is over and none are left); ``waiting`` (its attempt runs: only the check is noted).
+        ``why`` says why it is still broken. Returns the outcome recorded (``unchanged`` for a
+        ``still_missing`` that was already so), or None when the ledger does not track the asset as
+        pending (unknown, fixed or given up, perhaps by another process).
         """
         code, text = (why.code, why.text) if why is not None else (None, None)
+        keep = "COALESCE(?, why), why_text = COALESCE(?, why_text)"
         with self._write() as db:
             r = db.execute(f"SELECT {self._columns} FROM asset WHERE asset_id = ?", (asset_id,)).fetchone()
             if r is None:
@@ -401,21 +409,20 @@ class Ledger:
             e = _row(r)
             if e.state not in PENDING:
                 return None
-            if ok:
+            if outcome == "fixed":
                 db.execute(
                     "UPDATE asset SET state = 'fixed', fixed_at = ?, last_checked = ?, last_outcome = 'fixed', "
                     "detail = ?, why = NULL, why_text = NULL, updated = ? WHERE asset_id = ?",
                     (now, now, detail, now, asset_id),
                 )
                 return "fixed"
-            keep = "COALESCE(?, why), why_text = COALESCE(?, why_text)"
-            if e.state in ("still_missing", "not_queued") or (not over and now < e.due_at(retry_after)):
+            if outcome == "waiting" or (outcome == "still_missing" and e.state in RETRYABLE):
                 db.execute(
                     f"UPDATE asset SET last_checked = ?, detail = ?, why = {keep}, updated = ? WHERE asset_id = ?",
                     (now, detail, code, text, now, asset_id),
                 )
-                return "unchanged" if e.state in ("still_missing", "not_queued") else "waiting"
-            if e.attempts >= max_attempts:
+                return "waiting" if outcome == "waiting" else "unchanged"
+            if outcome == "gave_up":
                 reason = f"{detail} after {e.attempts} attempt(s)" + (f": {text}" if text else "")
                 db.execute(
                     "UPDATE asset SET state = 'gave_up', last_checked = ?, last_outcome = 'gave_up', detail = ?, "

@@ -22,6 +22,8 @@ class Row:
     detail: str = ""
     # Why it is still broken (a vocabulary.WHY code), when the exporter can tell.
     why: str | None = None
+    # The decision's reason code (``decision.REASONS``): why it was skipped, given up, ...
+    reason: str | None = None
 
 
 @dataclass
@@ -33,6 +35,8 @@ class RunReport:
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     requests: Counter[str] = field(default_factory=Counter)
+    # The asset ids of each request Immich accepted, in order (with --apply).
+    sent: list[list[str]] = field(default_factory=list)
 
     def set(self, row: Row) -> None:
         self.rows[row.asset_id] = row

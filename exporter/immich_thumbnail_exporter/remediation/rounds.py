@@ -32,17 +32,30 @@ from dataclasses import dataclass, field
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import Problem, ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
+from immich_thumbnail_exporter.remediation.decision import (
+    FIXED,
+    GIVE_UP,
+    RETRY,
+    SETTLE,
+    SKIP,
+    SUBMIT,
+    WAIT,
+    Policy,
+    RetryClock,
+    Seen,
+    decide,
+    window_over,
+)
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
-from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
-from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_over, attempt_reasons
+from immich_thumbnail_exporter.remediation.why import Why, attempt_over, attempt_reasons, skip_text
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.vocabulary import VERIFIED_RESULTS
+from immich_thumbnail_exporter.timing import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +76,8 @@ class RoundResult:
     not_queued: int = 0  # ... of which Immich queued nothing
     already_queued: int = 0  # left out: a job for them waits in the queue
     other_owner: int = 0  # left out: the API key's user does not own them
+    locked: int = 0  # left out: in Immich's locked folder, which an API key cannot reach
+    refused: int = 0  # refused by Immich on their own (400, once isolated from their batch)
 
 
 class Remediator:
@@ -84,7 +99,9 @@ class Remediator:
         self.in_flight = False  # attempts are under way: run again soon
         self._full_next = 0.0  # monotonic time of the next full round
         self._snapshot: object = None  # the problem list the last full round read
-        self._last_round = 0.0  # unix time the last round started
+        self._last_round: float | None = None  # monotonic time the last round started
+        self.clock = RetryClock()
+        self.last_full = False  # was the last round a full one (else a follow-up)
         self._problems: list[Problem] = []
         self._problems_at = 0.0  # when the scan behind self._problems started
         self._scanned_at = float("-inf")
@@ -133,58 +150,93 @@ class Remediator:
             self.ledger = Ledger(rem.state_dir)
             self.confirmer = Confirmer(self.watch, self.ledger, float(rem.confirm_within), rem.max_attempts)
         ledger, out = self.ledger, RoundResult()
+        # A write that changed nothing (no row matched) succeeds on a full disk too: only a round-end
+        # probe says whether the ledger can be written again.
+        had_failed = ledger.failed is not None
         redis_ok = await self._follow_jobs(out.sources)
         pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
-        full = self._full_round()
-        since, self._last_round = self._last_round, time.time()
+        full = self.last_full = self._full_round()
+        now_mono = time.monotonic()
+        elapsed = None if self._last_round is None else now_mono - self._last_round
+        self._last_round = now_mono
         if not full:
             # A follow-up: only the attempts that ended (their job finished, or their window passed)
             # and the retries that fell due since the last round.
-            pending = [e for e in pending if self._settling(e, since)]
-        wanted, owners, scan_at = await self._wanted(out.sources) if full else ({}, {}, 0.0)
+            pending = [e for e in pending if self._settling(e, elapsed)]
+        wanted, owners = await self._wanted(out.sources) if full else ({}, {})
         # Leave out what Immich already has queued and what the key may not touch *before* choosing
         # this round's share: otherwise the same first few would be picked, and skipped, every round.
         queued_ids: set[str] = set()
-        now = time.time()
         # The queue is searched only when something may be asked for (its search reads up to 20,000 jobs).
-        resubmittable = any(now >= e.due_at(rem.verify_after) for e in pending)
+        resubmittable = any(window_over(e, self.clock.since(e), rem.verify_after) for e in pending)
         if (wanted or resubmittable) and redis_ok and self.redis is not None:
             queued_ids = set((await queued_assets(self.redis, self.prefix)).assets)
         owner = await self._key_owner() if wanted else None
-        fresh = self._fresh(wanted, owners, scan_at, {e.asset_id for e in pending}, queued_ids, owner, out)
-        checks = await self.checker.check([*(e.asset_id for e in pending), *fresh])
+        fresh = self._fresh(wanted, owners, {e.asset_id for e in pending}, queued_ids, owner, out)
+        ids = [*(e.asset_id for e in pending), *fresh]
+        checks = await self.checker.check(ids)
+        locked = await self.checker.locked(ids) if ids else set()
         out.sources["postgres"] = True
-        candidates = await self._verify(pending, checks, queued_ids, out)
-        kinds, reasons = set(rem.kinds), set(rem.reasons)
+        if owner is None and (fresh or pending):
+            owner = await self._key_owner()
+        policy = self._policy(owner)
+        candidates = await self._verify(pending, checks, locked, queued_ids, policy, out)
         entries = ledger.get(fresh)
         for a in fresh:
-            chk = checks[a]
-            if not chk.exists or not chk.eligible or chk.original_exists is False:
-                continue
-            broken = {k for k, r, _ in chk.broken(kinds) if r in reasons}
-            if not broken:
-                continue
-            e = entries.get(a)
-            reset = e is not None and e.state == "fixed"
-            candidates.append(Candidate(a, broken, chk.describe(kinds), reset=reset, owner=chk.owner_id))
-        if owner is None and candidates:
-            owner = await self._key_owner()
-        if owner is not None:
-            before = len(candidates)
-            candidates = [c for c in candidates if c.owner in (None, owner)]
-            out.other_owner += before - len(candidates)
+            d = decide(entries.get(a), self._seen(checks[a], a in locked, None),
+                       self.clock.view(entries.get(a), a in queued_ids), policy)
+            if d.action == SUBMIT:
+                chk = checks[a]
+                candidates.append(Candidate(a, set(d.kinds), chk.describe(d.kinds), reset=d.reset, owner=chk.owner_id))
+            elif d.action == SKIP:
+                self._count_skip(d.reason, out)
         out.pending, out.candidates = len(pending), len(candidates)
-        out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out.sources)
+        out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out)
         out.not_queued = await self._confirm(out.submitted)
         await self._check_api(out.sources)
-        now = time.time()
+        if had_failed or ledger.failed is not None:
+            ledger.probe(time.time())
         self.in_flight = any(
-            e.state in AWAITING or (e.attempts < rem.max_attempts and e.due_at(rem.verify_after) > now)
+            e.state in AWAITING or (e.attempts < rem.max_attempts
+                                    and not window_over(e, self.clock.since(e), rem.verify_after))
             for e in ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
         )
+        if out.locked:
+            log.info("remediation: %d locked asset(s) left out: an API key cannot reach Immich's locked folder "
+                     "(regenerate them there, with the PIN)", out.locked)
         log.debug("remediation round: %s; ledger %s; problems from %s", out, ledger.counts(),
                   "own scan" if self.feed is None else "the file check")
         return out
+
+    def _policy(self, owner: str | None) -> Policy:
+        rem = self.config.remediation
+        return Policy(max_attempts=rem.max_attempts, retry_after=float(rem.verify_after), key_owner=owner)
+
+    def _seen(self, chk: AssetCheck, locked: bool, kinds: frozenset[str] | None) -> Seen:
+        """The decision's view of a check: the configured kinds (or those already asked for) and reasons."""
+        rem = self.config.remediation
+        wanted = set(kinds or rem.kinds)
+        reasons = set(rem.reasons)
+        broken = chk.broken(wanted)
+        return Seen(
+            exists=chk.exists,
+            eligible=chk.eligible,
+            locked=locked,
+            owner=chk.owner_id,
+            broken=frozenset(k for k, _, _ in broken),
+            # Asked for earlier: whatever is still broken is asked for again.
+            fixable=frozenset(k for k, r, _ in broken if kinds is not None or r in reasons),
+            original="original_missing" if chk.original_exists is False else "ok",
+        )
+
+    @staticmethod
+    def _count_skip(reason: str, out: RoundResult) -> None:
+        if reason == "queued":
+            out.already_queued += 1
+        elif reason == "other_owner":
+            out.other_owner += 1
+        elif reason == "locked":
+            out.locked += 1
 
     def _full_round(self) -> bool:
         """Every ``remediation.interval``, and whenever the file check has a new list: every pending
@@ -196,104 +248,125 @@ class Remediator:
         self._full_next, self._snapshot = now + float(self.config.remediation.interval), snapshot
         return True
 
-    def _settling(self, e: Entry, since: float) -> bool:
+    def _settling(self, e: Entry, elapsed: float | None) -> bool:
         """Is there something to learn about this attempt now: its job finished, or its window passed
-        (a retry that fell due after ``since``)?"""
-        due = e.due_at(self.config.remediation.verify_after)
+        (a retry that fell due within the last ``elapsed`` seconds, by the monotonic clock)?"""
+        retry_after = float(self.config.remediation.verify_after)
+        since = self.clock.since(e)
+        over = window_over(e, since, retry_after)
         if e.state in AWAITING:
-            return time.time() >= due or attempt_over(e, self.watch)[0]
-        return since < due <= time.time()
+            return over or attempt_over(e, self.watch)[0]
+        if not over or since is None or elapsed is None:
+            return over
+        return not window_over(e, since - elapsed, retry_after)
 
-    async def _wanted(self, sources: dict[str, bool | str]) -> tuple[dict[str, set[str]], dict[str, str], float]:
-        """The latest problems remediation may act on: asset -> kinds, asset -> owner, and when they were seen."""
+    async def _wanted(self, sources: dict[str, bool | str]) -> tuple[dict[str, set[str]], dict[str, str]]:
+        """The latest problems remediation may act on: asset -> kinds, asset -> owner."""
         rem = self.config.remediation
         latest = await self._latest_problems(sources)
         reasons, kinds = set(rem.reasons), set(rem.kinds)
         wanted: dict[str, set[str]] = {}
         owners: dict[str, str] = {}
         if latest is None:
-            return wanted, owners, 0.0
-        problems, scan_at = latest
+            return wanted, owners
+        problems, _ = latest
         for p in problems:
             if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
                 wanted.setdefault(p.asset_id, set()).add(p.kind)
                 owners[p.asset_id] = p.owner_id
-        return wanted, owners, scan_at
+        return wanted, owners
 
     def _fresh(
         self,
         wanted: dict[str, set[str]],
         owners: dict[str, str],
-        scan_at: float,
         pending: set[str],
         queued_ids: set[str],
         owner: str | None,
         out: RoundResult,
     ) -> list[str]:
-        """Problem assets that may be asked for now (never asked, or due again), at most twice a round's share."""
+        """Problem assets the decision would ask for now, as the problem list shows them (never asked, due
+        again, or broken again after a fix), at most twice a round's share; each is checked again before."""
         assert self.ledger is not None
         rem = self.config.remediation
-        now = time.time()
         entries = self.ledger.get(wanted)
+        policy = self._policy(owner)
         fresh: list[str] = []
         for a in sorted(wanted):
-            e = entries.get(a)
             if a in pending:
                 continue
-            if a in queued_ids:
-                out.already_queued += 1
-                continue
-            if owner is not None and owners.get(a, owner) != owner:
-                out.other_owner += 1
-                continue
-            if e is None or (e.state in RETRYABLE and e.attempts < rem.max_attempts
-                             and now >= e.due_at(rem.verify_after)):
+            e = entries.get(a)
+            seen = Seen(owner=owners.get(a), broken=frozenset(wanted[a]), fixable=frozenset(wanted[a]))
+            d = decide(e, seen, self.clock.view(e, a in queued_ids), policy)
+            if d.action == SUBMIT:
                 fresh.append(a)
-            elif e.state == "fixed" and (e.fixed_at or 0) < scan_at:
-                fresh.append(a)  # fixed, then a later scan found it broken again
+            elif d.action == SKIP:
+                self._count_skip(d.reason, out)
             if len(fresh) >= rem.max_per_round * 2:
                 break
         return fresh
 
     async def _verify(
-        self, pending: list[Entry], checks: dict[str, AssetCheck], queued_ids: set[str], out: RoundResult
+        self,
+        pending: list[Entry],
+        checks: dict[str, AssetCheck],
+        locked: set[str],
+        queued_ids: set[str],
+        policy: Policy,
+        out: RoundResult,
     ) -> list[Candidate]:
-        """Settle what earlier rounds asked for; return those to ask for again now."""
+        """Settle what earlier rounds asked for (``decision.decide``); return those to ask for again now."""
         assert self.ledger is not None
         ledger, rem = self.ledger, self.config.remediation
-        kinds = set(rem.kinds)
         now = time.time()
         if self.watch is not None:
             for e in pending:
                 if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
                     self.watch.adopt(e.asset_id, e.job_id)
-        gone = {e.asset_id for e in pending
-                if not checks[e.asset_id].exists or checks[e.asset_id].original_exists is False}
-        still = [e for e in pending if e.asset_id not in gone and checks[e.asset_id].broken(e.kinds or kinds)]
-        why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, rem.verify_after)
+        kinds_of = {e.asset_id: frozenset(e.kinds or rem.kinds) for e in pending}
+        still = [e for e in pending if checks[e.asset_id].exists and checks[e.asset_id].original_exists is not False
+                 and checks[e.asset_id].broken(kinds_of[e.asset_id])]
+        due = {e.asset_id for e in still if window_over(e, self.clock.since(e), float(rem.verify_after))}
+        why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, due)
         again: list[Candidate] = []
         for e in pending:
-            chk = checks[e.asset_id]
-            if e.asset_id in gone:
-                ledger.give_up(e.asset_id, SKIP_TEXT["not_in_database"] if not chk.exists else
-                               "original file is missing", now)
+            a, chk, ek = e.asset_id, checks[e.asset_id], kinds_of[e.asset_id]
+            over, why = why_of.get(a, (False, None))
+            queue = self.clock.view(e, a in queued_ids, over)
+            d = decide(e, self._seen(chk, a in locked, ek), queue, policy)
+            detail = chk.describe(ek)
+            if d.action == GIVE_UP and d.reason != "attempts_exhausted":
+                ledger.give_up(a, skip_text(d.reason, short=True), now)
                 self.verified["gave_up"] += 1
-                continue
-            ek = e.kinds or kinds
-            over, why = why_of.get(e.asset_id, (False, None))
-            outcome = ledger.record_check(e.asset_id, not chk.broken(ek), chk.describe(ek), now,
-                                          rem.verify_after, rem.max_attempts, over=over, why=why)
-            if outcome in VERIFIED_RESULTS:
-                self.verified[outcome] += 1
-                if outcome != "fixed" and why is not None:
-                    log.info("asset %s still %s: %s", e.asset_id, chk.describe(ek), why.text)
-            if outcome not in ("still_missing", "unchanged"):
-                continue
-            if e.asset_id in queued_ids:
-                out.already_queued += 1
-            elif e.attempts < rem.max_attempts and now >= e.due_at(rem.verify_after):
-                again.append(Candidate(e.asset_id, set(ek), chk.describe(ek), owner=chk.owner_id))
+            elif d.action == GIVE_UP:
+                self._gave_up(e, detail, why, now)
+            elif d.action == FIXED:
+                if ledger.record(a, "fixed", detail, now) == "fixed":
+                    self.verified["fixed"] += 1
+            elif d.action in (SETTLE, RETRY):
+                if ledger.record(a, "still_missing", detail, now, why=why) == "still_missing":
+                    self.verified["still_missing"] += 1
+                    if why is not None:
+                        log.info("asset %s still %s: %s", a, detail, why.text)
+                if d.action == RETRY:
+                    again.append(Candidate(a, set(d.kinds), detail, owner=chk.owner_id))
+            elif d.action == SUBMIT:
+                again.append(Candidate(a, set(d.kinds), detail, owner=chk.owner_id))
+            elif d.action == SKIP:
+                self._count_skip(d.reason, out)
+            elif d.action == WAIT and e.state in AWAITING:
+                ledger.record(a, "waiting", detail, now, why=why)
         return again
+
+    def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> None:
+        assert self.ledger is not None
+        if e.state in RETRYABLE:
+            self.ledger.give_up(e.asset_id, f"{detail} after {e.attempts} attempt(s)", now)
+        elif self.ledger.record(e.asset_id, "gave_up", detail, now, why=why) != "gave_up":
+            return
+        self.verified["gave_up"] += 1
+        if why is not None:
+            log.info("asset %s still %s: %s", e.asset_id, detail, why.text)
 
     async def _confirm(self, submitted: int) -> int:
         """Wait for the jobs of this round's requests; count what Immich queued nothing for."""
@@ -335,9 +408,10 @@ class Remediator:
             self._owner = None
         return self._owner
 
-    async def _submit(self, chosen: list[Candidate], sources: dict[str, bool | str]) -> tuple[int, str | None]:
+    async def _submit(self, chosen: list[Candidate], out: RoundResult) -> tuple[int, str | None]:
         assert self.ledger is not None and self.confirmer is not None
         rem = self.config.remediation
+        sources = out.sources
         submitted = 0
         error: str | None = None
         if chosen:
@@ -348,22 +422,32 @@ class Remediator:
                 sources["redis"] = self.confirmer.error
         for batch in by_owner(chosen, rem.batch_size):
             await self.confirmer.meanwhile(self.limiter.delay())
-            await self.limiter.acquire()
             outcome = await submit_batch(
-                self.api, self.ledger, {c.asset_id: c.kinds for c in batch}, retry_after=rem.verify_after,
-                max_attempts=rem.max_attempts, reset=[c.asset_id for c in batch if c.reset],
+                self.api, self.ledger, {c.asset_id: c.kinds for c in batch}, max_attempts=rem.max_attempts,
+                reset=[c.asset_id for c in batch if c.reset], pace=self.limiter.acquire,
             )
             if outcome.result == "none":
                 continue
-            self.requests[outcome.result] += 1
-            if outcome.error is None:
+            self.requests.update(outcome.requests)
+            for a in outcome.submitted:
+                self.clock.requested(a, outcome.claimed_at)
+            if outcome.refused:
+                out.refused += len(outcome.refused)
+                sources["immich_api"] = True
+                log.warning("Immich refused %d asset(s) on their own: %s", len(outcome.refused),
+                            "; ".join(f"{a}: {m}" for a, m in sorted(outcome.refused.items())))
+            if outcome.submitted:
                 submitted += len(outcome.submitted)
                 self.confirmer.accepted(outcome.submitted)
                 sources["immich_api"] = True
+            if outcome.ledger_error is not None:
+                raise LedgerError(f"{outcome.ledger_error} ({len(outcome.submitted)} asset(s) sent before it "
+                                  "filled are recorded)")
+            if outcome.error is None:
                 continue
             error = f"immich_api: {outcome.error}{auth_hint(outcome.error)}"
-            if outcome.result == "rejected" and not isinstance(outcome.error, ApiAuthError):
-                sources["immich_api"] = True  # 400 for this batch: the others may still go through
+            if outcome.requests["error"] == 0 and not isinstance(outcome.error, ApiAuthError):
+                sources["immich_api"] = True  # a 4xx for this batch: the others may still go through
                 continue
             # 403 says the key lacks a permission: the API itself is up, the collection failed.
             sources["immich_api"] = True if outcome.error.status == 403 else str(outcome.error)

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.remediation.jobwatch import Confirmation, JobWatch
-from immich_thumbnail_exporter.remediation.ledger import Ledger
-from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
+from immich_thumbnail_exporter.remediation.ledger import Claim, Ledger, LedgerError
+from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import SourceError
 
-OTHER_OWNER = ("owned by another Immich user: Immich lets an API key regenerate only its own user's assets "
-               "(run again with that user's key)")
 # How often the watch is read while confirmation windows are open.
 CONFIRM_POLL = 0.25
 
@@ -60,9 +59,47 @@ def request_result(exc: ApiError) -> str:
 
 @dataclass
 class BatchOutcome:
-    result: str  # accepted, rejected, error, none (nothing claimed)
+    """What one batch came to. ``result``: ``none`` (nothing could be claimed), else ``sent``."""
+
+    result: str
     submitted: list[str]
+    # What stopped the batch: a rejected key (401/403), an API that could not answer (5xx, network).
     error: ApiError | None = None
+    # Assets Immich refused on their own (400 once isolated) -> Immich's message.
+    refused: dict[str, str] = field(default_factory=dict)
+    # Requests sent, by ``immich_regeneration_requests_total{result}``.
+    requests: Counter[str] = field(default_factory=Counter)
+    # The ledger could not record an answer (disk full): the requests sent so far are in ``submitted``.
+    ledger_error: str | None = None
+    # When the claim was recorded (wall clock, as the ledger keeps it).
+    claimed_at: float = 0.0
+    # The asset ids of each request Immich accepted, in order.
+    accepted_requests: list[list[str]] = field(default_factory=list)
+
+    def merge(self, later: BatchOutcome) -> BatchOutcome:
+        """This outcome followed by ``later`` (the same batch, retried after an error)."""
+        return BatchOutcome(
+            later.result if later.result != "none" else self.result,
+            [*self.submitted, *later.submitted],
+            later.error,
+            {**self.refused, **later.refused},
+            self.requests + later.requests,
+            later.ledger_error,
+            later.claimed_at or self.claimed_at,
+            [*self.accepted_requests, *later.accepted_requests],
+        )
+
+
+def immich_message(exc: ApiError) -> str:
+    """Immich's own words in an API error (``Not found or no asset.update access``)."""
+    text = str(exc)
+    marker = f"HTTP {exc.status}: "
+    return text.split(marker, 1)[1] if exc.status is not None and marker in text else text
+
+
+def _refusal(exc: ApiError) -> bool:
+    """A 400 that names the request's assets: Immich refuses the whole request for one of them."""
+    return exc.status == 400 and not isinstance(exc, ApiAuthError)
 
 
 async def submit_batch(
@@ -70,32 +107,75 @@ async def submit_batch(
     ledger: Ledger,
     kinds: Mapping[str, Iterable[str]],
     *,
-    retry_after: float,
     max_attempts: int,
     reset: Iterable[str] = (),
+    pace: Callable[[], Awaitable[None]] | None = None,
 ) -> BatchOutcome:
-    """Claim the assets in the ledger, ask Immich once, and record the answer.
+    """Claim the assets in the ledger, ask Immich, and record the answer.
 
-    The claim is written before the request: an interruption leaves the assets "submitting", which the
-    next run treats as submitted (verified later, never resubmitted early). A refused or failed request
-    is rolled back and does not count as an attempt.
+    The claim is written before the first request: an interruption leaves the assets "submitting",
+    which the next run treats as submitted (verified later, never resubmitted early). A request Immich
+    refuses with 400 (one asset it will not touch sinks the whole request) is split in halves, again and
+    again, until each refused asset stands alone: the others are accepted as usual, each refused one is
+    released with Immich's message. A request refused or failed for any other reason stops the batch;
+    what it named is released and does not count as an attempt. No asset is named in two accepted
+    requests: a refused request queued nothing. ``pace`` is awaited before every request (the rate
+    limit).
     """
-    claims = ledger.claim(kinds, time.time(), retry_after, max_attempts, reset)
+    now = time.time()
+    claims = ledger.claim(kinds, now, max_attempts, reset)
+    out = BatchOutcome("none", [], claimed_at=now)
     if not claims:
-        return BatchOutcome("none", [])
-    ids = [c.asset_id for c in claims]
+        return out
+    out.result = "sent"
     try:
-        await asyncio.wait_for(api.regenerate_thumbnails(ids), api.config.timeout + 5)
-    except ApiError as exc:
-        result = request_result(exc)
-        ledger.release(claims, result, str(exc), time.time())
-        return BatchOutcome(result, [], exc)
-    except TimeoutError:
-        exc2 = ApiError(f"POST /api/assets/jobs: no answer within {api.config.timeout:.0f}s")
-        ledger.release(claims, "error", str(exc2), time.time())
-        return BatchOutcome("error", [], exc2)
-    ledger.accepted(ids, time.time())
-    return BatchOutcome("accepted", ids)
+        await _send(api, ledger, {c.asset_id: c for c in claims}, out, pace)
+    except LedgerError as exc:
+        # What was sent is in ``submitted``; its claims are recorded (verified later, never resent early).
+        out.ledger_error = str(exc)
+    return out
+
+
+async def _send(
+    api: ImmichApi,
+    ledger: Ledger,
+    by_id: dict[str, Claim],
+    out: BatchOutcome,
+    pace: Callable[[], Awaitable[None]] | None,
+) -> None:
+    groups: list[list[str]] = [list(by_id)]
+    while groups:
+        group = groups.pop(0)
+        if pace is not None:
+            await pace()
+        try:
+            await asyncio.wait_for(api.regenerate_thumbnails(group), api.config.timeout + 5)
+        except ApiError as exc:
+            out.requests[request_result(exc)] += 1
+            if _refusal(exc) and len(group) > 1:
+                half = len(group) // 2
+                groups[:0] = [group[:half], group[half:]]
+                continue
+            if _refusal(exc):
+                out.refused[group[0]] = immich_message(exc)
+                ledger.release([by_id[group[0]]], "refused", immich_message(exc), time.time())
+                continue
+            out.error = exc
+        except TimeoutError:
+            out.requests["error"] += 1
+            out.error = ApiError(f"POST /api/assets/jobs: no answer within {api.config.timeout:.0f}s")
+        else:
+            out.requests["accepted"] += 1
+            out.submitted.extend(group)
+            out.accepted_requests.append(list(group))
+            ledger.accepted(group, time.time())
+            continue
+        # Stopped: release what this request and the rest of the batch named.
+        rest = [a for g in (group, *groups) for a in g]
+        assert out.error is not None
+        result = request_result(out.error)
+        ledger.release([by_id[a] for a in rest], result, str(out.error), time.time())
+        return
 
 
 class Confirmer:

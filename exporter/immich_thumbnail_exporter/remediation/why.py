@@ -9,13 +9,14 @@ The codes are ``vocabulary.WHY``; the reports, the ledger and the logs all use t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from immich_thumbnail_exporter.remediation import queue_view
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen, JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, Entry
 from immich_thumbnail_exporter.remediation.queue_view import JobState, QueueHealth
+from immich_thumbnail_exporter.scan.verdict import AssetVerdict
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_QUEUE
@@ -30,7 +31,34 @@ SKIP_TEXT = {
     "file_unreadable": "the exporter cannot read the file (permissions, or a symlink out of the media "
     "folder): regeneration would not change that",
     "queued": "already waiting in the thumbnail queue",
+    "nothing_to_fix": "nothing to fix: checked again, all files present",
+    "locked": "in Immich's locked folder: an API key cannot reach it (no PIN session); regenerate it from "
+    "the locked folder in Immich, with the PIN",
+    "other_owner": "owned by another Immich user: Immich lets an API key regenerate only its own user's "
+    "assets (run again with that user's key)",
+    "refused": "Immich refused it",
+    "original_corrupt": "the original file is corrupt: regeneration cannot work; restore it from a backup",
+    "original_unreadable": "the original file cannot be read: regeneration cannot work",
 }
+# What the ledger keeps as the reason an attempt was given up.
+GIVE_UP_TEXT = {
+    "not_in_database": "asset not in the database",
+    "original_missing": "original file is missing",
+    "original_corrupt": "original file is corrupt",
+    "original_unreadable": "original file cannot be read",
+}
+
+
+def skip_text(reason: str, chk: AssetVerdict | None = None, *, short: bool = False) -> str:
+    """The sentence for a decision's reason (``decision.REASONS``) about an asset checked as ``chk``."""
+    if short:
+        return GIVE_UP_TEXT.get(reason, reason)
+    if reason == "original_missing" and chk is not None and chk.original_path:
+        return f"{SKIP_TEXT['original_missing']} ({chk.original_path})"
+    if reason == "reason_not_submitted":
+        reasons = sorted({r for _, r, _ in chk.problems}) if chk is not None else []
+        return "; ".join(SKIP_TEXT.get(r, f"{r} is not submitted (name it with --reason)") for r in reasons)
+    return SKIP_TEXT.get(reason, reason)
 
 
 @dataclass(frozen=True)
@@ -155,20 +183,20 @@ def attempt_over(entry: Entry | None, watch: JobWatch | None) -> tuple[bool, Why
 
 
 async def attempt_reasons(
-    broken: Sequence[Entry], watch: JobWatch | None, source: RedisSource | None, prefix: str, retry_after: float
+    broken: Sequence[Entry], watch: JobWatch | None, source: RedisSource | None, prefix: str, due: Collection[str]
 ) -> dict[str, tuple[bool, Why | None]]:
     """For assets verified still broken: is each one's attempt over, and why is it still broken?
 
-    An attempt is over when its job finished (the watch says how) or once its window has passed; for
-    the latter the queue is read, once for all of them, to say where the job is.
+    An attempt is over when its job finished (the watch says how) or once its window has passed (``due``:
+    the assets whose window has, by ``decision.RetryClock``); for the latter the queue is read, once for
+    all of them, to say where the job is.
     """
     out: dict[str, tuple[bool, Why | None]] = {}
     ask: dict[str, str | None] = {}
-    now = time.time()
     for e in broken:
         over, why = attempt_over(e, watch)
         out[e.asset_id] = (over, why)
-        if why is None and e.state in AWAITING and now >= e.due_at(retry_after):
+        if why is None and e.state in AWAITING and e.asset_id in due:
             ask[e.asset_id] = e.job_id
     if ask:
         for a, why in (await diagnose(source, prefix, ask, watch)).items():

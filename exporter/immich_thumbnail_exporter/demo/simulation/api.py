@@ -165,7 +165,8 @@ class SimulatedApi:
             return _error(500, "Internal server error")
         if body.get("name") != "regenerate-thumbnail":
             return _error(400, "name must be one of the AssetJobName values")
-        if user is not None and not await self._owns(user, ids):
+        if not await self._owns(user, ids):
+            # utils/access.ts requireAccess: one id outside the allowed set refuses the whole request.
             return _error(400, "Not found or no asset.update access")
         jobs = []
         for a in ids:
@@ -180,13 +181,22 @@ class SimulatedApi:
         self.queued += len(jobs)
         return web.Response(status=204)
 
-    async def _owns(self, user: str, ids: list[str]) -> bool:
+    async def _owns(self, user: str | None, ids: list[str]) -> bool:
+        """Immich's owner access for ``asset.update`` (``AssetAccess.checkOwnerAccess`` in
+        server/src/repositories/access.repository.ts): the key's user owns the asset, and the asset is
+        not ``locked`` unless the session is elevated by a PIN, which an API key never is. ``user`` None
+        (a test's shortcut) checks only the locked rule."""
         assert self._pool is not None
         table = "asset" if self.version >= (1, 137, 0) else "assets"
         try:
             wanted = [uuid.UUID(a) for a in ids]
         except ValueError:
             return False
-        rows = await self._pool.fetch(f'SELECT id FROM "{table}" WHERE id = ANY($1) AND "ownerId" = $2',
-                                      wanted, uuid.UUID(user), timeout=10)
+        locked = await self._pool.fetchval(
+            "SELECT count(*) > 0 FROM information_schema.columns WHERE table_name = $1 AND column_name = 'visibility'",
+            table, timeout=10)
+        rule = " AND visibility::text <> 'locked'" if locked else ""
+        rows = await self._pool.fetch(
+            f'SELECT id FROM "{table}" WHERE id = ANY($1) AND ($2::uuid IS NULL OR "ownerId" = $2){rule}',
+            wanted, uuid.UUID(user) if user is not None else None, timeout=10)
         return len(rows) == len(set(wanted))
