@@ -314,3 +314,28 @@ async def test_people_update_queues_the_face_job_and_the_worker_writes_it(
         await worker.stop()
     data = Path(local).read_bytes()  # noqa: ASYNC240 - one small file, after the worker stopped
     assert data[:3] == b"\xff\xd8\xff" and data[-2:] == b"\xff\xd9"
+
+
+# -- check-config says what the key allows --------------------------------------------------------------
+
+
+async def test_check_config_says_what_the_key_allows(imm: Immich, fake_factory: Any, valkey: EmbeddedValkey) -> None:
+    from tests.remediation_kit import cli
+
+    owner, _ = await _owner_assets(imm)
+    api = await fake_factory("v3.2", {"k": ApiKey(owner, ("job.create", "user.read"), admin=False)})
+    env = {"DB_URL": imm.dsn, "IMMICH_URL": api.url, "IMMICH_API_KEY": "k"}
+    # With Redis, the queue fallback is not relied on: a note, and the configuration is fine.
+    code, out, err = await cli("check-config", "--media.root", imm.media, env={**env, "REDIS_URL": valkey.url})
+    assert code == 0, (out, err)
+    assert "ok: immich API key: regeneration: allowed (POST /api/assets/jobs needs job.create on Immich v3.2.2)" in out
+    assert ("note: immich API key: face thumbnails: refused: the API key lacks permission person.update "
+            "(PUT /api/people/{id} needs person.update on Immich v3.2.2)") in out
+    assert "note: immich API key: queue fallback: refused: the API key lacks permission queue.read" in out
+    assert "Traceback" not in err
+    # Without Redis the API is the only queue source: the refusal is a problem, one line, exit 2.
+    code, out, err = await cli("check-config", "--media.root", imm.media, env=env)
+    assert code == 2, (out, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: immich: queue fallback: refused: the API key lacks permission queue.read "
+                      "(GET /api/queues needs queue.read on Immich v3.2.2, and an admin user)"], err

@@ -11,6 +11,7 @@ BullMQ job per asset on ``thumbnailGeneration`` with the release's job name and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
@@ -120,6 +121,7 @@ class SimulatedApi:
         self._tables = {"asset": "asset", "user": "user", "face": "asset_face"}
         self._locked_rule = False
         self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()  # wakes answers held back by ``delay``
         self.url = ""
 
     async def start(self) -> None:
@@ -136,6 +138,7 @@ class SimulatedApi:
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._runner is not None:
             await asyncio.wait_for(self._runner.cleanup(), 10)
         for queue in self._queues.values():
@@ -223,7 +226,9 @@ class SimulatedApi:
         if route.name == "api_key":
             return self._api_key(params["id"])
         if route.name in ("jobs", "queues"):
-            await asyncio.sleep(self.delay)
+            if self.delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.delay)
             return await (self._jobs() if route.name == "jobs" else self._queues_v2())
         if route.name == "asset_jobs":
             return await self._asset_jobs(request, key, route)
