@@ -339,3 +339,22 @@ async def test_check_config_says_what_the_key_allows(imm: Immich, fake_factory: 
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors == ["error: immich: queue fallback: refused: the API key lacks permission queue.read "
                       "(GET /api/queues needs queue.read on Immich v3.2.2, and an admin user)"], err
+
+
+async def test_set_feature_face_through_the_exporters_client(imm: Immich, fake_factory: Any) -> None:
+    (person, asset), = [(p, a) for p, a in imm.expected.person_faces.items()
+                        if p in imm.expected.person_thumbnails_missing]
+    conn = await asyncpg.connect(imm.dsn, timeout=10)
+    try:
+        owner = await conn.fetchval('SELECT "ownerId"::text FROM person WHERE id = $1', uuid.UUID(person))
+    finally:
+        await conn.close()
+    api = await fake_factory("v3.1", {"k": ApiKey(owner, ("person.update",), admin=False)})
+    config = load_config(None, environ={"DB_URL": imm.dsn, "IMMICH_URL": api.url, "IMMICH_API_KEY": "k"})
+    client = ImmichApi(config.immich)
+    try:
+        await client.set_feature_face(person, asset)
+    finally:
+        await client.close()
+    jobs = await api.queue.getJobs(["prioritized", "waiting"])
+    assert [(j.name, j.data) for j in jobs] == [("PersonGenerateThumbnail", {"id": person})]
