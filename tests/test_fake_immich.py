@@ -358,3 +358,16 @@ async def test_set_feature_face_through_the_exporters_client(imm: Immich, fake_f
         await client.close()
     jobs = await api.queue.getJobs(["prioritized", "waiting"])
     assert [(j.name, j.data) for j in jobs] == [("PersonGenerateThumbnail", {"id": person})]
+
+
+async def test_regenerate_with_a_rejected_key_sends_nothing(imm: Immich, fake_factory: Any, tmp_path: Any) -> None:
+    from tests.remediation_kit import cli
+
+    owner, _ = await _owner_assets(imm)
+    api = await fake_factory("v2.7", {"k": ApiKey(owner)})
+    code, out, err = await cli("regenerate", "--apply", "--media.root", imm.media, "--state-dir", str(tmp_path),
+                               env={"DB_URL": imm.dsn, "IMMICH_URL": api.url, "IMMICH_API_KEY": "wrong"})
+    assert code == 2, (out, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "HTTP 401: Invalid API key" in errors[0] and "nothing was sent" in errors[0], err
+    assert api.posts == []

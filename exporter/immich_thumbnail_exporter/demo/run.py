@@ -87,7 +87,7 @@ def _program() -> str:
 
 
 def _summary(url: str, exp: Expected, jobs: int, env: dict[str, str], media: str, state: str,
-             keys: list[tuple[str, str, int]]) -> str:
+             keys: list[tuple[str, str, int]], face_keys: list[str]) -> str:
     missing = sum(exp.missing.values())
     exports = " \\\n    ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     commands = "\n".join(
@@ -99,7 +99,7 @@ def _summary(url: str, exp: Expected, jobs: int, env: dict[str, str], media: str
     faces = "\n".join(
         f"  IMMICH_API_KEY={key} {_program()} regenerate --kind person --media.root {shlex.quote(media)} \\\n"
         f"    --state-dir {shlex.quote(state)} --apply --wait"
-        for key, _, _ in keys
+        for key in face_keys
     )
     return f"""
 Immich thumbnail exporter demo is running: {url}/
@@ -196,9 +196,11 @@ async def _run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.1)
         shown_host = host or "127.0.0.1"
         owned = await _problems_per_owner(dsn, exp.problem_asset_ids)
+        faces = await _people_owners(dsn, exp.person_thumbnails_missing)
         env = {"DB_URL": dsn, "REDIS_URL": vk.url, "IMMICH_URL": api.url}
         print(_summary(f"http://{shown_host}:{exporter.bound_port}", exp, len(stuck) + len(orphans), env, media,
-                       state, [(key, email, owned.get(user, 0)) for key, user, email in keys]))
+                       state, [(key, email, owned.get(user, 0)) for key, user, email in keys],
+                       [key for key, user, _ in keys if user in faces]))
         worker_task = asyncio.create_task(_start_worker_later(worker))
         await until_stopped()
         print("stopping ...", file=sys.stderr)
@@ -231,6 +233,16 @@ async def _problems_per_owner(dsn: str, problem_ids: set[str]) -> dict[str, int]
     finally:
         await conn.close()
     return {str(r[0]): int(r[1]) for r in rows}
+
+
+async def _people_owners(dsn: str, people: set[str]) -> set[str]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch('SELECT DISTINCT "ownerId"::text FROM person WHERE id = ANY($1)',
+                                [uuid.UUID(p) for p in people], timeout=10)
+    finally:
+        await conn.close()
+    return {str(r[0]) for r in rows}
 
 
 async def _start_worker_later(worker: SimulatedWorker) -> None:
