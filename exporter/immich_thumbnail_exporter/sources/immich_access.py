@@ -1,9 +1,9 @@
 """What an API key may do on the Immich release it talks to, known before anything is sent.
 
 ``allowed(version, permissions, is_admin)`` is pure: the release's route rules (docs/permissions.md,
-with the Immich sources for each row) applied to what ``GET /api/api-keys/me`` (the key's permissions,
-v2.4+; older releases cannot tell a key its permissions) and ``GET /api/users/me`` (whether its user is
-an admin) said. ``key_access(api)`` makes those calls. Three features:
+with the Immich sources for each row) applied to what ``GET /api/api-keys/me`` said (the key's
+permissions; added after v1.138, present by v2.2: older releases cannot tell a key its permissions) and
+what ``GET /api/users/me`` said (whether its user is an admin). ``key_access(api)`` makes those calls. Three features:
 
 * ``regeneration``: ``POST /api/assets/jobs``. v1.132-v1.135: the route declares no permission and an
   API key is checked only against a declared one, so any key passes. v1.136-v3.1: an undeclared route
@@ -81,7 +81,7 @@ def allowed(version: Version, permissions: Sequence[str] | None, is_admin: bool 
         elif admin and is_admin is False:
             out.append(Feature(name, False, "admin", f"{name}: refused: the API key's user is not an admin ({needs})"))
         elif (need is not None and permissions is None) or (admin and is_admin is None):
-            why = ("this Immich cannot tell a key its permissions (no GET /api/api-keys/me before v2.4)"
+            why = ("this Immich cannot tell a key its permissions (no GET /api/api-keys/me: added after v1.138)"
                    if need is not None and permissions is None else "the key may not read GET /api/users/me")
             out.append(Feature(name, None, None, f"{name}: cannot tell: {why} ({needs})"))
         else:

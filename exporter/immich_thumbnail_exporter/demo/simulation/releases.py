@@ -19,11 +19,11 @@ of that release, generated from that release's ``open-api/immich-openapi-specs.j
   nothing) in every upstream copy read up to the v2 line (OCR and asset-copy era); 3.2.0-rc.0's OpenAPI
   spec declares ``x-immich-permission: job.create``. No v3.0/v3.1 copy was found: those are modelled as the
   v2 line (``all``), and the boundary is the least certain row here.
-* ``GET /api-keys/me`` (``api-key.controller.ts``, ``permission: false``): absent from SDK 1.138.0, present
-  in SDK 2.4.0. Before it, ``/api-keys/me`` is ``GET /api-keys/:id`` (``apiKey.read``), whose UUID check
-  answers 400 ``id must be a UUID``.
-* ``GET /queues`` (admin, ``queue.read``): first in SDK 2.4.0; ``GET /jobs`` (admin) stays as
-  ``getQueuesLegacy`` through SDK 3.2.2.
+* ``GET /api-keys/me`` (``api-key.controller.ts``, ``permission: false``): absent from SDK 1.138.1, present
+  in SDK 2.2.3 (and every later one). Before it, ``/api-keys/me`` is ``GET /api-keys/:id``
+  (``apiKey.read``), whose UUID check answers 400 ``id must be a UUID``.
+* ``GET /queues`` (admin, ``queue.read``): first in SDK 2.4.0 (not in 2.3.1); ``GET /jobs`` (admin,
+  ``job.read``) stays as ``getQueuesLegacy`` (``job.controller.ts``, deprecated in v2.3.0) through SDK 3.2.2.
 * ``ServerVersionResponseDto.prerelease``: first in SDK 3.0.0.
 * Queue names: SDK ``QueueName`` (2.4.0: 17, 2.7.5: 18 with ``editor``, 3.x: 19 with ``integrityCheck``);
   before 2.4 the keys of ``AllJobStatusResponseDto`` (15, SDK 1.135.3 and 1.138.0).
