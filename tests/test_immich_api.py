@@ -1,146 +1,108 @@
-"""Queue depth from Immich's API: v2.4+ (``GET /api/queues``), older servers (``GET /api/jobs``), bad keys."""
+"""Queue depth from Immich's API: v2.4+ (``GET /api/queues``), older servers (``GET /api/jobs``), bad keys.
+
+Immich here is the one simulated Immich (``demo/simulation/``) of each release, over real BullMQ queues in
+a real Valkey."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
-from aiohttp.test_utils import TestServer as AiohttpServer
+from bullmq import Queue, Worker
 
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
+from immich_thumbnail_exporter.demo.simulation.api import PREFIX, QUEUE, ApiKey, SimulatedApi
 from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ImmichApi, QueueStats
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.store import Result, Store
+from tests.conftest import wait_for
 from tests.test_queues import Samples, flat, jobs, value
 
 ADMIN_KEY = "admin-key"
-LIMITED_KEY = "user-key"  # a valid key without the queue.read permission
+NON_ADMIN_KEY = "user-key"  # a valid key with "all", of a user who is not an admin
+LIMITED_KEY = "narrow-key"  # an admin's key without queue.read (v2.4+; before, GET /api/jobs declares none)
 NO_DB = "postgresql://nobody@127.0.0.1:1/none"
-
-# What the fake server reports, in BullMQ's terms.
-QUEUES: dict[str, dict[str, Any]] = {
-    "thumbnailGeneration": {"paused": True, "counts": {"active": 1, "completed": 0, "failed": 2, "delayed": 0,
-                                                        "waiting": 5, "paused": 0}},
-    "metadataExtraction": {"paused": False, "counts": {"active": 0, "completed": 0, "failed": 0, "delayed": 0,
-                                                        "waiting": 0, "paused": 0}},
-}
+HELD = 1  # active jobs, held by a worker until the test ends
+FAILED = 2
+WAITING = 5  # added while the queue is paused
 
 
-def _error(status: int, message: str, error: str) -> web.Response:
-    return web.json_response({"message": message, "error": error, "statusCode": status}, status=status)
+@pytest_asyncio.fixture(params=["v1.132", "v2.4"])
+async def immich(request: pytest.FixtureRequest, valkey: EmbeddedValkey) -> AsyncIterator[SimulatedApi]:
+    """The simulated Immich of that release, over real BullMQ queues: thumbnailGeneration paused with
+    jobs failed, one held active by a live worker, and some waiting; every other queue empty."""
+    queue = Queue(QUEUE, {"prefix": PREFIX, "connection": valkey.url})
+    release = asyncio.Event()
 
+    async def process(job: Any, token: str) -> None:
+        if job.name == "fail":
+            raise RuntimeError("boom")
+        await release.wait()
 
-class FakeImmich:
-    """Answers like Immich: ``v2.4`` has ``/api/queues``; ``v1.13x`` only ``/api/jobs`` (404 on the other)."""
+    for _ in range(FAILED):
+        await queue.add("fail", {}, {"attempts": 1, "removeOnFail": False})
+    for _ in range(HELD):
+        await queue.add("hold", {}, {"attempts": 1})
+    worker = Worker(QUEUE, process, {"prefix": PREFIX, "connection": valkey.url, "concurrency": FAILED + HELD})
 
-    def __init__(self, era: str) -> None:
-        self.era = era
-        self.hits: Counter[str] = Counter()
-        self.keys = {ADMIN_KEY: "admin", LIMITED_KEY: "user"}
-        self.delay = 0.0  # seconds every queue answer takes
-        self.version_doc: Any = None  # what /api/server/version answers, when a test sets it
-        app = web.Application()
-        app.router.add_get("/api/server/ping", self.ping)
-        app.router.add_get("/api/server/version", self.version)
-        app.router.add_get("/api/jobs", self.jobs)
-        if era == "v2.4":
-            app.router.add_get("/api/queues", self.queues)
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
-        self.server = AiohttpServer(app, host="127.0.0.1", port=0)
+    async def settled() -> bool:
+        counts = await queue.getJobCounts("active", "failed")
+        return counts == {"active": HELD, "failed": FAILED}
 
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("/")).rstrip("/")
-
-    def _auth(self, request: web.Request) -> web.Response | None:
-        role = self.keys.get(request.headers.get("x-api-key", ""))
-        if role is None:
-            return _error(401, "Invalid API key", "Unauthorized")
-        if role != "admin":
-            return _error(403, "Missing required permission: queue.read", "Forbidden")
-        return None
-
-    async def not_found(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        return _error(404, f"Cannot {request.method} {request.path}", "Not Found")
-
-    async def ping(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        return web.json_response({"res": "pong"})
-
-    async def version(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        if self.version_doc is not None:
-            return web.json_response(self.version_doc)
-        major, minor, patch = (2, 4, 1) if self.era == "v2.4" else (1, 132, 3)
-        return web.json_response({"major": major, "minor": minor, "patch": patch})
-
-    async def queues(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        await asyncio.sleep(self.delay)
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
-        return web.json_response([
-            {"name": name, "isPaused": q["paused"], "statistics": q["counts"]} for name, q in QUEUES.items()
-        ])
-
-    async def jobs(self, request: web.Request) -> web.Response:
-        self.hits[request.path] += 1
-        await asyncio.sleep(self.delay)
-        denied = self._auth(request)
-        if denied is not None:
-            return denied
-        return web.json_response({
-            name: {"jobCounts": q["counts"], "queueStatus": {"isActive": q["counts"]["active"] > 0,
-                                                              "isPaused": q["paused"]}}
-            for name, q in QUEUES.items()
-        })
-
-
-@pytest_asyncio.fixture(params=["v1.13x", "v2.4"])
-async def immich(request: pytest.FixtureRequest) -> AsyncIterator[FakeImmich]:
-    fake = FakeImmich(str(request.param))
-    await fake.server.start_server()
+    fake = SimulatedApi(None, valkey.url, {
+        ADMIN_KEY: ApiKey(None, ("all",), admin=True),
+        NON_ADMIN_KEY: ApiKey(None, ("all",), admin=False),
+        LIMITED_KEY: ApiKey(None, ("asset.read",), admin=True),
+    }, release=str(request.param))
     try:
+        await wait_for(settled, timeout=30)
+        await queue.pause()
+        for _ in range(WAITING):
+            await queue.add("wait", {}, {"attempts": 1})
+        await fake.start()
         yield fake
     finally:
-        await fake.server.close()
+        release.set()
+        await fake.stop()
+        await asyncio.wait_for(worker.close(), 15)
+        await asyncio.wait_for(queue.close(), 10)
 
 
-def api_config(fake: FakeImmich, key: str = ADMIN_KEY, redis_url: str | None = None) -> Config:
+def api_config(fake: SimulatedApi, key: str = ADMIN_KEY, redis_url: str | None = None) -> Config:
     env = {"DB_URL": NO_DB, "IMMICH_URL": fake.url, "IMMICH_API_KEY": key}
     if redis_url:
         env["REDIS_URL"] = redis_url
     return load_config(None, environ=env, overrides={"intervals.queues": "2s", "immich.timeout": "3s"})
 
 
-def expected_stats() -> list[QueueStats]:
-    return sorted(
-        (QueueStats(name, q["paused"], dict(q["counts"])) for name, q in QUEUES.items()), key=lambda s: s.name
-    )
+def check_thumbnail_queue(stats: list[QueueStats], fake: SimulatedApi) -> None:
+    by_name = {q.name: q for q in stats}
+    assert sorted(by_name) == sorted(fake.release.queues)
+    thumbs = by_name[QUEUE]
+    assert thumbs.paused is True
+    assert (thumbs.counts["active"], thumbs.counts["failed"]) == (HELD, FAILED)
+    # BullMQ puts jobs added to a paused queue in its paused list (older) or its wait list (newer).
+    assert thumbs.counts["waiting"] + thumbs.counts["paused"] == WAITING
+    assert all(not any(q.counts.values()) and not q.paused for name, q in by_name.items() if name != QUEUE)
 
 
 @pytest.mark.asyncio
-async def test_queues_endpoint_and_fallback(immich: FakeImmich) -> None:
+async def test_queues_endpoint_and_fallback(immich: SimulatedApi) -> None:
     api = ImmichApi(api_config(immich).immich)
     try:
         for _ in range(2):
-            stats = sorted(await api.queues(), key=lambda s: s.name)
-            assert stats == expected_stats()
+            check_thumbnail_queue(await api.queues(), immich)
     finally:
         await api.close()
-    if immich.era == "v2.4":
+    if immich.release.queues_route:
         assert api.queues_endpoint == "queues"
         assert immich.hits["/api/queues"] == 2 and immich.hits["/api/jobs"] == 0
     else:
@@ -150,17 +112,25 @@ async def test_queues_endpoint_and_fallback(immich: FakeImmich) -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("key", "status"), [("wrong-key", 401), (LIMITED_KEY, 403)])
-async def test_auth_errors_are_auth_errors(immich: FakeImmich, key: str, status: int) -> None:
+@pytest.mark.parametrize(("key", "status", "text"), [
+    ("wrong-key", 401, "Invalid API key"),
+    (NON_ADMIN_KEY, 403, "Forbidden"),  # the admin check comes before the permission check
+    (LIMITED_KEY, 403, "Missing required permission: queue.read"),
+])
+async def test_auth_errors_are_auth_errors(immich: SimulatedApi, key: str, status: int, text: str) -> None:
     api = ImmichApi(api_config(immich, key).immich)
     try:
+        if key == LIMITED_KEY and not immich.release.queues_route:
+            # Before v2.4 GET /api/jobs declares no permission (v1.132-v1.135): an admin's key reads it.
+            check_thumbnail_queue(await api.queues(), immich)
+            return
         with pytest.raises(ApiAuthError) as info:
             await api.queues()
     finally:
         await api.close()
     assert info.value.status == status
     assert key not in str(info.value)
-    assert ("Invalid API key" if status == 401 else "queue.read") in str(info.value)
+    assert text in str(info.value)
 
 
 async def api_collection(config: Config) -> QueueCollection:
@@ -168,16 +138,16 @@ async def api_collection(config: Config) -> QueueCollection:
 
 
 def _same_labels(s: Samples) -> None:
-    assert jobs(s, "waiting") == 5
-    assert jobs(s, "active") == 1
-    assert jobs(s, "failed") == 2
+    assert (jobs(s, "waiting") or 0) + (jobs(s, "paused") or 0) == WAITING
+    assert jobs(s, "active") == HELD
+    assert jobs(s, "failed") == FAILED
     assert jobs(s, "waiting", queue="metadataExtraction") == 0
     assert value(s, "immich_queue_paused", queue="thumbnailGeneration") == 1
     assert value(s, "immich_queue_paused", queue="metadataExtraction") == 0
 
 
 @pytest.mark.asyncio
-async def test_api_only_depth(immich: FakeImmich, caplog: pytest.LogCaptureFixture) -> None:
+async def test_api_only_depth(immich: SimulatedApi, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="immich_thumbnail_exporter")
     col = await api_collection(api_config(immich))
     try:
@@ -192,13 +162,13 @@ async def test_api_only_depth(immich: FakeImmich, caplog: pytest.LogCaptureFixtu
     _same_labels(s)
     # The API knows nothing of workers, ages, stalled or orphaned jobs: those are left out, not zero.
     assert not any(k[0] in ("immich_queue_workers", "immich_queue_stalled_jobs") for k in s)
-    assert col._api_version == ("v2.4.1" if immich.era == "v2.4" else "v1.132.3")
+    assert col._api_version == immich.release.tag
     from_api = [r for r in caplog.records if "come from Immich's API" in r.getMessage()]
     assert len(from_api) == 1  # said once, in the logs; the labels are the same as from Redis
 
 
 @pytest.mark.asyncio
-async def test_api_stands_in_while_redis_is_down(immich: FakeImmich, valkey: EmbeddedValkey) -> None:
+async def test_api_stands_in_while_redis_is_down(immich: SimulatedApi, valkey: EmbeddedValkey) -> None:
     col = await api_collection(api_config(immich, redis_url="redis://127.0.0.1:1/0"))
     try:
         outcome = await col.collect()
@@ -220,9 +190,9 @@ async def test_api_stands_in_while_redis_is_down(immich: FakeImmich, valkey: Emb
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("key", ["wrong-key", LIMITED_KEY])
+@pytest.mark.parametrize("key", ["wrong-key", NON_ADMIN_KEY])
 async def test_bad_key_is_logged_once_and_polled_slowly(
-    immich: FakeImmich, key: str, caplog: pytest.LogCaptureFixture
+    immich: SimulatedApi, key: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="immich_thumbnail_exporter")
     col = await api_collection(api_config(immich, key))
@@ -244,7 +214,7 @@ async def test_bad_key_is_logged_once_and_polled_slowly(
         assert queue_hits <= 2
 
         # The key is fixed: the next slow poll finds it working.
-        immich.keys[key] = "admin"
+        immich.keys[key] = ApiKey(None, ("all",), admin=True)
         col._api_next_poll = 0.0
         outcome = await col.collect()
         assert outcome.sources["immich_api"] is True
@@ -255,7 +225,7 @@ async def test_bad_key_is_logged_once_and_polled_slowly(
 
 
 @pytest.mark.asyncio
-async def test_slow_api_does_not_hold_the_round(immich: FakeImmich) -> None:
+async def test_slow_api_does_not_hold_the_round(immich: SimulatedApi) -> None:
     immich.delay = 30.0
     config = load_config(None, environ={"DB_URL": NO_DB, "IMMICH_URL": immich.url, "IMMICH_API_KEY": ADMIN_KEY},
                          overrides={"intervals.queues": "3s", "immich.timeout": "1s"})
@@ -275,11 +245,11 @@ async def test_slow_api_does_not_hold_the_round(immich: FakeImmich) -> None:
 
 
 @pytest.mark.asyncio
-async def test_check_connections_api(immich: FakeImmich, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_check_connections_api(immich: SimulatedApi, capsys: pytest.CaptureFixture[str]) -> None:
     assert await check_connections(api_config(immich)) == []
     out = capsys.readouterr().out
-    assert "ok: immich API" in out and "2 queues readable" in out
-    endpoint = "/api/queues" if immich.era == "v2.4" else "/api/jobs"
+    assert "ok: immich API" in out and f"{len(immich.release.queues)} queues readable" in out
+    endpoint = "/api/queues" if immich.release.queues_route else "/api/jobs"
     assert endpoint in out
 
     problems = await check_connections(api_config(immich, "wrong-key"))
@@ -297,7 +267,7 @@ async def test_check_connections_api(immich: FakeImmich, capsys: pytest.CaptureF
     ],
 )
 @pytest.mark.asyncio
-async def test_server_version_with_prerelease(immich: FakeImmich, answer: dict[str, Any], shown: str | None) -> None:
+async def test_server_version_with_prerelease(immich: SimulatedApi, answer: dict[str, Any], shown: str | None) -> None:
     """v3's ``prerelease`` is shown as Immich's web UI shows it (``v3.2.0-rc.1``), which is also how the
     database's version_history renders in ``immich_server_info{version}``."""
     from immich_thumbnail_exporter.sources.immich_api import ApiError

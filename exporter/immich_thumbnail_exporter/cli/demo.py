@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from immich_thumbnail_exporter import logs
+from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG
 from immich_thumbnail_exporter.config import LOG_FORMATS, LOG_LEVELS
 
 
@@ -20,18 +22,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The demo builds its own configuration: no configuration file, no environment."""
     # Imported here: the demo's servers and seeding are for this command (and the tests) only, and its
-    # wheels are the optional [demo] extra, which a plain install (the container image) does not have.
-    try:
-        from immich_thumbnail_exporter.demo.run import run_demo
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").startswith("immich_thumbnail_exporter"):
-            raise  # our own module missing is a bug, not a missing extra
+    # wheels are the optional [demo] extra, which a plain install (the container image) does not have. The
+    # simulated Immich imports bullmq only once it starts, so look for it first: one line, no traceback.
+    missing = "bullmq" if importlib.util.find_spec("bullmq") is None else None
+    if missing is None:
+        try:
+            from immich_thumbnail_exporter.demo.run import run_demo
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").startswith("immich_thumbnail_exporter"):
+                raise  # our own module missing is a bug, not a missing extra
+            missing = exc.name
+    if missing is not None:
         print(
-            f"error: the demo needs the [demo] extra ({exc.name} is not installed): "
+            f"error: the demo needs the [demo] extra ({missing} is not installed): "
             "pip install 'immich-thumbnail-exporter[demo]'",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_CONFIG
 
     logs.setup(args.log_level, args.log_format)
     return run_demo(args)

@@ -206,6 +206,15 @@ class ImmichApi:
         request: that says nothing about whether a worker will ever process it."""
         await self.request("POST", "assets/jobs", {"name": "regenerate-thumbnail", "assetIds": list(asset_ids)})
 
+    async def set_feature_face(self, person_id: str, asset_id: str) -> None:
+        """Have Immich remake a person's face thumbnail: ``PUT /api/people/{id}`` with
+        ``featureFaceAssetId`` (permission ``person.update``; the asset must hold a face of that person).
+        Immich's person.service.ts queues ``PersonGenerateThumbnail {id}`` whenever the field is given,
+        even when it names the face already featured, so passing the current feature face's asset remakes
+        the thumbnail without changing which face is shown (docs/permissions.md). The answer (the person)
+        says nothing about the job: only the queue and the file do."""
+        await self.request("PUT", f"people/{person_id}", {"featureFaceAssetId": asset_id})
+
     async def me(self) -> str:
         """The id of the user the API key belongs to (``GET /api/users/me``, permission ``user.read``).
 
