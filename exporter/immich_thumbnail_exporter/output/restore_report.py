@@ -212,6 +212,8 @@ def timeline(a: AssetHistory) -> list[tuple[str, str]]:
     if a.fixed_at is not None:
         rows.append(("fixed", when(a.fixed_at)))
     rows.append(("files now", files_after(a)))
+    if a.state != "fixed":
+        rows.append(("why", why_broken(a)))
     return rows
 
 
@@ -220,7 +222,9 @@ def files_after(a: AssetHistory) -> str:
         return "asset not in the database"
     if a.files_now is None and a.broken_now is None:
         return "not checked"
-    parts = [f"{f.kind} written ({human_bytes(f.size)})" if f.size is not None else f"{f.kind} present"
+    # "written" only where regeneration fixed the asset: elsewhere a sound file may be the restored one.
+    verb = "written" if a.state == "fixed" else "present"
+    parts = [f"{f.kind} {verb}" + (f" ({human_bytes(f.size)})" if f.size is not None else "")
              for f in a.files_now or []]
     parts += [f"{k} {r}" for k, r in a.broken_now or []]
     return ", ".join(parts) or "no thumbnail-type file"
