@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
+import os
 import re
 import shutil
 import tempfile
@@ -30,6 +32,7 @@ from immich_thumbnail_exporter.output.restore_report import when
 from immich_thumbnail_exporter.output.scan_report import human_bytes
 from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.capacity import STORAGE_FOLDERS
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.vocabulary import KINDS
 from tests.conftest import Immich
@@ -75,6 +78,10 @@ async def _expected_needed(imm: Immich) -> tuple[int, dict[str, int]]:
         if stats.files[kind]:
             need += stats.bytes[kind] / stats.files[kind] * missing
     return round(need), {k: stats.bytes[k] for k in KINDS}
+
+
+def present_folders(root: str) -> list[str]:
+    return [f for f in STORAGE_FOLDERS if os.path.isdir(os.path.join(root, f))]
 
 
 def _section(doc: str, number: int) -> str:
@@ -163,6 +170,19 @@ async def test_report_of_a_scripted_restore(
     for what in ("Immich's database", "Media folder", "Free space", "Job queues", "Remediation ledger"):
         assert f"| {what} |" in checks
     assert "not reachable" not in checks
+
+    # scan's table and JSON carry the same capacity figures.
+    code, out, err = await cli("scan", "--media.root", imm.media, "--format", "json", env=env)
+    assert code == 0, err
+    cap = json.loads(out)["summary"]["capacity"]
+    assert cap["bytes_needed"] == need
+    st = os.statvfs(Path(imm.media) / "thumbs")
+    assert cap["size_bytes"]["thumbs"] == st.f_blocks * st.f_frsize
+    assert list(cap["free_bytes"]) == present_folders(imm.media) and "thumbs" in cap["free_bytes"]
+    code, out, err = await cli("scan", "--media.root", imm.media, env=env)
+    assert code == 0, err
+    assert f"Needed to regenerate every missing file: {human_bytes(need)}" in out
+    assert "Free space: thumbs/ " in out
 
     # HTML: the same figures, one self-contained document.
     code, _, err = await cli("report", *common, "--format", "html", "--output", str(tmp_path / "r.html"),

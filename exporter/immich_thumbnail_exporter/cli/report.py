@@ -30,8 +30,8 @@ from immich_thumbnail_exporter.output.restore_report import (
     OrphanJob,
     QueueReport,
     RestoreData,
-    Space,
 )
+from immich_thumbnail_exporter.output.scan_report import Space
 from immich_thumbnail_exporter.remediation.ledger import Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import job_states, throughput
 from immich_thumbnail_exporter.scan.file_sql import targeted_sql
@@ -50,6 +50,7 @@ from immich_thumbnail_exporter.vocabulary import THUMBNAIL_QUEUE
 LEDGER_STATES = ("submitting", "submitted", "not_queued", "still_missing", "error", "fixed", "gave_up")
 LEDGER_LIMIT = 10_000
 ORPHAN_SAMPLE = 1_000
+SPACE_TIMEOUT = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,23 @@ def ledger_history(directory: str, limit: int = LEDGER_LIMIT) -> tuple[list[Entr
     finally:
         ledger.close()
     return sorted(entries, key=lambda e: (e.first_submitted or 0.0, e.asset_id)), ""
+
+
+async def _spaces(root: str) -> list[Space] | None:
+    """Each storage folder's filesystem; None when the media folder does not answer in time."""
+    try:
+        found = await asyncio.wait_for(off_loop(media_space, root), SPACE_TIMEOUT)
+    except TimeoutError:
+        return None
+    return [Space(s.folder, s.size_bytes, s.avail_bytes) for s in found]
+
+
+def measure_space(config: Config) -> list[Space] | None:
+    """``scan``'s free space figures: None without a media root; [] when it did not answer."""
+    if config.media.root is None:
+        return None
+    spaces = asyncio.run(_spaces(config.media.root))
+    return [] if spaces is None else spaces
 
 
 def _sizes(mapper: PathMapper, files: list[tuple[str, str]]) -> dict[str, int | None]:
@@ -153,13 +171,12 @@ class Gatherer:
         if root is None:
             return
         self.say("measuring free space")
-        try:
-            spaces = await asyncio.wait_for(off_loop(media_space, root), 10)
-        except TimeoutError:
+        spaces = await _spaces(root)
+        if spaces is None:
             self.data.spaces = []
             self.check("Free space", "statvfs of each storage folder", "the media folder did not answer", ok=False)
             return
-        self.data.spaces = [Space(s.folder, s.size_bytes, s.avail_bytes) for s in spaces]
+        self.data.spaces = spaces
         self.check("Free space", "statvfs of each storage folder (bytes an unprivileged writer can use)",
                    ", ".join(s.folder for s in spaces) or "no storage folder found")
 

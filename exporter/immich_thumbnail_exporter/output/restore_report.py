@@ -10,22 +10,14 @@ Everything that came from the database or Redis (ids, paths, reasons) is escaped
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from immich_thumbnail_exporter.output.scan_report import human_bytes, human_duration, summary
+from immich_thumbnail_exporter.output.scan_report import Space, human_bytes, human_duration, needed_bytes, summary
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
-
-@dataclass(frozen=True)
-class Space:
-    """The filesystem holding one of Immich's storage folders."""
-
-    folder: str
-    size_bytes: int
-    avail_bytes: int
+__all__ = ["RestoreData", "Space", "needed_bytes", "write_markdown"]
 
 
 @dataclass(frozen=True)
@@ -125,24 +117,6 @@ def when(ts: float | None) -> str:
     if ts is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z"
-
-
-def needed_bytes(result: ScanResult) -> int | None:
-    """Each kind's mean file size on disk times the files of that kind missing; None without sizes."""
-    stats = result.stats
-    if stats is None or not stats.sizes_known:
-        return None
-    missing: Counter[str] = Counter()
-    for kind, n in result.counts.no_record.items():
-        missing[kind] += n
-    for (kind, reason), n in stats.missing.items():
-        if reason != "no_record":
-            missing[kind] += n
-    total = 0.0
-    for kind in KINDS:
-        if stats.files[kind] > 0:
-            total += stats.bytes[kind] / stats.files[kind] * missing[kind]
-    return round(total)
 
 
 def problems_by_kind_reason(s: dict[str, Any]) -> dict[tuple[str, str], int]:
