@@ -169,8 +169,13 @@ def timeline(a: AssetHistory) -> list[tuple[str, str]]:
         rows.append(("first requested", when(a.first_requested)))
     if a.attempts > 1 and a.last_requested is not None:
         rows.append((f"requested again (attempt {a.attempts})", when(a.last_requested)))
+    # The ledger keeps each asset's last outcome, not one per attempt: a request's answer shows until the
+    # check that follows replaces it. Immich's API answers 204 to an accepted request.
     outcome = a.request_outcome or "-"
-    rows.append(("request", f"{outcome} (Immich answered 2xx)" if outcome == "accepted" else outcome))
+    if outcome == "accepted":
+        rows.append(("request", "accepted by Immich (HTTP 204)"))
+    else:
+        rows.append(("last outcome", outcome))
     if a.job is None:
         rows.append(("job", "none recorded in the ledger"))
     else:
