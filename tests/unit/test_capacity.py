@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from immich_thumbnail_exporter.collectors import capacity
 from immich_thumbnail_exporter.collectors.capacity import CapacityCollection, capacity_families
+from immich_thumbnail_exporter.output.scan_report import Space, by_filesystem
 from immich_thumbnail_exporter.sources import capacity as source
 from immich_thumbnail_exporter.sources.capacity import FolderSpace, folder_space
 
@@ -80,6 +82,8 @@ def test_folder_space(
         return _StatVfs()
 
     monkeypatch.setattr(source.os, "statvfs", statvfs)
+    if expected is not None:
+        expected = replace(expected, device=os.stat(tmp_path / "thumbs").st_dev)
     assert folder_space(str(tmp_path), "thumbs") == expected
 
 
@@ -119,3 +123,18 @@ def test_a_hung_folder_drops_its_series_and_is_not_asked_twice(
         assert outcome.error is not None and "library" in outcome.error
     assert calls.count("library") == 1  # the stuck statvfs keeps its thread; no second one beside it
     assert calls.count("thumbs") == 2
+
+
+@pytest.mark.parametrize(
+    ("spaces", "expected"),
+    [
+        ([], []),
+        ([Space("thumbs", 10, 5, 1), Space("upload", 10, 5, 1), Space("library", 99, 9, 2)],
+         [(["thumbs", "upload"], 5), (["library"], 9)]),
+        # A device not known (0): never merged with another folder.
+        ([Space("thumbs", 10, 5), Space("upload", 10, 5)], [(["thumbs"], 5), (["upload"], 5)]),
+    ],
+    ids=["none", "shared-and-own", "unknown-device"],
+)
+def test_folders_grouped_by_filesystem(spaces: list[Space], expected: list[tuple[list[str], int]]) -> None:
+    assert [(folders, s.avail_bytes) for folders, s in by_filesystem(spaces)] == expected

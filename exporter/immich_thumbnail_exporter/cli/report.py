@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -88,7 +89,7 @@ async def _spaces(root: str) -> list[Space] | None:
         found = await asyncio.wait_for(off_loop(media_space, root), SPACE_TIMEOUT)
     except TimeoutError:
         return None
-    return [Space(s.folder, s.size_bytes, s.avail_bytes) for s in found]
+    return [Space(s.folder, s.size_bytes, s.avail_bytes, s.device) for s in found]
 
 
 def measure_space(config: Config) -> list[Space] | None:
@@ -141,7 +142,8 @@ class Gatherer:
 
     async def _scan(self) -> None:
         self.say("scanning the database and the media folder")
-        cfg = self.config
+        # A restore report always asks whether the originals came back: regeneration needs them.
+        cfg = dataclasses.replace(self.config, checks=dataclasses.replace(self.config.checks, check_originals=True))
         try:
             result = await run_scan(self.pg, cfg, ProblemStore())
         except (SourceError, SchemaError) as exc:
@@ -219,10 +221,10 @@ class Gatherer:
         except (SourceError, QueryError) as exc:
             self.check("Orphaned jobs", "job assets looked up in the database", str(exc), ok=False)
             return
-        self.data.queue.orphans = [
-            OrphanJob(j, a, states[j].state if j in states else "unknown")
-            for j, a in asset_jobs if a not in present
-        ]
+        orphans = [OrphanJob(j, a, states[j].state if j in states else "unknown")
+                   for j, a in asset_jobs if a not in present]
+        # BullMQ's ids are counters: oldest first, 10 after 9.
+        self.data.queue.orphans = sorted(orphans, key=lambda o: (len(o.job_id), o.job_id))
 
     async def _present(self, ids: list[str]) -> set[str]:
         schema = await self.pg.schema()

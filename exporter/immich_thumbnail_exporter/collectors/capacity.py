@@ -8,6 +8,7 @@ answer (a hung network mount) has no series this round: a stale figure would hid
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -18,6 +19,7 @@ from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.sources.capacity import STORAGE_FOLDERS, FolderSpace, folder_space
 from immich_thumbnail_exporter.store import Part
+from immich_thumbnail_exporter.timing import deadline_in, left
 
 T = TypeVar("T")
 
@@ -36,13 +38,14 @@ def capacity_families(spaces: Sequence[FolderSpace]) -> list[Metric]:
     ]
 
 
-async def off_loop(fn: Callable[..., T], *args: object) -> T:
-    """Run a blocking call on the media folder off the event loop.
+def off_loop(fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+    """Run a blocking call on the media folder off the event loop; await the future it returns.
 
-    The one place this collection leaves the loop: to be switched to the media folder's own thread pool
-    (``sources/media.py``) so a hung mount never fills asyncio's default executor.
+    The one place capacity figures leave the loop: to be switched to the media folder's own thread pool
+    (``sources/media.py``) so a hung mount never fills asyncio's default executor. A plain future, not a
+    task: waiting on it with a timeout creates no task per call.
     """
-    return await asyncio.to_thread(fn, *args)
+    return asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 class CapacityCollection:
@@ -57,21 +60,26 @@ class CapacityCollection:
         # A statvfs stuck on a hung mount keeps its thread: never start a second one beside it.
         self._stuck: dict[str, asyncio.Future[FolderSpace | None]] = {}
 
-    async def _one(self, folder: str) -> FolderSpace | None:
-        pending = self._stuck.get(folder)
-        if pending is not None and not pending.done():
-            return None
-        self._stuck.pop(folder, None)
-        task = asyncio.ensure_future(off_loop(folder_space, self.root, folder))
-        done, _ = await asyncio.wait({task}, timeout=STATVFS_TIMEOUT)
-        if not done:
-            self._stuck[folder] = task
-            return None
-        return task.result()
-
     async def collect(self) -> Outcome:
-        found = await asyncio.gather(*(self._one(f) for f in STORAGE_FOLDERS))
-        spaces = [s for s in found if s is not None]
+        # One folder after the other, under one budget: a hung mount costs its share once, then is
+        # skipped while its statvfs is still stuck (it keeps its thread; never a second one beside it).
+        deadline = deadline_in(STATVFS_TIMEOUT)
+        spaces: list[FolderSpace] = []
+        for folder in STORAGE_FOLDERS:
+            pending = self._stuck.get(folder)
+            if pending is not None and not pending.done():
+                continue
+            self._stuck.pop(folder, None)
+            if left(deadline) <= 0:
+                break  # the round's budget went to a hung folder: the rest wait for the next round
+            future = off_loop(folder_space, self.root, folder)
+            done, _ = await asyncio.wait({future}, timeout=left(deadline))
+            if not done:
+                self._stuck[folder] = future
+                continue
+            found = future.result()
+            if found is not None:
+                spaces.append(found)
         stuck = sorted(f for f, t in self._stuck.items() if not t.done())
         error = f"no answer from {', '.join(stuck)} within {STATVFS_TIMEOUT:.0f}s" if stuck else None
         # Whether the media folder is up is the probe's call (thumbs/ and its marker), not this one's.

@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from immich_thumbnail_exporter.output.scan_report import Space, human_bytes, human_duration, needed_bytes, summary
+from immich_thumbnail_exporter.output.scan_report import (
+    Space,
+    by_filesystem,
+    human_bytes,
+    human_duration,
+    needed_bytes,
+    summary,
+)
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
@@ -278,11 +285,14 @@ def _capacity(data: RestoreData, w: Any) -> None:
     elif not data.spaces:
         w("- Free space: no storage folder could be measured\n")
     else:
-        for sp in data.spaces:
-            w(f"- Free under {md(sp.folder)}/: **{human_bytes(sp.avail_bytes)}** of {human_bytes(sp.size_bytes)}\n")
+        for folders, sp in by_filesystem(data.spaces):
+            w(f"- Free under {', '.join(md(f) + '/' for f in folders)}: **{human_bytes(sp.avail_bytes)}** of "
+              f"{human_bytes(sp.size_bytes)}" + (" (one filesystem)" if len(folders) > 1 else "") + "\n")
     if data.scan is not None:
         est = summary(data.scan, data.throughput)["regeneration"]["estimate"]
-        if est["seconds"] is None:
+        if est["jobs"] == 0 and not est["backlog"]:
+            w("- Nothing is left that regeneration can fix, and no thumbnail job is waiting\n")
+        elif est["seconds"] is None:
             w(f"- Throughput and ETA: {md(est['basis'])}\n")
         else:
             w(f"- Observed throughput: {est['rate_per_second']:g} thumbnail jobs/s ({md(est['basis'])})\n")

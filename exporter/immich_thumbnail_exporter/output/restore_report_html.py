@@ -23,7 +23,7 @@ from immich_thumbnail_exporter.output.restore_report import (
     when,
     why_broken,
 )
-from immich_thumbnail_exporter.output.scan_report import human_bytes, human_duration, summary
+from immich_thumbnail_exporter.output.scan_report import by_filesystem, human_bytes, human_duration, summary
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 CSS = """
@@ -168,12 +168,14 @@ def _capacity(data: RestoreData) -> list[str]:
         items.append("Free space: unknown (no media root)")
     elif not data.spaces:
         items.append('<span class="down">Free space: no storage folder could be measured</span>')
-    for sp in data.spaces or []:
-        items.append(f"Free under {e(sp.folder)}/: <b>{e(human_bytes(sp.avail_bytes))}</b> of "
-                     f"{e(human_bytes(sp.size_bytes))}")
+    for folders, sp in by_filesystem(data.spaces or []):
+        items.append(f"Free under {e(', '.join(f + '/' for f in folders))}: <b>{e(human_bytes(sp.avail_bytes))}</b>"
+                     f" of {e(human_bytes(sp.size_bytes))}" + (" (one filesystem)" if len(folders) > 1 else ""))
     if data.scan is not None:
         est = summary(data.scan, data.throughput)["regeneration"]["estimate"]
-        if est["seconds"] is None:
+        if est["jobs"] == 0 and not est["backlog"]:
+            items.append("Nothing is left that regeneration can fix, and no thumbnail job is waiting")
+        elif est["seconds"] is None:
             items.append(f"Throughput and ETA: {e(est['basis'])}")
         else:
             items.append(f"Observed throughput: {est['rate_per_second']:g} thumbnail jobs/s ({e(est['basis'])})")

@@ -30,6 +30,19 @@ class Space:
     folder: str
     size_bytes: int
     avail_bytes: int
+    device: int = 0
+
+
+def by_filesystem(spaces: Sequence[Space]) -> list[tuple[list[str], Space]]:
+    """Folders grouped by the filesystem holding them (first-seen order): one free-space figure each."""
+    groups: dict[int, tuple[list[str], Space]] = {}
+    for s in spaces:
+        key = s.device or -len(groups) - 1  # unknown device: its own group
+        if key in groups:
+            groups[key][0].append(s.folder)
+        else:
+            groups[key] = ([s.folder], s)
+    return list(groups.values())
 
 
 def needed_bytes(result: ScanResult) -> int | None:
@@ -236,7 +249,7 @@ def write_review(regen: dict[str, Any], out: TextIO) -> None:
           f"{est['rate_per_second']:g} jobs/s; {est['basis']})\n")
 
 
-def write_capacity(cap: dict[str, Any], out: TextIO) -> None:
+def write_capacity(cap: dict[str, Any], out: TextIO, spaces: Sequence[Space] | None) -> None:
     need = cap["bytes_needed"]
     out.write("  Needed to regenerate every missing file: "
               + ("unknown (sizes not read)" if need is None else human_bytes(need)) + "\n")
@@ -246,7 +259,9 @@ def write_capacity(cap: dict[str, Any], out: TextIO) -> None:
     if not free:
         out.write("  Free space: no storage folder could be measured\n")
         return
-    out.write("  Free space: " + ", ".join(f"{folder}/ {human_bytes(n)}" for folder, n in free.items()) + "\n")
+    out.write("  Free space: " + "; ".join(
+        f"{', '.join(f + '/' for f in folders)} {human_bytes(s.avail_bytes)} of {human_bytes(s.size_bytes)}"
+        for folders, s in by_filesystem(spaces or [])) + "\n")
 
 
 def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
@@ -296,7 +311,7 @@ def write_table(
     w(f"Regeneration can fix {regen['can_fix']} problem(s); {regen['cannot_fix_original_missing']} have no "
       "original file and need a restore from backup\n")
     write_review(s["regeneration"], out)
-    write_capacity(capacity(result, spaces), out)
+    write_capacity(capacity(result, spaces), out, spaces)
     total = result.problems.total
     w(f"\nProblem assets: {total}\n")
     if not total:

@@ -8,6 +8,7 @@ Immich's ``server/src/enum.ts``); any of them may be a separate mount (a big ``l
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 
 # Immich's StorageFolder enum, in the order the dashboard lists them.
@@ -21,18 +22,21 @@ class FolderSpace:
     # What an unprivileged writer (Immich runs as one) can still use: f_bavail, not f_bfree, which
     # counts the blocks reserved for root.
     avail_bytes: int
+    # The filesystem's device: folders on one filesystem share it (and its free space).
+    device: int = 0
 
 
 def folder_space(root: str, folder: str) -> FolderSpace | None:
     """The filesystem holding ``root/folder``; None when the folder is absent or cannot be read."""
     path = os.path.join(root, folder)
     try:
-        if not os.path.isdir(path):
+        info = os.stat(path)
+        if not stat.S_ISDIR(info.st_mode):
             return None
         st = os.statvfs(path)
     except OSError:
         return None
-    return FolderSpace(folder, st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+    return FolderSpace(folder, st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize, info.st_dev)
 
 
 def media_space(root: str, folders: tuple[str, ...] = STORAGE_FOLDERS) -> list[FolderSpace]:
