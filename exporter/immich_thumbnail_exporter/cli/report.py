@@ -328,13 +328,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     state_dir = args.state_dir or config.remediation.state_dir
-    data = asyncio.run(Gatherer(config, progress, state_dir).gather())
+    # Opened first: a path that cannot be written is said before a scan of the whole library.
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     except OSError as exc:
         sys.stderr.write(f"cannot write {args.output}: {exc.strerror or exc}\n")
         return EXIT_CONFIG
     try:
+        data = asyncio.run(Gatherer(config, progress, state_dir).gather())
         if args.format == "html":
             restore_report_html.write_html(data, out)
         else:

@@ -278,6 +278,8 @@ def _capacity(data: RestoreData, w: Any) -> None:
           "(each kind's mean size on disk times the files of that kind missing)\n")
     elif stats is not None:
         w("- Sizes not read (checks.file_sizes is off): bytes on disk and bytes needed are unknown\n")
+    elif data.scan is None:
+        w("- No file check (the database could not be read): bytes on disk and bytes needed are unknown\n")
     else:
         w("- No file check (no media root): bytes on disk and bytes needed are unknown\n")
     if data.spaces is None:

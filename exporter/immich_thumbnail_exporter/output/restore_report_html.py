@@ -162,6 +162,8 @@ def _capacity(data: RestoreData) -> list[str]:
                      "(each kind's mean size on disk times the files of that kind missing)")
     elif stats is not None:
         items.append("Sizes not read (checks.file_sizes is off): bytes on disk and bytes needed are unknown")
+    elif data.scan is None:
+        items.append("No file check (the database could not be read): bytes on disk and bytes needed are unknown")
     else:
         items.append("No file check (no media root): bytes on disk and bytes needed are unknown")
     if data.spaces is None:
