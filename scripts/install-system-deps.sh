@@ -11,6 +11,7 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/
   || need+=(prometheus-alertmanager)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the report test renders its HTML headless
 [ ${#need[@]} -eq 0 ] && exit 0
 
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

@@ -341,6 +341,12 @@ _EXPORTER_SERIES = {
     f'immich_thumbnail_bytes{{{_TARGET},kind="thumbnail"}}': "2500000x40",
     f"immich_thumbnail_orphaned_files{{{_TARGET}}}": "4x40",
     f"immich_thumbnail_orphaned_bytes{{{_TARGET}}}": "40000x40",
+    f'immich_person_thumbnails_missing{{{_TARGET},reason="file_missing"}}': "2x40",
+    **{
+        f'immich_media_filesystem_{what}_bytes{{{_TARGET},folder="{folder}"}}': values
+        for folder in ("thumbs", "library")
+        for what, values in (("size", "10000000000x40"), ("avail", "5000000000-1000000x40"))
+    },
     f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="thumbnail"}}': "4x40",
     f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="original"}}': "1x40",
     f'immich_integrity_report_entries{{{_TARGET},type="untracked_file",kind="unknown"}}': "6x40",

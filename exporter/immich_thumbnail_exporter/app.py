@@ -13,6 +13,7 @@ from aiohttp import web
 
 from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.collectors.base import Collection
+from immich_thumbnail_exporter.collectors.capacity import CapacityCollection
 from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.inventory import InventoryCollection
 from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection
@@ -39,6 +40,7 @@ def build_collections(config: Config, pg: PostgresSource, feed: ProblemFeed) -> 
         log.info("media.root is not set: the files collection is off (database checks only)")
     if files_on:
         collections.append(FilesCollection(config, pg, feed))
+        collections.append(CapacityCollection(config))
     if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
         collections.append(QueueCollection(config, pg))
     if config.collectors.queues and config.redis.enabled and config.media.root:
