@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Iterator
 from immich_thumbnail_exporter.logs import warn_once
 from immich_thumbnail_exporter.scan import walk_child as _walker
 from immich_thumbnail_exporter.scan.walk_child import UNREADABLE_DIR, Frame, list_level, walk_tree
-from immich_thumbnail_exporter.sources.media import POOL, MediaStuck, media_call, media_stuck
+from immich_thumbnail_exporter.sources.media import POOL, MediaStuck, media_call, media_stuck, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -254,15 +254,18 @@ class DiskWalk:
         children, self._children = self._children, []
         for child in children:
             child.kill()
-        for child in children:
-            try:
-                await asyncio.wait_for(asyncio.shield(child.proc.wait()), EXIT_WAIT)
-            except TimeoutError:
-                _hold_stuck(child)
-                continue
-            except Exception as exc:  # already reaped elsewhere: nothing left to wait for
-                log.debug("file walker pid %d: %s", child.proc.pid, exc)
-            child.release()
+        waits = [asyncio.ensure_future(child.proc.wait()) for child in children]
+        try:
+            if waits:
+                # Together: a stop is bounded by one EXIT_WAIT however many helpers there are.
+                await asyncio.wait(waits, timeout=EXIT_WAIT)
+        finally:
+            for child, waiting in zip(children, waits, strict=True):
+                if waiting.done():
+                    child.release()
+                else:
+                    waiting.cancel()
+                    _hold_stuck(child)
 
 
 def _hold_stuck(child: _Child) -> None:
@@ -271,7 +274,7 @@ def _hold_stuck(child: _Child) -> None:
     pid = child.proc.pid
     what = f"file walker pid {pid} does not exit after SIGKILL: stuck in the kernel on the media folder"
     log.warning("%s; no new file check starts until it is gone", what)
-    POOL.hold(pid, what)
+    POOL.hold(pid, what, lambda: process_alive(pid))
 
     async def reap() -> None:
         t0 = asyncio.get_running_loop().time()

@@ -69,7 +69,7 @@ class MediaPool:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._running: _Job | None = None
-        self._held: dict[object, str] = {}
+        self._held: dict[object, tuple[str, Callable[[], bool]]] = {}
         self._suspects: dict[str, float] = {}
 
     # -- the worker ---------------------------------------------------------------------------------
@@ -106,13 +106,17 @@ class MediaPool:
             waited = time.monotonic() - job.started
             if waited > job.timeout:
                 return f"a call on the media folder ({job.name}) has not returned for {waited:.0f}s"
-        for what in list(self._held.values()):
-            return what
+        for key, (what, alive) in list(self._held.items()):
+            if alive():
+                return what
+            # Gone without anyone releasing it (its event loop ended first): nothing is stuck any more.
+            self._held.pop(key, None)
         return None
 
-    def hold(self, key: object, what: str) -> None:
-        """Stuck work outside the pool (a walker process in the kernel): the source is down until released."""
-        self._held[key] = what
+    def hold(self, key: object, what: str, alive: Callable[[], bool]) -> None:
+        """Stuck work outside the pool (a walker process in the kernel): the source is down until it is
+        released or ``alive()`` says it is gone."""
+        self._held[key] = (what, alive)
 
     def release(self, key: object) -> None:
         self._held.pop(key, None)
@@ -180,6 +184,16 @@ async def media_call(fn: Callable[..., T], *args: Any, timeout: float = CALL_TIM
 
 def media_stuck() -> str | None:
     return POOL.stuck()
+
+
+def process_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (one that has exited but is not yet reaped is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
 
 
 # -- the filesystem probe ---------------------------------------------------------------------------
