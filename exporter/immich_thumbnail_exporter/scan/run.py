@@ -19,14 +19,11 @@ from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import count, count_and_stream_records, media_location
 from immich_thumbnail_exporter.scan.originals import check_originals
 from immich_thumbnail_exporter.scan.verdict import original_exists
-from immich_thumbnail_exporter.sources.media import media_call, media_identity, probe_filesystem
+from immich_thumbnail_exporter.sources.media import media_call, probe_filesystem
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 
 log = logging.getLogger(__name__)
-
-# Re-exported: check_config and job_verification found them here before sources/media.py.
-__all__ = ["ScanResult", "media_identity", "probe_filesystem", "run_inventory", "run_scan"]
 
 
 @dataclass
