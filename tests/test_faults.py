@@ -10,6 +10,7 @@ interval of the backend returning. Intervals are short here only.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shutil
 import sys
@@ -49,7 +50,7 @@ from tests.faultkit import (
     watching,
     write_report,
 )
-from tests.helpers import fetch, run_cli, running_exporter
+from tests.helpers import fetch, run_cli, running_exporter, samples
 
 pytestmark = pytest.mark.asyncio
 
@@ -822,3 +823,71 @@ async def test_commands_on_a_hung_mount_exit_2(imm: Immich, hung_media: HangMoun
     lines = [line for line in result.stderr.splitlines() if hung_media.root in line]
     assert len(lines) == 1 and "does not answer" in lines[0], result.stderr
     HANG_REPORT.append(f"{command[0]} on a hung mount: exit 2 in {took:.2f}s: {lines[0]}")
+
+
+def libfaketime() -> str | None:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    return found[0] if found else None
+
+
+def stamp(parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], collection: str) -> float | None:
+    return parsed.get(("immich_exporter_collection_last_success_timestamp_seconds", (("collection", collection),)))
+
+
+async def test_wall_clock_stepped_back_and_forward(imm: Immich, tmp_path: Any) -> None:
+    """``serve`` under libfaketime: its wall clock stepped back 10 minutes, then forward 20, as NTP would
+    (the monotonic clock untouched). Every series stays through new rounds of every collection; only the
+    ``*_timestamp_seconds`` values move, and no value is ever negative."""
+    lib = libfaketime()
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail("libfaketime is needed here (scripts/install-system-deps.sh installs Debian's faketime)")
+        pytest.skip("no libfaketime (Debian's faketime)")
+    clock = tmp_path / "clock"
+    clock.write_text("+0\n")
+    cfg = tmp_path / "config.yml"
+    # A files deadline with room: libfaketime slows every clock read, and a round cut short by its
+    # deadline would hide its series for a reason that is not the clock's.
+    cfg.write_text("intervals: {inventory: 3s, files: 6s, queues: 1s}\n")
+    faked = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_CACHE_DURATION": "1",
+             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    proc, url, log_file = await serve_process(imm, imm.media, cfg, faked)
+    seen: list[str] = []
+    try:
+        async with watching(url) as w:
+            await until(lambda: healthy(w) and stamp(w.last, "files") and stamp(w.last, "inventory"), 30)
+            first = stamp(w.last, "files") or 0.0
+            await until(lambda: (stamp(w.last, "files") or 0.0) > first and healthy(w), 15)
+            series = set(w.last)
+            for step, offset in (("back 10 min", -600), ("forward 20 min", +600)):
+                before = {c: stamp(w.last, c) or 0.0 for c in ("inventory", "files")}
+                clock.write_text(f"{offset:+d}\n")
+
+                def stepped(before: dict[str, float] = before, offset: int = offset) -> bool:
+                    now = {c: stamp(w.last, c) for c in before}
+                    return all(v is not None and (v - before[c]) * offset > 500 for c, v in now.items())
+
+                # A new round of each collection finished under the stepped clock...
+                await until(stepped, 30)
+                # ...and through the next rounds every series is there, none negative.
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 3:
+                    parsed = samples((await fetch(url + "/metrics"))[1])
+                    gone = series - set(parsed)
+                    assert not gone, (step, gone)
+                    negative = {k: v for k, v in parsed.items() if v < 0}
+                    assert not negative, (step, negative)
+                    await asyncio.sleep(0.1)
+                seen.append(step)
+            # Latency is not what this checks (libfaketime itself costs time): every scrape answered.
+            assert not w.failures, w.failures[:5]
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+        log_file.close()
+    log = (tmp_path / "config.yml.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-2000:]
+    HANG_REPORT.append(f"wall clock stepped {' then '.join(seen)} under serve: {len(series)} series kept, "
+                       f"none negative")
+    write_report("hang", HANG_REPORT)
