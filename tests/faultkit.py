@@ -254,7 +254,7 @@ def write_report(name: str, lines: list[str]) -> None:
 
 # Hang modes: every call on the mount, or only below the leaf folders ``thumbs/<owner>/<xx>/`` (what
 # the probe's look at ``thumbs/`` never meets; only the file walk does).
-HANG_ALL, HANG_LEAVES = "all", "leaves"
+HANG_ALL, HANG_LEAVES, HANG_UNKILLABLE = "all", "leaves", "unkillable"
 SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
 
 
@@ -271,12 +271,15 @@ def _sigkill_pending(tid: int) -> bool:
 
 def hangfs_main(argv: list[str]) -> None:
     """The FUSE daemon (a process of its own, so the test process never waits on its own mount):
-    ``SOURCE MOUNTPOINT``; reads ``all`` / ``leaves`` / ``answer`` lines on stdin, says ``ok`` after each.
+    ``SOURCE MOUNTPOINT``; reads ``all`` / ``leaves`` / ``unkillable`` / ``answer`` lines on stdin, says
+    ``ok`` after each.
 
     A read-only passthrough of SOURCE. While hung, a call waits like one on a hard NFS mount: for ever,
     except that a fatal signal ends it (the NFS client's waits are killable). A FUSE request that the
     daemon has read is otherwise waited out by the kernel even after SIGKILL, which no NFS client does,
     so the daemon answers ``EINTR`` once the caller has SIGKILL pending, and not for any other signal.
+    ``unkillable`` (until ``answer``) drops that courtesy: callers then wait in the kernel (state ``D``)
+    even after SIGKILL, as they would on a FUSE mount whose daemon hangs.
     """
     import errno
     import sys as _sys
@@ -286,7 +289,7 @@ def hangfs_main(argv: list[str]) -> None:
     source, mountpoint = argv
     answered = threading.Event()
     answered.set()
-    mode = {"now": ""}
+    mode = {"now": "", "killable": True}
 
     class HangFS(Operations):  # type: ignore[misc]
         def _gate(self, path: str) -> None:
@@ -297,7 +300,7 @@ def hangfs_main(argv: list[str]) -> None:
                 return
             tid = fuse_get_context()[2]
             while not answered.wait(0.05):
-                if _sigkill_pending(tid):
+                if mode["killable"] and _sigkill_pending(tid):
                     raise FuseOSError(errno.EINTR)
 
         def _real(self, path: str) -> str:
@@ -358,7 +361,10 @@ def hangfs_main(argv: list[str]) -> None:
             if cmd in (HANG_ALL, HANG_LEAVES):
                 mode["now"] = cmd
                 answered.clear()
+            elif cmd == HANG_UNKILLABLE:
+                mode["killable"] = False
             elif cmd == "answer":
+                mode["killable"] = True
                 answered.set()
             print("ok", flush=True)
         answered.set()  # the test is gone: never leave a caller hanging
@@ -414,7 +420,9 @@ class HangMount:
                 raise RuntimeError(f"the FUSE passthrough did not mount at {self.root}")
             time.sleep(0.05)
 
-    def hang(self, mode: str = HANG_ALL) -> None:
+    def hang(self, mode: str = HANG_ALL, killable: bool = True) -> None:
+        if not killable:
+            self._say(HANG_UNKILLABLE)
         self._say(mode)
 
     def answer(self) -> None:

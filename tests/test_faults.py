@@ -31,6 +31,7 @@ from immich_thumbnail_exporter.app import Exporter
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from immich_thumbnail_exporter.demo.seed import Plan
 from immich_thumbnail_exporter.scan import run as scanner
+from immich_thumbnail_exporter.sources.media import media_stuck
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.conftest import Immich, make_immich
 from tests.faultkit import (
@@ -626,7 +627,7 @@ async def test_postgres_frozen_while_every_pooled_session_is_busy(
 # The media folder is a FUSE passthrough that hangs on demand like a hard NFS mount (tests/faultkit.py):
 # every call, or only below thumbs/<owner>/<xx>/. Hangs last only as long as their checks need.
 
-HANG_HOLD = 20.0  # seconds the whole mount stays hung under serve: several failed files rounds
+HANG_HOLD = 12.0  # seconds the whole mount stays hung under serve: several failed files rounds
 HANG_REPORT: list[str] = []
 
 
@@ -808,6 +809,34 @@ async def test_leaf_folders_hung_under_serve(imm: Immich, hung_media: HangMount,
     assert "files failed" in log and "does not answer" in log, log[-2000:]
     HANG_REPORT.append(f"leaf folders hung under serve: reported (files failed, filesystem down) in {down:.2f}s; "
                        f"walker processes {most} max; SIGTERM exit in {exit_after:.2f}s while still hung")
+
+
+async def test_leaf_folders_hung_and_walkers_unkillable(
+    imm: Immich, hung_media: HangMount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but a killed walker stays in the kernel (state D) until the mount answers, as on a FUSE
+    mount whose daemon hangs: it is reported, held (the filesystem source stays down), waited for and
+    never replaced; once the mount answers it is reaped and everything recovers."""
+    flags = overrides(imm, **{"media.root": hung_media.root, "intervals.files": "2s"})
+    caplog.set_level("INFO", logger="immich_thumbnail_exporter")
+    async with running_exporter(flags, env=imm.env()) as (ex, url), watching(url, budget=0.5) as w:
+        await settle(ex, w, imm)
+        hung_media.hang(HANG_LEAVES, killable=False)
+        held = await until(lambda: "does not exit after SIGKILL" in (media_stuck() or ""), 30)
+        assert any(state == "D" for _, state in walker_children()), walker_children()
+        await until(lambda: w.up("filesystem") == 0 and not files_series(w), 10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:  # rounds go on failing at once: no second pair
+            assert len(walker_children()) <= 2, walker_children()
+            assert w.up("filesystem") == 0
+            await asyncio.sleep(0.1)
+        hung_media.answer()
+        recovered = await until(lambda: healthy(w) and files_ok(ex) and not walker_children(), 40)
+        w.check()
+        assert w.max_walkers <= 2, w.max_walkers
+    assert "does not exit after SIGKILL" in caplog.text and "exited after" in caplog.text, caplog.text[-2000:]
+    HANG_REPORT.append(f"leaf folders hung, walkers unkillable: walker held as stuck after {held:.2f}s, walker "
+                       f"processes {w.max_walkers} max; recovered {recovered:.2f}s after the mount answered")
 
 
 @pytest.mark.parametrize("command", [["scan", "--no-progress"], ["check-config"], ["regenerate"]])

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from immich_thumbnail_exporter.collectors.base import Collection, Outcome
 from immich_thumbnail_exporter.sources.health import classify
-from immich_thumbnail_exporter.sources.media import media_stuck, probe_filesystem
+from immich_thumbnail_exporter.sources.media import media_stuck, media_suspects, probe_filesystem
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.store import Result, Store
 from immich_thumbnail_exporter.timing import Backoff
@@ -84,6 +84,7 @@ class Runner:
     async def run_once(self, collection: Collection) -> Result:
         """One round of one collection, under its deadline; never raises for backend trouble."""
         t0 = time.monotonic()
+        suspects = set(media_suspects())
         outcome: Outcome | None = None
         sources: dict[str, bool | str | None] = {}
         error: str | None = None
@@ -94,10 +95,16 @@ class Runner:
         except TimeoutError:
             error = f"did not finish within its deadline of {collection.timeout:.0f}s"
             # A deadline hit means a backend stopped answering: say which one we were waiting on.
-            stuck = media_stuck() if "filesystem" in collection.sources else None
+            # The media folder, when its work is stuck or the walk was left waiting on a folder (which the
+            # probe now looks into): then the database is not to blame, and its pool is kept.
+            on_media = "filesystem" in collection.sources
+            stuck = media_stuck() if on_media else None
+            waited = sorted(set(media_suspects()) - suspects) if on_media else []
             if stuck is not None:
                 error += f" (filesystem: {stuck})"
                 sources["filesystem"] = stuck
+            elif waited:
+                error += f" (the file walk was waiting on {waited[0]})"
             elif "postgres" in collection.sources and self.pg is not None:
                 await self.pg.reset()
         except asyncio.CancelledError:

@@ -183,7 +183,13 @@ async def media_call(fn: Callable[..., T], *args: Any, timeout: float = CALL_TIM
 
 
 def media_stuck() -> str | None:
+    """Why media work is stuck now, or None."""
     return POOL.stuck()
+
+
+def media_suspects() -> list[str]:
+    """Folders a walk was cut short on, which the probe has not yet seen answer."""
+    return POOL.suspects
 
 
 def process_alive(pid: int) -> bool:
