@@ -166,10 +166,12 @@ class MediaPool:
         now = time.monotonic()
         if job.started is not None:
             return max(0.01, job.started + job.timeout - now + 0.01)
+        # Queued: look again shortly (it may have started, with a deadline of its own), and at the latest
+        # when the call ahead of it becomes stuck.
         ahead = self._running
         if ahead is not None and ahead.started is not None:
-            return max(0.01, ahead.started + ahead.timeout - now + 0.01)
-        return 0.05  # between two jobs: look again shortly
+            return min(0.25, max(0.01, ahead.started + ahead.timeout - now + 0.01))
+        return 0.05
 
 
 POOL = MediaPool()
