@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG, EXIT_OK
-from immich_thumbnail_exporter.collectors.capacity import off_loop
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import ProblemStore
 from immich_thumbnail_exporter.output import restore_report, restore_report_html
@@ -41,6 +40,7 @@ from immich_thumbnail_exporter.scan.targeted import check_assets, media_mapper
 from immich_thumbnail_exporter.sources import integrity
 from immich_thumbnail_exporter.sources.bullmq import BullMQ
 from immich_thumbnail_exporter.sources.capacity import media_space
+from immich_thumbnail_exporter.sources.media import MediaStuck, media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
@@ -86,8 +86,8 @@ def ledger_history(directory: str, limit: int = LEDGER_LIMIT) -> tuple[list[Entr
 async def _spaces(root: str) -> list[Space] | None:
     """Each storage folder's filesystem; None when the media folder does not answer in time."""
     try:
-        found = await asyncio.wait_for(off_loop(media_space, root), SPACE_TIMEOUT)
-    except TimeoutError:
+        found = await media_call(media_space, root, timeout=SPACE_TIMEOUT)
+    except MediaStuck:
         return None
     return [Space(s.folder, s.size_bytes, s.avail_bytes, s.device) for s in found]
 
@@ -289,7 +289,7 @@ class Gatherer:
         async with self.pg.connection() as conn:
             rows = await conn.fetch(targeted_sql(schema), wanted, timeout=self.config.database.statement_timeout)
         files = {str(r[0]): [(str(f[0]), str(f[1])) for f in r[6]] for r in rows}
-        sizes = {a: await asyncio.wait_for(off_loop(_sizes, mapper, fs), 30) for a, fs in files.items()}
+        sizes = {a: await media_call(_sizes, mapper, fs, timeout=30) for a, fs in files.items()}
         return verdicts, sizes
 
     async def _integrity(self) -> None:

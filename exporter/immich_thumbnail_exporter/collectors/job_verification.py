@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.metrics import counter
-from immich_thumbnail_exporter.scan.run import probe_filesystem
 from immich_thumbnail_exporter.scan.targeted import AssetVerdict, check_assets, media_mapper
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
+from immich_thumbnail_exporter.sources.media import probe_filesystem
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource

@@ -10,7 +10,6 @@ followed inside the media root only). Nothing touches the disk in the event loop
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -19,6 +18,7 @@ from immich_thumbnail_exporter.scan.file_sql import targeted_sql
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import media_location
 from immich_thumbnail_exporter.scan.verdict import AssetRow, AssetVerdict, judge_asset
+from immich_thumbnail_exporter.sources.media import media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.schema import Schema
@@ -71,8 +71,8 @@ async def check_assets(
 
     One query per ``batch_size`` ids (a pooled connection, each statement bounded by ``timeout``,
     ``database.statement_timeout`` by default), no walk; the files of a batch are looked at in one
-    worker-thread call, bounded in time. Raises what ``PostgresSource`` raises when the database fails,
-    and ``TimeoutError`` when the disk does not answer.
+    media-pool call, bounded in time. Raises what ``PostgresSource`` raises when the database fails,
+    and ``MediaStuck`` (a ``SourceError`` of ``filesystem``) when the disk does not answer.
     """
     given = list(asset_ids)
     canonical = {a: _canonical(a) for a in given}
@@ -88,7 +88,7 @@ async def check_assets(
         assets = [AssetRow(r[0], r[1], r[2], r[3], bool(r[4]), [(f[0], f[1], f[2] == "true") for f in r[6]],
                            edited=bool(r[5])) for r in rows]
         budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
-        found.update(await asyncio.wait_for(asyncio.to_thread(_judge, mapper, disk, assets, headers), budget))
+        found.update(await media_call(_judge, mapper, disk, assets, headers, timeout=budget))
     out: dict[str, AssetVerdict] = {}
     for a in given:
         c = canonical[a]
