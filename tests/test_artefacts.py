@@ -2,7 +2,8 @@
 
 Alert rules (promtool), runbooks, the generated Grafana dashboard, the generated PrometheusRule, the
 kustomize base (rendered and validated against Kubernetes' schemas), the Compose service, the
-Dockerfile, and the metric names all of them use against SPEC.md.
+Dockerfile, the metric names all of them use against the exporter's definitions (``metrics.py``), and
+the README's Metrics table against those definitions.
 
 Needs promtool (Debian package `prometheus`) and the PyPI package `kubernetes-validate`. Without them
 the tests that need them are skipped locally and fail under CI (environment variable CI set).
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from immich_thumbnail_exporter.metrics import DEFS, exposed_names
-from immich_thumbnail_exporter.vocabulary import KINDS, QUEUE_STATES, REASONS
+from immich_thumbnail_exporter.vocabulary import REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "immich-thumbnails.rules.yml"
@@ -326,7 +327,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# One exporter exposing every SPEC metric, as Prometheus stores it.
+# One exporter exposing every metric the dashboard queries, as Prometheus stores it.
 _TARGET = 'job="immich-thumbnail-exporter",instance="exporter:9813"'
 _THUMBS = f'{_TARGET},queue="thumbnailGeneration"'
 _EXPORTER_SERIES = {
@@ -398,76 +399,104 @@ def test_dashboard_queries_return_data(tmp_path: Path) -> None:
 
 # --- metric names ----------------------------------------------------------------------------------------
 
-
-# CI lays shared/ (SPEC.md, Immich's schema) beside the checkout, as the developers have it.
-SPEC_FILE = ROOT.parent / "shared" / "SPEC.md"
+README = ROOT / "README.md"
 
 
-def _leading_labels(cell: str) -> list[str]:
-    """The labels a SPEC row lists first: "`queue`, `state` (waiting, active): ..." -> queue, state."""
-    rest = re.sub(r"^histograms,\s*", "", cell)
-    labels = []
-    while m := re.match(r"`([a-z_]+)`\s*(\([^)]*\))?\s*,?\s*", rest):
-        labels.append(m.group(1))
-        rest = rest[m.end():]
-    return labels
+def readme_metrics(text: str) -> dict[str, frozenset[str] | None]:
+    """The README's Metrics table: each metric name as exposed -> the labels its row lists (None when the
+    table has no ``labels`` column).
 
-
-def spec_metrics(text: str) -> dict[str, tuple[frozenset[str], bool]]:
-    """SPEC.md's metric table: each name as exposed -> (its labels, whether it is a histogram)."""
-    table: dict[str, tuple[frozenset[str], bool]] = {}
-    in_table = False
-    for line in text.splitlines():
-        if re.match(r"^\|\s*metric\s*\|", line):
-            in_table = True
-            continue
-        if in_table and not line.startswith("|"):
-            in_table = False
-        if not in_table or re.match(r"^\|[\s\-|]+\|$", line):
+    The table is the first one under the ``## Metrics`` heading. Its first column names metrics in
+    backticks, several to a cell if they share labels (`` `a`, `b` ``); a name starting with ``_`` is
+    shorthand for the cell's first name with its last word replaced (`` `x_success`, `_duration_seconds` ``
+    is ``x_duration_seconds``). A row's labels are the backticked names in its ``labels`` cell.
+    """
+    match = re.search(r"^## Metrics[ \t]*\n(.*?)(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    assert match, "README.md has no '## Metrics' section"
+    table: dict[str, frozenset[str] | None] = {}
+    label_column: int | None = None
+    header_seen = False
+    for line in match.group(1).splitlines():
+        if not line.startswith("|"):
+            if header_seen:
+                break  # the first table only
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        labels = frozenset(_leading_labels(cells[1])) if len(cells) > 1 else frozenset()
-        histogram = len(cells) > 1 and cells[1].lower().startswith("histogram")
+        if not header_seen:
+            header_seen = True
+            heads = [c.lower() for c in cells]
+            label_column = heads.index("labels") if "labels" in heads else None
+            continue
+        if all(re.fullmatch(r":?-+:?", c) for c in cells):
+            continue
+        labels = None
+        if label_column is not None and label_column < len(cells):
+            labels = frozenset(re.findall(r"`([a-zA-Z_][a-zA-Z0-9_]*)`", cells[label_column]))
+        first = ""
         for name in re.findall(r"`([a-z_:][a-z0-9_:]*)`", cells[0]):
-            table[name] = (labels, histogram)
+            if name.startswith("_"):
+                assert first, f"README Metrics row {cells[0]!r}: shorthand {name} before a full name"
+                name = first.rsplit("_", 1)[0] + name
+            else:
+                first = first or name
+            table[name] = labels
+    assert table, "README.md's Metrics section has no table of backticked metric names"
     return table
 
 
-def defined_metrics() -> dict[str, tuple[frozenset[str], bool]]:
-    """The exporter's own metric definitions, named as SPEC.md names them (counters with ``_total``)."""
-    return {
-        d.name + ("_total" if d.type == "counter" else ""): (frozenset(d.labels), d.type == "histogram")
-        for d in DEFS.values()
+def exposed_metric_names() -> dict[str, frozenset[str]]:
+    """Each metric the exporter defines (metrics.py), named as exposed (counters with ``_total``), with its labels."""
+    return {d.name + ("_total" if d.type == "counter" else ""): frozenset(d.labels) for d in DEFS.values()}
+
+
+def test_readme_table_parses() -> None:
+    text = (
+        "## Metrics\n\nIntro.\n\n| metric | labels | meaning |\n|---|---|---|\n"
+        "| `a_total` | `queue`, `job_name` (, `outcome`) | x |\n"
+        "| `b_files`, `b_bytes` | `kind` | y with `not_a_label` in prose |\n"
+        "| `c_success`, `_duration_seconds`, `_last_timestamp` | `collection` | |\n"
+        "| `d` | | |\n\nText after.\n\n| `not_in_the_first_table` | | |\n\n## Next\n| `e` | | |\n"
+    )
+    assert readme_metrics(text) == {
+        "a_total": {"queue", "job_name", "outcome"},
+        "b_files": {"kind"}, "b_bytes": {"kind"},
+        "c_success": {"collection"}, "c_duration_seconds": {"collection"}, "c_last_timestamp": {"collection"},
+        "d": frozenset(),
     }
+    without_labels = "## Metrics\n| metric | meaning |\n|---|---|\n| `a`, `b` | `x` |\n"
+    assert readme_metrics(without_labels) == {"a": None, "b": None}
 
 
-def test_spec_table_parses() -> None:
-    table = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
-    assert table["immich_queue_oldest_job_age_seconds"] == ({"queue", "state"}, False)
-    assert table["immich_jobs_accepted_total"] == ({"queue", "job_name"}, False)
-    assert table["immich_job_run_seconds"] == ({"queue", "job_name"}, True)
-    assert table["immich_assets_metadata_pending"] == (frozenset(), False)
+def test_readme_metrics_table_matches_the_definitions() -> None:
+    """Every metric the exporter defines is in the README's Metrics table, and the table names no other."""
+    readme = readme_metrics(README.read_text(encoding="utf-8"))
+    defined = exposed_metric_names()
+    assert not defined.keys() - readme.keys(), "defined in metrics.py, missing from the README's Metrics table"
+    assert not readme.keys() - defined.keys(), "in the README's Metrics table, not defined in metrics.py"
 
 
-def test_metric_definitions_match_spec() -> None:
-    """Every metric the exporter defines is SPEC.md's, with SPEC.md's labels, and none is missing."""
-    spec = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
-    assert defined_metrics() == spec
+def test_readme_metrics_table_lists_their_labels() -> None:
+    """Where the table has a labels column, each row lists exactly the labels its metrics carry (a row of
+    several metrics lists all of theirs: ``queue``, ``job_name`` (, ``outcome``))."""
+    readme = readme_metrics(README.read_text(encoding="utf-8"))
+    defined = exposed_metric_names()
+    rows: dict[frozenset[str], set[str]] = {}
+    for name, labels in readme.items():
+        if labels is not None and name in defined:
+            rows.setdefault(labels, set()).add(name)
+    for labels, names in rows.items():
+        union = frozenset().union(*(defined[n] for n in names))
+        # Metrics sharing the same listed labels may sit on different rows: each must be within them, and
+        # together they must use every label listed.
+        assert all(defined[n] <= labels for n in names), (sorted(names), sorted(labels))
+        assert union == labels, (sorted(names), sorted(labels))
 
 
-def test_label_values_match_spec() -> None:
-    """The label values SPEC.md lists are the vocabulary the exporter validates and emits."""
-    text = SPEC_FILE.read_text(encoding="utf-8")
-
-    def values(metric: str, label: str) -> tuple[str, ...]:
-        row = next(line for line in text.splitlines() if line.startswith(f"| `{metric}`"))
-        m = re.search(rf"`{label}` \(([^)]*)\)", row)
-        assert m, (metric, label)
-        return tuple(v.strip() for v in m.group(1).split(","))
-
-    assert values("immich_asset_files_missing", "kind") == KINDS
-    assert values("immich_asset_files_missing", "reason") == REASONS
-    assert values("immich_queue_jobs", "state") == QUEUE_STATES
+def test_readme_names_every_reason() -> None:
+    """The row of ``immich_asset_files_missing`` names every reason the exporter emits."""
+    text = README.read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| `immich_asset_files_missing`"))
+    assert set(REASONS) <= set(re.findall(r"`([a-z_]+)`", row))
 
 
 def test_artefacts_use_defined_metrics() -> None:
