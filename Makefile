@@ -42,8 +42,11 @@ actionlint: $(VENV)/.test-installed
 check: lint
 	$(BIN)/python -m pytest -q tests/unit
 
+# Two workers, each taking whole modules (module-scoped servers are started once): most of the suite
+# waits on servers and rounds, not on the CPU. Every test takes its own ports, folders and databases.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.test-installed system-deps node-deps lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25
 
 # Rewrite tests/golden/metrics.prom from a real exporter run plus made-up data (review the diff).
 golden: $(VENV)/.test-installed

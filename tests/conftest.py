@@ -147,6 +147,21 @@ async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Under `make test`'s workers (pytest-xdist, --dist loadgroup) each module is one group, run whole on one
+# worker so its module-scoped servers start once. These modules share one group instead, so they never run
+# beside each other: the soak loads the machine for two minutes, and the others wait on a Node worker or on
+# frozen servers within bounds that such a load can break.
+ONE_AT_A_TIME = frozenset({"test_soak.py", "test_job_verification.py", "test_faults.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("one-at-a-time" if name in ONE_AT_A_TIME else str(item.path)))
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """One line for every test skipped for want of Immich's real schemas, whatever ``-r`` asks for."""
     skipped = [

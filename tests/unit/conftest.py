@@ -7,13 +7,9 @@ needs PostgreSQL, Valkey or a seeded Immich belongs beside the server tests, not
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-HERE = Path(__file__).parent
-UNIT_TIMEOUT = 30
 
 
 def _no_server(name: str) -> Callable[[], Any]:
@@ -29,11 +25,4 @@ postgres = _no_server("postgres")
 valkey_server = _no_server("valkey_server")
 valkey = _no_server("valkey")
 immich_factory = _no_server("immich_factory")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A unit test that waits for anything is a bug: fail it long before the suite's 300 s.
-    for item in items:
-        if item.path.is_relative_to(HERE) and not item.get_closest_marker("timeout"):
-            item.add_marker(pytest.mark.timeout(UNIT_TIMEOUT))
 
