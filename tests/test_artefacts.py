@@ -1,8 +1,8 @@
 """Tests for the shipped monitoring and deployment artefacts.
 
 Alert rules (promtool), runbooks, the generated Grafana dashboard, the generated PrometheusRule, the
-kustomize base (rendered and validated against Kubernetes' schemas), the Compose service, the
-and the Dockerfile. (The metric names they use, and the README's table of them, are checked against the
+kustomize base (rendered and validated against Kubernetes' schemas), the Compose service and the
+Dockerfile. (The metric names they use, and the README's table of them, are checked against the
 exporter's definitions in tests/test_metric_names.py.)
 
 Needs promtool (Debian package `prometheus`) and the PyPI package `kubernetes-validate`. Without them
