@@ -30,7 +30,6 @@ import time
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.select import Failure, Options, Selection
@@ -43,6 +42,7 @@ from immich_thumbnail_exporter.remediation.submit import (
     submit_batch,
 )
 from immich_thumbnail_exporter.remediation.why import NOT_QUEUED, SKIP_TEXT, Why, ago, attempt_reasons, diagnose
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError

@@ -1,33 +1,34 @@
 """Following the jobs regeneration asked for, in the thumbnail queue's event stream.
 
 Immich answers ``POST /api/assets/jobs`` with 204 whether or not it queued anything (v3.0.0 queued
-nothing, immich-app/immich#29450), and removes a job's hash the moment it completes. So right after
-each accepted request the watch reads the stream's new entries as they are written (``XREAD`` with a
-short block): each ``added`` thumbnail job's hash is read at once, while the job still waits, to learn
-the asset it names. An asset with a job is *confirmed*; one with none by the end of its window is
-``not_queued`` unless a job whose data could not be read in time might be its own (counted, never
-guessed). Later entries say when each confirmed job started and finished.
+nothing, immich-app/immich#29450), and removes a job's hash the moment it completes. ``JobWatch`` is a
+subscriber of the process's one event reader (``sources/bullmq_reader.py``: one connection, one XREAD
+loop, shared with the job counters and job verification). While confirmation windows are open, the
+reader reads each ``added`` thumbnail job's hash at once, while the job still waits, to learn the asset
+it names. An asset with a job is *confirmed*; one with none by the end of its window is ``not_queued``
+unless a job whose data could not be read in time might be its own (counted, never guessed). Later
+entries say when each confirmed job started and finished.
 
 Memory is bounded: only jobs naming an asset the watch was told to expect are kept (at most
-``MAX_JOBS``), and each read takes at most ``BATCH`` entries.
+``MAX_JOBS``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from immich_thumbnail_exporter.remediation import queue_view
-from immich_thumbnail_exporter.sources.bullmq_events import read_streams, stream_ends
-from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader, JobEvent
+from immich_thumbnail_exporter.sources.postgres import SourceError
+from immich_thumbnail_exporter.sources.redis import SOURCE, RedisSource
+from immich_thumbnail_exporter.timing import deadline_in
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
-BATCH = 1_000
 MAX_JOBS = 50_000
-MAX_READS_PER_POLL = 20
 
 
 @dataclass
@@ -58,30 +59,37 @@ class Confirmation:
     unreadable_jobs: int = 0
 
 
-def _stamp(entry_id: str) -> float:
-    try:
-        return int(entry_id.split("-", 1)[0]) / 1000.0
-    except ValueError:
-        return time.time()
-
-
 class JobWatch:
+    """Regeneration's confirmations: a subscriber of the process's event reader for the thumbnail queue.
+
+    ``source``: the caller's Redis (its pooled connection reads the queue itself, in ``settle``); the
+    watch ends with it (``source.close()``)."""
+
+    queues = frozenset({THUMBNAIL_QUEUE})
+    reads_ahead = False
+
     def __init__(self, source: RedisSource, prefix: str) -> None:
         self.source = source
         self.prefix = prefix
-        self.key = f"{prefix}:{THUMBNAIL_QUEUE}:events"
-        self.cursor: str | None = None
+        self.reader = EventReader.attach(source.config)
         self._expected: dict[str, float] = {}  # asset -> monotonic deadline of its window
         self._jobs: OrderedDict[str, JobSeen] = OrderedDict()  # job id -> job, oldest first
         self._by_asset: dict[str, str] = {}  # asset -> its latest job id
         self._unreadable = 0  # added thumbnail jobs gone before their hash was read, while windows were open
         self._confirmed: dict[str, str] = {}  # confirmed since the last settle(): asset -> job id
+        self._delivered = asyncio.Event()
         self.events_read = 0
+        self.reader.subscribe(self)
+        source.on_close(self.close)
+
+    async def close(self) -> None:
+        self.reader.unsubscribe(self)
+        await self.reader.release()
 
     async def start(self) -> None:
-        """Remember where the stream ends now: only later entries can answer a later request."""
-        if self.cursor is None:
-            self.cursor = (await stream_ends(self.source, [self.key]))[0]
+        """Follow the stream from where it ends now: only later entries can answer a later request."""
+        if not await self.reader.wait_following(sorted(self.queues), deadline_in(self.source.timeout)):
+            raise SourceError(SOURCE, f"event stream not readable: {self.reader.state or 'no answer in time'}")
 
     # -- expectations ------------------------------------------------------------------------------
     def expect(self, asset_ids: Iterable[str], window: float) -> None:
@@ -115,45 +123,59 @@ class JobWatch:
 
     # -- reading the stream ------------------------------------------------------------------------
     async def poll(self, block: float = 0.0) -> None:
-        """Read what the stream gained since the last call; wait up to ``block`` seconds for a first entry."""
+        """Take in everything the stream gained so far; wait up to ``block`` seconds for more. Raises
+        SourceError when the stream cannot be read."""
         await self.start()
-        for _ in range(MAX_READS_PER_POLL):
-            assert self.cursor is not None
-            block_ms = max(1, int(block * 1000)) if block > 0 else 0
-            read = await read_streams(self.source, {self.key: self.cursor}, BATCH, block_ms)
-            entries = [(eid, f if isinstance(f, dict) else {}) for eid, f in read.get(self.key, [])]
-            block = 0.0
-            if not entries:
-                return
-            self.cursor = entries[-1][0]
-            self.events_read += len(entries)
-            await self._apply(entries)
-            if len(entries) < BATCH:
+        self._delivered.clear()
+        deadline = deadline_in(self.source.timeout + block)
+        if not await self.reader.catch_up(self.source, sorted(self.queues), deadline):
+            raise SourceError(SOURCE, f"event stream not read in time: {self.reader.state}")
+        if block > 0 and not self._delivered.is_set():
+            try:
+                await asyncio.wait_for(self._delivered.wait(), block)
+            except TimeoutError:
                 return
 
-    async def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        added = [(eid, f["jobId"]) for eid, f in entries
-                 if f.get("event") == "added" and f.get("name") in THUMBNAIL_JOB_NAMES and f.get("jobId")]
-        if added and self._expected:
-            assets = await queue_view.job_assets(self.source, self.prefix, [j for _, j in added])
-            for eid, job_id in added:
-                asset = assets.get(job_id)
-                if asset is None:
-                    self._unreadable += 1
-                elif asset in self._expected:
-                    self._remember(JobSeen(job_id, asset, _stamp(eid)))
-                    self._confirmed[asset] = job_id
-                    del self._expected[asset]
-        for eid, f in entries:
-            job = self._jobs.get(f.get("jobId", ""))
+    # -- Subscriber ------------------------------------------------------------------------------------
+    def takes(self, queue: str) -> bool:
+        return queue in self.queues
+
+    def wants(self, queue: str, name: str) -> bool:
+        return bool(self._expected) and name in THUMBNAIL_JOB_NAMES
+
+    def forget(self, queue: str) -> None:
+        """A replaced stream restarts job ids: the jobs remembered by id say nothing any more."""
+        self._jobs.clear()
+        self._by_asset.clear()
+
+    def deliver(self, events: Sequence[JobEvent]) -> None:
+        self.events_read += len(events)
+        for e in events:
+            if e.event == "added":
+                self._added(e)
+                continue
+            job = self._jobs.get(e.job_id)
             if job is None:
                 continue
-            event = f.get("event")
-            if event == "active":
-                job.started_at = _stamp(eid)
-            elif event in ("completed", "failed"):
-                job.finished_at, job.outcome = _stamp(eid), event
-                job.failed_reason = f.get("failedReason") if event == "failed" else None
+            if e.event == "active":
+                job.started_at = e.at_ms / 1000.0
+            elif e.event in ("completed", "failed"):
+                job.finished_at, job.outcome = e.at_ms / 1000.0, e.event
+                reason = e.fields.get("failedReason") if e.event == "failed" else None
+                job.failed_reason = reason if isinstance(reason, str) else None
+        if events:
+            self._delivered.set()
+
+    def _added(self, e: JobEvent) -> None:
+        if not self._expected or e.job is None or e.job.name not in THUMBNAIL_JOB_NAMES:
+            return
+        asset = e.job.entity if e.job.read else None
+        if asset is None:
+            self._unreadable += 1
+        elif asset in self._expected:
+            self._remember(JobSeen(e.job_id, asset, e.at_ms / 1000.0))
+            self._confirmed[asset] = e.job_id
+            del self._expected[asset]
 
     def _remember(self, job: JobSeen) -> None:
         self._jobs[job.job_id] = job
@@ -176,7 +198,7 @@ class JobWatch:
         ended = [a for a, deadline in self._expected.items() if deadline <= now]
         if not ended:
             return out
-        view = await queue_view.queued_assets(self.source, self.prefix)
+        view = await queued_assets(self.source, self.prefix)
         for a in ended:
             del self._expected[a]
             queued = view.assets.get(a)

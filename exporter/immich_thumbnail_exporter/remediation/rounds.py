@@ -34,11 +34,11 @@ from immich_thumbnail_exporter.findings import Problem, ProblemFeed, ProblemStor
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.ratelimit import RateLimiter
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
 from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, attempt_over, attempt_reasons
 from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource

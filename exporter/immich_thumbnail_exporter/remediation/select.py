@@ -18,11 +18,11 @@ from immich_thumbnail_exporter.findings import Problem, ProblemStore
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker, valid_asset_id
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.submit import OTHER_OWNER, Candidate
 from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, ago, diagnose
 from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
