@@ -836,3 +836,14 @@ async def test_check_connections(valkey: EmbeddedValkey, immich_db: Immich, caps
 
     none = load_config(None, environ={"DB_URL": immich_db.dsn})
     assert await check_connections(none) == []
+
+
+def test_check_config_prints_no_python_warning(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    """check-config's Redis path, run with every warning an error: no UserWarning from the client."""
+    env = {**os.environ, "REDIS_URL": valkey.url, "DB_URL": immich_db.dsn, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "immich_thumbnail_exporter", "check-config"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "ok: redis" in output
+    assert "Warning" not in output and "Traceback" not in output, output

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from math import floor
 
@@ -84,6 +84,14 @@ def verdict(check: AssetVerdict) -> str:
     if all(reason == "path_refused" for _, reason, _ in problems):
         return NOT_CHECKED  # a path the exporter refuses to open: it cannot say
     return NO_EFFECT
+
+
+def verified_samples(
+    names: Iterable[tuple[str, str]], counts: Mapping[tuple[str, str, str], int]
+) -> list[tuple[tuple[str, str, str], float]]:
+    """Every result of every (queue, job name) seen, 0 until counted: a series exists from the first job."""
+    pairs = set(names) | {(q, j) for q, j, _ in counts}
+    return [((q, j, r), float(counts.get((q, j, r), 0))) for q, j in sorted(pairs) for r in VERIFY_RESULTS]
 
 
 @dataclass(slots=True)
@@ -182,10 +190,14 @@ class JobVerificationCollection:
         self.verifier.add(job, time.monotonic())
 
     # -- the round: publish only ---------------------------------------------------------------------
-    async def collect(self) -> Outcome:
+    def start(self) -> None:
+        """The checker task and the event reader (each once); ``collect`` calls it."""
         if self._task is None:
             self._task = asyncio.create_task(self._check_loop(), name="job-verification-check")
         self.events.start()
+
+    async def collect(self) -> Outcome:
+        self.start()
         sources = {s: v for s, v in self._states.items() if v is not None}
         self._states = dict.fromkeys(self._states)
         errors = dict(self._errors)
@@ -199,11 +211,7 @@ class JobVerificationCollection:
         return Outcome((Part(self.sources, fams),), sources, error)
 
     def _samples(self) -> list[tuple[tuple[str, str, str], float]]:
-        pairs = set(self.follower.names) | {(q, j) for q, j, _ in self.verifier.counts}
-        return [
-            ((q, j, r), float(self.verifier.counts.get((q, j, r), 0)))
-            for q, j in sorted(pairs) for r in VERIFY_RESULTS
-        ]
+        return verified_samples(self.follower.names, self.verifier.counts)
 
     async def close(self) -> None:
         task, self._task = self._task, None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.core import Metric
 from redis.exceptions import ResponseError
@@ -61,7 +61,7 @@ ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreS
 FLOOR = 0.05
 
 
-class _AgeFamilies:
+class AgeFamilies:
     """``Part.dynamic``: oldest-job ages computed at scrape time from the jobs' timestamps."""
 
     def __init__(self, oldest: Sequence[tuple[str, str, int | None]]) -> None:
@@ -76,6 +76,50 @@ def age_seconds(ms: int | None, now: float) -> float:
     """A job's age from BullMQ's wall-clock ms timestamp; never negative (a clock stepped back, or one
     host's clock ahead of the other's, must not make a job younger than new)."""
     return 0.0 if ms is None else max(0.0, now - ms / 1000.0)
+
+
+def queue_families(
+    queues: Sequence[str], samples: Mapping[str, QueueSample], workers: Mapping[str, int] | None
+) -> list[Metric]:
+    """Depth, pause state, stalled jobs and (when CLIENT LIST answered) workers, from one round's samples."""
+    fams = [
+        gauge("immich_queue_jobs", [
+            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in QUEUE_STATES
+        ]),
+        gauge("immich_queue_paused", [((q,), 1.0 if samples[q].paused else 0.0) for q in queues]),
+        gauge("immich_queue_stalled_jobs", [((q,), float(samples[q].stalled)) for q in queues]),
+    ]
+    if workers is not None:
+        fams.append(gauge("immich_queue_workers", [((q,), float(workers.get(q, 0))) for q in queues]))
+    return fams
+
+
+def oldest_jobs(queues: Sequence[str], samples: Mapping[str, QueueSample]) -> list[tuple[str, str, int | None]]:
+    """(queue, state, ms timestamp) of the oldest waiting and active jobs, turned into ages at scrape time."""
+    return [(q, "waiting", samples[q].oldest_waiting_ms) for q in queues] + [
+        (q, "active", samples[q].oldest_active_ms) for q in queues
+    ]
+
+
+def orphans_family(queues: Sequence[str], orphaned: Mapping[str, int], sampled: int | None) -> Metric:
+    """``sampled``: the per-queue sample size when some queue had more jobs than were checked."""
+    suffix = (
+        f" Sampled: at most {sampled} waiting or active jobs per queue are checked each round, so this can "
+        "undercount." if sampled is not None else ""
+    )
+    return gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
+                 help_suffix=suffix)
+
+
+def api_families(stats: Sequence[QueueStats]) -> list[Metric]:
+    """Depth and pause state from Immich's API, with the same labels as from Redis."""
+    rows = sorted(stats, key=lambda s: s.name)
+    return [
+        gauge("immich_queue_jobs", [
+            ((s.name, state), float(s.counts[state])) for s in rows for state in QUEUE_STATES if state in s.counts
+        ]),
+        gauge("immich_queue_paused", [((s.name,), 1.0 if s.paused else 0.0) for s in rows]),
+    ]
 
 
 class QueueCollection:
@@ -167,32 +211,18 @@ class QueueCollection:
         if not await self.events.catch_up(self.redis, queues, deadline):
             log.debug("the event reader has not caught up this round (%s)", self.events.state)
 
-        jobs = gauge("immich_queue_jobs", [
-            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in QUEUE_STATES
-        ])
-        paused = gauge("immich_queue_paused", [((q,), 1.0 if samples[q].paused else 0.0) for q in queues])
-        stalled = gauge("immich_queue_stalled_jobs", [((q,), float(samples[q].stalled)) for q in queues])
-        fams: list[Metric] = [jobs, paused, stalled]
-        if workers is not None:
-            fams.append(gauge("immich_queue_workers", [((q,), float(workers.get(q, 0))) for q in queues]))
-        oldest = [(q, "waiting", samples[q].oldest_waiting_ms) for q in queues]
-        oldest += [(q, "active", samples[q].oldest_active_ms) for q in queues]
+        lost = {q: self.events.lost.get(q, 0) for q in queues}
         parts = [
-            Part(frozenset({"redis"}), tuple(fams), dynamic=_AgeFamilies(oldest)),
-            Part(frozenset({"redis"}), tuple(self.counters.families({q: self.events.lost.get(q, 0) for q in queues}))),
+            Part(frozenset({"redis"}), tuple(queue_families(queues, samples, workers)),
+                 dynamic=AgeFamilies(oldest_jobs(queues, samples))),
+            Part(frozenset({"redis"}), tuple(self.counters.families(lost))),
         ]
         orphaned, pg_state = await self._orphans(samples, deadline)
         if orphaned is not None:
             truncated = any(samples[q].truncated for q in queues)
-            suffix = (
-                f" Sampled: at most {self.config.redis.orphan_sample} waiting or active jobs per queue are "
-                "checked each round, so this can undercount." if truncated else ""
-            )
-            parts.append(Part(
-                frozenset({"redis", "postgres"}),
-                (gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
-                       help_suffix=suffix),),
-            ))
+            parts.append(Part(frozenset({"redis", "postgres"}), (
+                orphans_family(queues, orphaned, self.config.redis.orphan_sample if truncated else None),
+            )))
         return parts, pg_state
 
     async def _discover(self, bullmq: BullMQ, deadline: float) -> None:
@@ -318,12 +348,7 @@ class QueueCollection:
         return parts, True
 
     def _api_part(self, stats: list[QueueStats]) -> Part:
-        rows = sorted(stats, key=lambda s: s.name)
-        jobs = gauge("immich_queue_jobs", [
-            ((s.name, state), float(s.counts[state])) for s in rows for state in QUEUE_STATES if state in s.counts
-        ])
-        paused = gauge("immich_queue_paused", [((s.name,), 1.0 if s.paused else 0.0) for s in rows])
-        return Part(frozenset({"immich_api"}), (jobs, paused))
+        return Part(frozenset({"immich_api"}), tuple(api_families(stats)))
 
     async def close(self) -> None:
         if self.events is not None:
