@@ -405,7 +405,7 @@ def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[s
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
 
-    from immich_thumbnail_exporter.sources.bullmq_reader import JobMap, job_events, needs_hash
+    from immich_thumbnail_exporter.sources.bullmq_jobs import JobMap, job_events, needs_hash
 
     tracker = bull_events.JobCounters()
     jobs = JobMap(50)

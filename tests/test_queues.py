@@ -741,7 +741,7 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
         return samples(text)
 
     try:
-        async with running_exporter(flags, env) as (_, base):
+        async with running_exporter(flags, env) as (ex, base):
             async def redis_up(expected: float) -> bool:
                 s = await scrape(base)
                 return value(s, "immich_exporter_source_up", source="redis") == expected
@@ -754,9 +754,9 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
             await wait_for(lambda: redis_up(0.0), 20, 0.2)
             s = await scrape(base)
             assert jobs(s, "waiting") is None  # never shown as current while Redis is down
-            for _ in range(10):  # several failing rounds: nothing piles up
+            for _ in range(5):  # several failing rounds (each a new result), scraped: nothing piles up
+                await next_round(ex, "queues")
                 await scrape(base)
-                await asyncio.sleep(0.3)
             assert len(asyncio.all_tasks()) <= tasks_before + 2
 
             valkey.start()  # same port, empty (no persistence)
@@ -774,6 +774,12 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
         if not valkey.running:
             valkey.start()
     assert slowest < 1.0, f"/metrics took {slowest:.2f}s at worst"
+
+
+async def next_round(ex: Any, collection: str) -> None:
+    """Wait until the collection publishes its next round (a round counter, not a sleep)."""
+    last = ex.store.result(collection)
+    await wait_for(lambda: ex.store.result(collection) is not last, 20, 0.05)
 
 
 async def _accepted_is(pending: Any, n: int) -> bool:

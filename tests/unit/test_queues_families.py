@@ -30,7 +30,8 @@ from immich_thumbnail_exporter.metrics import counter
 from immich_thumbnail_exporter.sources.bullmq import JobHash, QueueSample
 from immich_thumbnail_exporter.sources.bullmq_events import OK, REREAD, STOP, Cursor, continuity, parse_id
 from immich_thumbnail_exporter.sources.bullmq_follow import ASSET, PERSON, FinishedJob, JobFollower
-from immich_thumbnail_exporter.sources.bullmq_reader import EventReader, JobMap, job_events, needs_hash
+from immich_thumbnail_exporter.sources.bullmq_jobs import JobMap, job_events, needs_hash
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
 from immich_thumbnail_exporter.sources.immich_api import QueueStats
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOBS_BY_QUEUE, VERIFY_RESULTS

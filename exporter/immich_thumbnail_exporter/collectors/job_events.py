@@ -31,7 +31,7 @@ from prometheus_client.core import HistogramMetricFamily, Metric
 
 from immich_thumbnail_exporter.metrics import counter, family
 from immich_thumbnail_exporter.sources.bullmq import loads
-from immich_thumbnail_exporter.sources.bullmq_reader import JobEvent, JobInfo
+from immich_thumbnail_exporter.sources.bullmq_jobs import JobEvent, JobInfo
 from immich_thumbnail_exporter.vocabulary import COMPLETED, ERROR, JOB_STATUSES
 
 # Seconds to hours: a thumbnail normally takes well under a second to a few seconds to make, a video's

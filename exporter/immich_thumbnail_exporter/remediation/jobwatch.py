@@ -21,8 +21,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from immich_thumbnail_exporter.sources.bullmq_jobs import JobEvent
 from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
-from immich_thumbnail_exporter.sources.bullmq_reader import EventReader, JobEvent
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import SOURCE, RedisSource
 from immich_thumbnail_exporter.timing import deadline_in

@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from immich_thumbnail_exporter.sources.bullmq_reader import EventReader, JobEvent
+from immich_thumbnail_exporter.sources.bullmq_jobs import JobEvent
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_QUEUE
 
 UNKNOWN = "unknown"

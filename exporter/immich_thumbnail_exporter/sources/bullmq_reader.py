@@ -6,7 +6,7 @@ job verification (``sources/bullmq_follow.py``) and regeneration's confirmations
 delivers it, as a ``JobEvent``, to each subscriber of its queue. So there is one connection (named
 ``EVENTS_CLIENT_NAME`` in ``CLIENT LIST``), one cursor per stream, one continuity check (a replaced
 stream is detected once, for everyone; trimmed entries are counted in ``lost``) and one bounded map of
-what is known about each job (``JobMap``).
+what is known about each job (``JobMap``, ``sources/bullmq_jobs.py``).
 
 The loop (``step``): streams with something new are read as ``MULTI; XINFO STREAM; XRANGE; EXEC`` per
 batch (reads only; the info and the entries agree); when nothing is new it waits in a blocking
@@ -33,9 +33,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -54,8 +53,8 @@ from immich_thumbnail_exporter.sources.bullmq_events import (
     continuity,
     cursor_at_end,
     next_id,
-    parse_id,
 )
+from immich_thumbnail_exporter.sources.bullmq_jobs import MAX_TRACKED, JobEvent, JobInfo, JobMap, job_events, needs_hash
 from immich_thumbnail_exporter.sources.health import SourceStates
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import (
@@ -72,164 +71,12 @@ T = TypeVar("T")
 
 BATCH = 1000  # entries per XRANGE
 MAX_HASH_READS = 2000  # job hashes read per step; later jobs are read when they start
-MAX_TRACKED = 50_000  # jobs remembered between their ``added`` and their end
 BLOCK = 1.0  # seconds one XREAD may block (kept under half the socket timeout)
 CONTINUITY_CHECK = 10.0  # seconds between checks of every stream, new entries or not
 HEAD = 100  # jobs at the head of a queue (next to run) whose hashes are read ahead of time
 HEAD_INTERVAL = 0.5  # seconds between looks at the heads
 FLOOR = 0.05
 GRACE = 0.1  # seconds a round lets the loop find new entries itself before it cuts the wait short
-EVENTS = frozenset({"added", "active", "completed", "failed", "removed"})
-
-
-# -- what is known about a job, and what is delivered --------------------------------------------------
-
-
-@dataclass(slots=True)
-class JobInfo:
-    """What the stream and the job's hash said about one job, while it exists."""
-
-    name: str | None = None
-    added_ms: int | None = None  # by the Redis server's clock (the ``added`` entry's id) or the hash
-    active_ms: int | None = None  # the last ``active`` entry
-    started: bool = False
-    # From the hash when the events were not seen (ms, clocks of whoever wrote them).
-    processed_on: int | None = None
-    finished_on: int | None = None
-    # ``data.id``: an asset id for per-asset jobs, a person id for ``PersonGenerateThumbnail``.
-    entity: str | None = None
-    read: bool = False  # the hash was read: ``entity`` is what its data says (None: no valid id)
-
-    @classmethod
-    def from_hash(cls, found: JobHash) -> JobInfo:
-        return cls(name=found.name, added_ms=found.timestamp, processed_on=found.processed_on,
-                   finished_on=found.finished_on, entity=found.asset_id, read=True)
-
-
-@dataclass(frozen=True, slots=True)
-class JobEvent:
-    """One stream entry about one job. ``job``: what is known of the job with this entry's identity
-    (name, data) learned, its times as they were *before* this entry; None when nothing is known."""
-
-    queue: str
-    job_id: str
-    event: str  # added, active, completed, failed, removed
-    at_ms: int  # the entry's id: the Redis server's clock
-    fields: Any  # the entry's fields (``returnvalue``, ``failedReason``, ...)
-    job: JobInfo | None
-
-
-class JobMap:
-    """The one bounded map of (queue, job id) -> JobInfo; the oldest jobs go first when it is full."""
-
-    def __init__(self, limit: int = MAX_TRACKED) -> None:
-        self.limit = limit
-        self.evicted = 0
-        self._jobs: OrderedDict[tuple[str, str], JobInfo] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._jobs)
-
-    def get(self, key: tuple[str, str]) -> JobInfo | None:
-        return self._jobs.get(key)
-
-    def pop(self, key: tuple[str, str]) -> JobInfo | None:
-        return self._jobs.pop(key, None)
-
-    def put(self, key: tuple[str, str], job: JobInfo) -> None:
-        self._jobs[key] = job
-        self._jobs.move_to_end(key)
-        while len(self._jobs) > self.limit:
-            self._jobs.popitem(last=False)
-            self.evicted += 1
-
-    def forget(self, queue: str) -> None:
-        for key in [k for k in self._jobs if k[0] == queue]:
-            del self._jobs[key]
-
-
-def _job_id(fields: Any) -> str | None:
-    job_id = fields.get("jobId") if isinstance(fields, dict) else None
-    return job_id if isinstance(job_id, str) and job_id else None
-
-
-def needs_hash(queue: str, entries: Sequence[Entry], jobs: JobMap, wants: Callable[[str], bool]) -> list[str]:
-    """The jobs of this batch whose hash should be read now: wanted jobs just added (their data), and
-    jobs that start or end without their ``added`` seen (their name and times)."""
-    out: list[str] = []
-    seen: set[str] = set()
-    added_here: set[str] = set()
-    for _, fields in entries:
-        job_id = _job_id(fields)
-        if job_id is None or job_id in seen:
-            continue
-        event = fields.get("event")
-        job = jobs.get((queue, job_id))
-        if event == "added":
-            added_here.add(job_id)
-            name = fields.get("name")
-            wanted = isinstance(name, str) and wants(name) and (job is None or not job.read)
-        elif event in ("active", "completed", "failed"):
-            unknown = job is None and job_id not in added_here
-            pending = (event == "active" and job is not None and not job.read
-                       and job.name is not None and wants(job.name))
-            wanted = unknown or pending
-        else:
-            wanted = False
-        if wanted:
-            seen.add(job_id)
-            out.append(job_id)
-    return out
-
-
-def job_events(
-    queue: str, entries: Sequence[Entry], jobs: JobMap, hashes: dict[str, JobHash]
-) -> tuple[list[JobEvent], int]:
-    """The batch's entries as JobEvents, the map updated as they say; and how many were malformed."""
-    events: list[JobEvent] = []
-    malformed = 0
-    for entry_id, fields in entries:
-        try:
-            ms, _ = parse_id(str(entry_id))
-        except ValueError:
-            malformed += 1
-            continue
-        if not isinstance(fields, dict) or not isinstance(fields.get("event"), str):
-            malformed += 1
-            continue
-        event = fields["event"]
-        if event not in EVENTS:
-            continue
-        job_id = _job_id(fields)
-        if job_id is None:
-            malformed += event != "removed"
-            continue
-        key = (queue, job_id)
-        found = hashes.get(job_id)
-        found = found if found is not None and not found.gone else None
-        job = jobs.get(key)
-        if event == "added":
-            name = fields.get("name")
-            new = JobInfo(name=name if isinstance(name, str) else None, added_ms=ms)
-            source = job if job is not None and job.read else found
-            if source is not None:
-                new.entity, new.read = source.entity if isinstance(source, JobInfo) else source.asset_id, True
-            jobs.put(key, new)
-            events.append(JobEvent(queue, job_id, event, ms, fields, new))
-        elif event == "active":
-            if job is None:
-                job = JobInfo.from_hash(found) if found is not None else JobInfo()
-            elif not job.read and found is not None:
-                job.entity, job.read, job.name = found.asset_id, True, job.name or found.name
-            events.append(JobEvent(queue, job_id, event, ms, fields, replace(job)))
-            job.started, job.active_ms = True, ms
-            jobs.put(key, job)
-        else:  # completed, failed (a retried attempt is "waiting"/"delayed", not "failed"), removed
-            job = jobs.pop(key)
-            if job is None and found is not None:
-                job = JobInfo.from_hash(found)
-            events.append(JobEvent(queue, job_id, event, ms, fields, job))
-    return events, malformed
 
 
 # -- subscribers ---------------------------------------------------------------------------------------
@@ -314,6 +161,8 @@ class EventReader:
         self._from_start: set[str] = set()
         self._cursors: dict[str, Cursor] = {}
         self._dirty: set[str] = set()
+        # Job hashes read as soon as XREAD showed their ``added`` entry, for the drain that follows.
+        self._prefetched: dict[str, dict[str, JobHash]] = {}
         self._transaction = True
         self._warned: set[str] = set()
         self._wrong_type: set[str] = set()
@@ -512,12 +361,13 @@ class EventReader:
                 self._dirty.add(queue)
 
     async def _wait_for_entries(self) -> None:
-        """A blocking XREAD: its answer only says which streams gained entries (they are read next)."""
+        """A blocking XREAD. Its entries are read again with their stream's info (the next drain), but
+        the data of the jobs they add is read now: a thumbnail job often lives a few milliseconds."""
         streams: dict[Any, Any] = {self.key(q): c.last_id for q, c in self._cursors.items()}
         block = self.block_ms
 
         async def _xread(client: aioredis.Redis) -> Any:
-            return await client.xread(streams, count=1, block=block)
+            return await client.xread(streams, count=BATCH, block=block)
 
         if not streams:
             await self._until_changed(None)  # nothing to follow yet
@@ -527,7 +377,15 @@ class EventReader:
         except ResponseError as exc:
             raise SourceError(SOURCE, f"XREAD refused: {describe_redis_error(exc)}") from None
         by_key = by_stream(answer, streams)
-        self._dirty.update(q for q in self._cursors if self.key(q) in by_key)
+        budget = MAX_HASH_READS
+        for queue in self._cursors:
+            entries = by_key.get(self.key(queue))
+            if not entries:
+                continue
+            self._dirty.add(queue)
+            ids = self._hash_ids(queue, entries)[:budget]
+            budget -= len(ids)
+            self._prefetched.setdefault(queue, {}).update(await self._hashes(queue, ids))
 
     async def _drain(self, queues: list[str]) -> list[str]:
         """Read one batch of each of these streams with its info; return the streams with more to read."""
@@ -595,20 +453,28 @@ class EventReader:
 
     def _replaced(self, queue: str) -> None:
         self.stats.restarts += 1
+        self._prefetched.pop(queue, None)
         self.jobs.forget(queue)
         for subscriber in self._subscribers:
             if subscriber.takes(queue):
                 subscriber.forget(queue)
 
-    async def _deliver(self, queue: str, entries: list[Entry], budget: list[int]) -> None:
+    def _hash_ids(self, queue: str, entries: list[Entry]) -> list[str]:
+        """The jobs of these entries whose hash is to be read (and was not read ahead already)."""
         subscribers = [s for s in self._subscribers if s.takes(queue)]
 
         def wants(name: str) -> bool:
             return any(s.wants(queue, name) for s in subscribers)
 
-        ids = needs_hash(queue, entries, self.jobs, wants)[: max(0, budget[0])]
+        done = self._prefetched.get(queue, {})
+        return [j for j in needs_hash(queue, entries, self.jobs, wants) if j not in done]
+
+    async def _deliver(self, queue: str, entries: list[Entry], budget: list[int]) -> None:
+        subscribers = [s for s in self._subscribers if s.takes(queue)]
+        ids = self._hash_ids(queue, entries)[: max(0, budget[0])]
         budget[0] -= len(ids)
-        hashes = await self._hashes(queue, ids)
+        hashes = self._prefetched.pop(queue, {})
+        hashes.update(await self._hashes(queue, ids))
         events, malformed = job_events(queue, entries, self.jobs, hashes)
         self.stats.entries += len(entries)
         self.stats.malformed += malformed
