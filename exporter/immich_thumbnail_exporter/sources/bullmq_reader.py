@@ -343,11 +343,12 @@ class EventReader:
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             changed.cancel()
-        if task is None:
-            return None
-        if not task.done():
-            task.cancel()  # the connection is dropped (its state is unknown) and made again on the next read
-            await asyncio.wait([task], timeout=1)
+            if task is not None and not task.done():
+                # Cut short, or the reader is closing: the command is abandoned (its connection dropped,
+                # made again on the next read), never left running on its own.
+                task.cancel()
+                await asyncio.wait([task], timeout=1)
+        if task is None or task.cancelled():
             return None
         return task.result()
 
