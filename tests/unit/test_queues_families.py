@@ -318,3 +318,38 @@ def test_the_redis_client_is_built_without_a_warning() -> None:
         warnings.simplefilter("error")  # redis 8 warns when the asyncio client gets the synchronous Retry
         client = RedisSource(config().redis).client()
     assert client.get_connection_kwargs().get("client_name") == "immich-thumbnail-exporter"
+
+
+# -- regeneration's watch --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("armed", "before_expect", "confirmed"), [
+    (True, True, {A1: "1"}),  # the reader saw the request's job before its answer came back
+    (True, False, {A1: "1"}),  # ... or after
+    (False, True, {}),  # not started: no job is read, none can confirm
+])
+def test_the_watch_confirms_a_job_read_before_or_after_the_answer(armed: bool, before_expect: bool,
+                                                                  confirmed: dict[str, str]) -> None:
+    from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
+
+    watch = JobWatch(RedisSource(config().redis), "immich_bull")
+    watch._armed = armed  # what start() does, without a server to follow
+    entries = [entry(1, event="added", jobId="1", name=JOB), entry(2, event="active", jobId="1"),
+               entry(3, event="completed", jobId="1")]
+
+    def feed() -> None:
+        jobs = watch.reader.jobs
+        wanted = needs_hash(Q, entries, jobs, lambda name: watch.wants(Q, name))
+        events, _ = job_events(Q, entries, jobs, {j: JobHash(JOB, A1, timestamp=1) for j in wanted})
+        watch.deliver(events)
+
+    if before_expect:
+        feed()
+    watch.expect([A1, A2], window=60)
+    if not before_expect:
+        feed()
+    assert watch._confirmed == confirmed
+    job = watch.job_of(A1)
+    if confirmed:
+        assert job is not None and job.finished and job.outcome == "completed" and job.started_at == 0.002
+    assert watch.pending  # A2 has no job yet

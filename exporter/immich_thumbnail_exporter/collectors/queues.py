@@ -59,6 +59,7 @@ API_SLOW_POLL = 300.0  # API re-check after an auth error, and auth check while 
 VERSION_INTERVAL = 300.0
 ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreSQL's pool is busy
 FLOOR = 0.05
+API_NOT_CHECKED = "not checked yet"
 
 
 class AgeFamilies:
@@ -153,7 +154,8 @@ class QueueCollection:
         self._baseline_complete = False
         self._last_orphans: tuple[float, dict[str, int]] | None = None
         self._orphans_error: str | None = None
-        # Immich API bookkeeping
+        # Immich API bookkeeping (its own wording and levels: an auth error is an error, said once)
+        self._api_state: bool | str = API_NOT_CHECKED
         self._api_auth_error: str | None = None
         self._api_next_poll = 0.0
         self._api_next_auth_check = 0.0
@@ -325,15 +327,22 @@ class QueueCollection:
             else:
                 await asyncio.wait_for(api.ping(), limit())
         except ApiAuthError as exc:
-            # The key will not fix itself: asked again only every API_SLOW_POLL seconds (said once).
+            # The key will not fix itself: an error, said once, and asked again only every API_SLOW_POLL s.
+            if self._api_auth_error is None:
+                log.error("Immich API: %s; asking again every %.0fs", exc, API_SLOW_POLL)
             self._api_auth_error = str(exc)
             self._api_next_poll = now + API_SLOW_POLL
-            self.states.set("immich_api", f"{exc}; asking again every {API_SLOW_POLL:.0f}s")
+            self._api_state = str(exc)
             return [], str(exc)
         except (ApiError, TimeoutError) as exc:
             message = str(exc) if isinstance(exc, ApiError) else f"{api.base}: no answer in time"
-            return [], self.states.set("immich_api", message)
-        self.states.set("immich_api", True)
+            if self._api_state != message:
+                log.warning("Immich API not usable: %s", message)
+            self._api_state = message
+            return [], message
+        if self._api_state is not True and self._api_state != API_NOT_CHECKED:
+            log.info("Immich API %s works again", api.base)
+        self._api_state = True
         self._api_auth_error = None
         if depth and not self._api_depth_logged:
             why = "Redis is not configured" if self.redis is None else "Redis is not usable"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +30,8 @@ from immich_thumbnail_exporter.timing import deadline_in
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
 MAX_JOBS = 50_000
+MAX_RECENT = 5_000  # thumbnail jobs read before any request named their asset (kept for ``expect``)
+LOOKBACK = 10.0  # seconds before ``expect`` in which a job read for that asset is the request's own
 
 
 @dataclass
@@ -79,6 +81,12 @@ class JobWatch:
         self._unreadable = 0  # added thumbnail jobs gone before their hash was read, while windows were open
         self._confirmed: dict[str, str] = {}  # confirmed since the last settle(): asset -> job id
         self._delivered = asyncio.Event()
+        # Once started (requests are about to be sent), thumbnail jobs are read as they are added: the
+        # reader may see a request's jobs before its answer (and ``expect``) arrives.
+        self._armed = False
+        self._recent: OrderedDict[str, tuple[JobSeen, float]] = OrderedDict()  # asset -> job, when read
+        self._recent_jobs: dict[str, JobSeen] = {}  # the same jobs by id, for their later events
+        self._recent_unreadable: deque[float] = deque(maxlen=MAX_RECENT)
         self.events_read = 0
         self.reader.subscribe(self)
         source.on_close(self.close)
@@ -89,16 +97,25 @@ class JobWatch:
 
     async def start(self) -> None:
         """Follow the stream from where it ends now: only later entries can answer a later request."""
+        self._armed = True
         if not await self.reader.wait_following(sorted(self.queues), deadline_in(self.source.timeout)):
             raise SourceError(SOURCE, f"event stream not readable: {self.reader.state or 'no answer in time'}")
 
     # -- expectations ------------------------------------------------------------------------------
     def expect(self, asset_ids: Iterable[str], window: float) -> None:
-        """A request naming these assets was accepted now: a job for each should appear within ``window``."""
-        deadline = time.monotonic() + window
+        """A request naming these assets was accepted now: a job for each should appear within ``window``.
+
+        Immich queues the jobs while it answers, and the reader runs on its own: a job added in the last
+        ``LOOKBACK`` seconds (the request's own) may already have been read. It counts; older ones do not."""
+        now = time.monotonic()
         for a in asset_ids:
-            self._expected[a] = deadline
+            self._expected[a] = now + window
             self._by_asset.pop(a, None)  # an earlier attempt's job says nothing about this one
+            recent = self._recent.get(a)
+            if recent is not None and recent[1] >= now - LOOKBACK:
+                self._confirm(recent[0])
+        self._unreadable += sum(1 for t in self._recent_unreadable if t >= now - LOOKBACK)
+        self._recent_unreadable.clear()
 
     def adopt(self, asset_id: str, job_id: str) -> None:
         """A job known from elsewhere (the ledger, the queue) is this asset's latest."""
@@ -142,12 +159,14 @@ class JobWatch:
         return queue in self.queues
 
     def wants(self, queue: str, name: str) -> bool:
-        return bool(self._expected) and name in THUMBNAIL_JOB_NAMES
+        return (self._armed or bool(self._expected)) and name in THUMBNAIL_JOB_NAMES
 
     def forget(self, queue: str) -> None:
         """A replaced stream restarts job ids: the jobs remembered by id say nothing any more."""
         self._jobs.clear()
         self._by_asset.clear()
+        self._recent.clear()
+        self._recent_jobs.clear()
 
     def deliver(self, events: Sequence[JobEvent]) -> None:
         self.events_read += len(events)
@@ -155,7 +174,7 @@ class JobWatch:
             if e.event == "added":
                 self._added(e)
                 continue
-            job = self._jobs.get(e.job_id)
+            job = self._jobs.get(e.job_id) or self._recent_jobs.get(e.job_id)
             if job is None:
                 continue
             if e.event == "active":
@@ -168,15 +187,34 @@ class JobWatch:
             self._delivered.set()
 
     def _added(self, e: JobEvent) -> None:
-        if not self._expected or e.job is None or e.job.name not in THUMBNAIL_JOB_NAMES:
+        if not (self._armed or self._expected) or e.job is None or e.job.name not in THUMBNAIL_JOB_NAMES:
             return
         asset = e.job.entity if e.job.read else None
+        now = time.monotonic()
         if asset is None:
-            self._unreadable += 1
-        elif asset in self._expected:
-            self._remember(JobSeen(e.job_id, asset, e.at_ms / 1000.0))
-            self._confirmed[asset] = e.job_id
-            del self._expected[asset]
+            if self._expected:
+                self._unreadable += 1
+            else:
+                self._recent_unreadable.append(now)
+            return
+        job = JobSeen(e.job_id, asset, e.at_ms / 1000.0)
+        if asset in self._expected:
+            self._confirm(job)
+            return
+        # Maybe the job of a request whose answer is still on its way: kept for ``expect``, bounded.
+        self._recent[asset] = (job, now)
+        self._recent.move_to_end(asset)
+        self._recent_jobs[job.job_id] = job
+        while len(self._recent) > MAX_RECENT:
+            _, (old, _) = self._recent.popitem(last=False)
+            self._recent_jobs.pop(old.job_id, None)
+
+    def _confirm(self, job: JobSeen) -> None:
+        self._remember(job)
+        self._confirmed[job.asset_id] = job.job_id
+        self._expected.pop(job.asset_id, None)
+        self._recent.pop(job.asset_id, None)
+        self._recent_jobs.pop(job.job_id, None)
 
     def _remember(self, job: JobSeen) -> None:
         self._jobs[job.job_id] = job
