@@ -191,7 +191,7 @@ async def queue_health(source: RedisSource, prefix: str) -> QueueHealth:
     async def _meta(client: aioredis.Redis) -> list[Any]:
         pipe = client.pipeline(transaction=False)
         pipe.hget(_key(prefix, "meta"), "paused")
-        pipe.llen(_key(prefix, "paused"))
+        size(pipe, _key(prefix, "paused"), "paused")
         return list(await pipe.execute())
 
     flag, paused_jobs = await source.run("queue meta", _meta)
