@@ -12,8 +12,8 @@ from immich_thumbnail_exporter.cli.report import measure_space
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import FileStats, ProblemStore
 from immich_thumbnail_exporter.output import scan_report as report
-from immich_thumbnail_exporter.remediation.queue_view import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 

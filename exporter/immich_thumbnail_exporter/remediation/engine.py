@@ -46,7 +46,6 @@ from immich_thumbnail_exporter.remediation.decision import (
     window_over,
 )
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.select import Failure, Options, RunState, Selector
 from immich_thumbnail_exporter.remediation.submit import (
@@ -66,6 +65,7 @@ from immich_thumbnail_exporter.remediation.why import (
     diagnose,
     skip_text,
 )
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
