@@ -31,6 +31,7 @@ import yaml
 from aiohttp import web
 
 from immich_thumbnail_exporter.demo.embedded import free_port
+from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from tests.artefact_metrics import dashboard_expressions
 from tests.conftest import ROOT, Immich, wait_for
@@ -177,60 +178,6 @@ async def webhook() -> AsyncIterator[Webhook]:
     await runner.cleanup()
 
 
-class FakeImmichApi:
-    """Answers POST /api/assets/jobs like Immich (204) and queues the job in BullMQ like Immich does."""
-
-    def __init__(self, redis_url: str, owner_id: str) -> None:
-        self.redis_url = redis_url
-        self.owner_id = owner_id
-        self.port = free_port()
-        self.requests = 0
-
-    async def jobs(self, request: web.Request) -> web.Response:
-        from bullmq import Queue
-
-        body = await request.json()
-        self.requests += 1
-        queue = Queue(THUMBS, {"prefix": PREFIX, "connection": self.redis_url})
-        try:
-            for asset_id in body.get("assetIds", []):
-                await asyncio.wait_for(queue.add("AssetGenerateThumbnails", {"id": asset_id}, JOB_OPTS), 10)
-        finally:
-            await asyncio.wait_for(queue.close(), 10)
-        return web.Response(status=204)
-
-    async def ping(self, request: web.Request) -> web.Response:
-        return web.json_response({"res": "pong"})
-
-    async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"major": 1, "minor": 137, "patch": 3})
-
-    async def me(self, request: web.Request) -> web.Response:
-        return web.json_response({"id": self.owner_id, "email": "admin@example.com", "isAdmin": True})
-
-    async def queues(self, request: web.Request) -> web.Response:
-        stats = {"active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 0, "paused": 0}
-        return web.json_response([{"name": THUMBS, "isPaused": False, "statistics": stats}])
-
-
-@contextlib.asynccontextmanager
-async def fake_api(redis_url: str, owner_id: str) -> AsyncIterator[FakeImmichApi]:
-    api = FakeImmichApi(redis_url, owner_id)
-    app = web.Application()
-    app.router.add_post("/api/assets/jobs", api.jobs)
-    app.router.add_get("/api/server/ping", api.ping)
-    app.router.add_get("/api/server/version", api.version)
-    app.router.add_get("/api/users/me", api.me)
-    app.router.add_get("/api/queues", api.queues)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", api.port).start()
-    try:
-        yield api
-    finally:
-        await runner.cleanup()
-
-
 async def prom_query(session: aiohttp.ClientSession, base: str, expr: str) -> list[Any]:
     async with session.get(f"{base}/api/v1/query", params={"query": expr}) as resp:
         doc = await resp.json()
@@ -262,13 +209,16 @@ async def test_prometheus_alertmanager_end_to_end(
         SELECT 'missing_file', path, id FROM asset_file WHERE type = 'preview' ORDER BY path LIMIT 1""")
     await conn.execute("INSERT INTO integrity_report (type, path) VALUES ('untracked_file', '/data/thumbs/x.webp')")
     await conn.close()
-    async with fake_api(redis_url, owner) as api:
+    # The one simulated Immich, as v3.1.0 answers: the key is the owner's, whose assets it may regenerate.
+    api = SimulatedApi(imm.dsn, redis_url, {"test-key": ApiKey(owner)}, release="v3.1.0")
+    await api.start()
+    try:
         key_file = workdir / "api-key"
         key_file.write_text("test-key")
         overrides = {
             "media.root": imm.media,
             "redis.url": redis_url,
-            "immich.url": f"http://127.0.0.1:{api.port}",
+            "immich.url": api.url,
             "immich.api_key": str(key_file.read_text()),
             "checks.verify_headers": True,
             "checks.check_originals": True,
@@ -377,7 +327,7 @@ async def test_prometheus_alertmanager_end_to_end(
                         if alert["labels"].get("alertname") == "ImmichQueueOrphanedJobs":
                             assert alert["labels"]["severity"] == "info"
                     # Remediation (opt-in) asked Immich's (fake) API to regenerate, and counted it.
-                    await wait_for(lambda: api.requests >= 1, timeout=60, interval=0.5)
+                    await wait_for(lambda: api.accepted >= 1, timeout=60, interval=0.5)
                     await wait_for(lambda: prom_query(
                         session, base, 'immich_regeneration_requests_total{result="accepted"} > 0'), timeout=60)
 
@@ -430,3 +380,5 @@ async def test_prometheus_alertmanager_end_to_end(
                 await asyncio.wait_for(meta_worker.close(), 15)
                 await asyncio.wait_for(meta.close(), 10)
                 await asyncio.wait_for(queue.close(), 10)
+    finally:
+        await api.stop()

@@ -10,6 +10,7 @@ interval of the backend returning. Intervals are short here only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import os
 import shutil
@@ -25,11 +26,11 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestServer as AiohttpServer
 
 from immich_thumbnail_exporter.app import Exporter
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from immich_thumbnail_exporter.demo.seed import Plan
+from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.scan import run as scanner
 from immich_thumbnail_exporter.sources.media import media_stuck
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
@@ -51,7 +52,7 @@ from tests.faultkit import (
     watching,
     write_report,
 )
-from tests.helpers import fetch, run_cli, running_exporter, samples
+from tests.helpers import Calls, fetch, rounds, run_cli, running_exporter, samples
 
 pytestmark = pytest.mark.asyncio
 
@@ -106,8 +107,21 @@ async def settle(ex: Exporter, w: Watch, imm: Immich) -> Resources:
     """Wait until everything is up and both collections have published; return the resource baseline."""
     await until(lambda: healthy(w), 30)
     await until(lambda: ex.store.result("files") is not None and ex.store.result("files").success, 30)
-    await asyncio.sleep(0.5)
+    async with Calls(ex.runner, "probe") as probes:  # a probe round after that, for the baseline
+        await probes.wait(1)
     return Resources.now()
+
+
+async def held_over(ex: Exporter, collections: tuple[str, ...], n: int, check: Callable[[], bool], why: str) -> None:
+    """Over ``n`` more rounds of each of ``collections``, every one failed, ``check()`` holds after each:
+    "still down a while" counted in the rounds that could have shown something again, not in seconds."""
+    async def one(collection: str) -> None:
+        for i in range(n):
+            result = await rounds(ex.store, collection, 1)
+            assert not result.success, (collection, i, result)
+            assert check(), f"{why}: not so after failed round {i + 1} of {collection}"
+
+    await asyncio.gather(*(one(c) for c in collections))
 
 
 async def assert_bounded_connections(imm: Immich) -> int:
@@ -140,22 +154,20 @@ def no_walker_left() -> Iterator[None]:
 
 
 async def outage(
-    imm: Immich, fault: Callable[[], None], restore: Callable[[], None], label: str, hold: float = 4.0
+    imm: Immich, fault: Callable[[], None], restore: Callable[[], None], label: str, held: int = 2
 ) -> None:
     """Run the exporter, apply ``fault``, check what it shows, ``restore``, check it recovers."""
     async with running_exporter(overrides(imm), env=imm.env()) as (ex, url), watching(url) as w:
         base = await settle(ex, w, imm)
         fault()
-        t_fault = time.monotonic()
         detected = await until(lambda: w.up("postgres") == 0, DETECT)
         # Everything fed by PostgreSQL is gone; the media folder is still known to be fine.
         await until(lambda: not w.has("immich_assets") and not w.has("immich_thumbnail_files"), DETECT)
         assert w.up("filesystem") == 1
         assert w.has("immich_exporter_build_info")
-        # Stay down a while: retries with backoff, nothing piles up, scrapes stay fast.
-        while time.monotonic() - t_fault < hold:
-            assert w.up("postgres") == 0 and not w.has("immich_assets")
-            await asyncio.sleep(0.1)
+        # Stay down over several failed rounds (retries with backoff): nothing piles up, scrapes stay fast.
+        await held_over(ex, ("inventory", "files"), held,
+                        lambda: w.up("postgres") == 0 and not w.has("immich_assets"), "postgres down, series hidden")
         restore()
         recovered = await until(lambda: healthy(w), RECOVER)
         conns = await assert_bounded_connections(imm)
@@ -178,7 +190,7 @@ async def test_postgres_killed_and_restarted(imm: Immich) -> None:
 
 
 async def test_postgres_frozen(imm: Immich) -> None:
-    await outage(imm, lambda: freeze(imm.postgres), lambda: thaw(imm.postgres), "postgres frozen", hold=6.0)
+    await outage(imm, lambda: freeze(imm.postgres), lambda: thaw(imm.postgres), "postgres frozen", held=3)
 
 
 # -- in the middle of a file check --------------------------------------------------------------------
@@ -234,16 +246,13 @@ async def test_postgres_frozen_in_the_middle_of_a_file_check(
         base = await settle(ex, w, big)
         state["armed"] = 1
         await until(lambda: state["fired"], 30)
-        t_fault = time.monotonic()
         detected = await until(lambda: w.up("postgres") == 0, DETECT)
         await until(lambda: not w.has("immich_assets") and not w.has("immich_thumbnail_files"), DETECT)
         # The interrupted scan never published: its deadline ended it, and nothing from it is shown.
         await until(lambda: not ex.store.result("files").success, 10)
         files = ex.store.result("files")
         assert files is not None and files.error
-        while time.monotonic() - t_fault < 6:
-            assert not w.has("immich_thumbnail_files")
-            await asyncio.sleep(0.1)
+        await held_over(ex, ("files",), 2, lambda: not w.has("immich_thumbnail_files"), "file series hidden")
         thaw(big.postgres)
         recovered = await until(lambda: healthy(w), RECOVER + 4)
         conns = await assert_bounded_connections(big)
@@ -297,10 +306,9 @@ async def test_media_root_unmounted_in_the_middle_of_a_scan(
             assert not w.has("immich_thumbnail_files") and not w.has("immich_thumbnail_orphaned_files")
             # The database is fine: its own series stay.
             assert w.up("postgres") == 1 and w.has("immich_assets")
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 5:
-                assert w.up("filesystem") == 0 and not w.has("immich_thumbnail_files")
-                await asyncio.sleep(0.1)
+            await held_over(ex, ("files",), 2,
+                            lambda: w.up("filesystem") == 0 and not w.has("immich_thumbnail_files"),
+                            "filesystem down, file series hidden")
             remount()
             recovered = await until(lambda: healthy(w), RECOVER + 4)
             w.check()
@@ -411,10 +419,8 @@ async def test_redis_frozen(imm: Immich, fault_valkey: EmbeddedValkey) -> None:
             await until(lambda: queue_jobs(w) is None, DETECT)
             # PostgreSQL and the media folder are fine: their series stay.
             assert w.up("postgres") == 1 and w.has("immich_assets") and w.has("immich_thumbnail_files")
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 6:
-                assert w.up("redis") == 0 and queue_jobs(w) is None
-                await asyncio.sleep(0.1)
+            await held_over(ex, ("queues",), 3, lambda: w.up("redis") == 0 and queue_jobs(w) is None,
+                            "redis down, queue series hidden")
         finally:
             thaw(fault_valkey)
         recovered = await until(lambda: w.up("redis") == 1 and queue_jobs(w) == 3, RECOVER)
@@ -437,62 +443,62 @@ async def test_redis_frozen(imm: Immich, fault_valkey: EmbeddedValkey) -> None:
 
 
 class HangingImmich:
-    """An Immich API that accepts connections and requests, then never answers (until ``hang`` is off)."""
+    """The simulated Immich (v2.4), held: every request is accepted and then waits, unanswered, until
+    ``answer()``. The gate wraps the one fake's request dispatcher before it starts serving (a test's
+    hook, not a second fake), and counts what waits behind it."""
 
-    def __init__(self) -> None:
-        self.hang = True
+    def __init__(self, redis_url: str) -> None:
+        self.fake = SimulatedApi(None, redis_url, {"k": ApiKey(None, ("all",), admin=True)}, release="v2.4")
         self._release = asyncio.Event()
         self.in_flight = 0
         self.max_in_flight = 0
         self.requests = 0
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.server = AiohttpServer(app, host="127.0.0.1", port=0)
+        dispatch = self.fake._dispatch
+
+        async def gated(request: web.Request) -> web.StreamResponse:
+            self.requests += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                while not self._release.is_set():
+                    # A request whose client gave up (closed its connection) is no longer in flight:
+                    # aiohttp does not cancel the handler of a dropped connection, so look.
+                    transport = request.transport
+                    if transport is None or transport.is_closing():
+                        return web.Response(status=408)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._release.wait(), 0.05)
+            finally:
+                self.in_flight -= 1
+            return await dispatch(request)
+
+        setattr(self.fake, "_dispatch", gated)  # noqa: B010 - start() routes every request through it
 
     @property
     def url(self) -> str:
-        return str(self.server.make_url("/")).rstrip("/")
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.hang:
-                await self._release.wait()
-        finally:
-            self.in_flight -= 1
-        if request.path == "/api/server/ping":
-            return web.json_response({"res": "pong"})
-        if request.path == "/api/server/version":
-            return web.json_response({"major": 2, "minor": 4, "patch": 1})
-        if request.path == "/api/queues":
-            return web.json_response([{"name": "thumbnailGeneration", "isPaused": False, "statistics": {
-                "active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 7, "paused": 0}}])
-        return web.json_response({"message": "not found"}, status=404)
+        return self.fake.url
 
     def answer(self) -> None:
-        self.hang = False
         self._release.set()
 
 
 @pytest_asyncio.fixture
-async def hanging_immich() -> AsyncIterator[HangingImmich]:
-    fake = HangingImmich()
-    await fake.server.start_server()
+async def hanging_immich(fault_valkey: EmbeddedValkey) -> AsyncIterator[HangingImmich]:
+    hung = HangingImmich(fault_valkey.url)
+    await hung.fake.start()
     try:
-        yield fake
+        yield hung
     finally:
-        fake.answer()
-        await fake.server.close()
+        hung.answer()
+        await hung.fake.stop()
 
 
 @pytest.mark.parametrize("with_redis", [False, True], ids=["api-only", "api-and-redis"])
 async def test_immich_api_hanging(
     imm: Immich, fault_valkey: EmbeddedValkey, hanging_immich: HangingImmich, with_redis: bool
 ) -> None:
-    if with_redis:
-        await add_waiting_jobs(fault_valkey, 2)
+    # The fake counts the same BullMQ queues: 2 waiting when Redis is read too, 7 when only the API tells.
+    await add_waiting_jobs(fault_valkey, 2 if with_redis else 7)
     flags = overrides(imm, **{"immich.timeout": "2s", "redis.timeout": "1s", "intervals.queues": "2s"})
     env = {**imm.env(), "IMMICH_URL": hanging_immich.url, "IMMICH_API_KEY": "k"}
     if with_redis:
@@ -501,11 +507,11 @@ async def test_immich_api_hanging(
         await until(lambda: w.up("postgres") == 1 and w.has("immich_assets"), 30)
         base = Resources.now()
         await until(lambda: ex.store.result("queues") is not None, 10)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 8:
-            result = ex.store.result("queues")
-            assert result is not None and result.duration < 2.0, result
-            await asyncio.sleep(0.2)
+        # Every round ends by its deadline (plus a margin for a busy machine), however long the API hangs.
+        queues = next(c for c in ex.runner.collections if c.name == "queues")
+        for _ in range(4):
+            result = await rounds(ex.store, "queues", 1)
+            assert result.duration < queues.timeout + 1.0, result
         assert w.up("immich_api") == 0
         if with_redis:
             # Redis gives the queue series; the hung API takes nothing away from them.

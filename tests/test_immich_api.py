@@ -234,7 +234,9 @@ async def test_slow_api_does_not_hold_the_round(immich: SimulatedApi) -> None:
         for _ in range(2):
             t0 = time.monotonic()
             outcome = await col.collect()
-            assert time.monotonic() - t0 < col.timeout + 0.5
+            # The deadline the collection promises (it plans every call to end within its timeout), plus
+            # a margin for a busy machine; not a comparison of two timings.
+            assert time.monotonic() - t0 < col.timeout + 0.5, (time.monotonic() - t0, col.timeout)
             assert isinstance(outcome.sources["immich_api"], str)
             assert outcome.parts == ()
         immich.delay = 0.0

@@ -37,12 +37,14 @@ import bcrypt
 import pytest
 import redis
 import yarl
+from aiohttp import web
 
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
+from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.conftest import BUILD_IDS, Immich, make_immich
 from tests.faultkit import dedicated_postgres, until
-from tests.helpers import fetch, run_cli, running_exporter, samples, value
+from tests.helpers import Calls, fetch, rounds, run_cli, running_exporter, samples, value
 
 # The tables each era's exporter reads (besides the catalogue, which every role can read). Kept in step
 # with README.md, "Least privilege".
@@ -111,6 +113,27 @@ async def table_writes(pg: EmbeddedPostgres, database: str) -> dict[str, tuple[i
         await conn.close()
 
 
+async def reads_counted(
+    pg: EmbeddedPostgres, database: str, role: str, before: dict[str, tuple[int, int]], table: str | None = None
+) -> dict[str, tuple[int, int]]:
+    """The table statistics once the role's sessions are gone and their reads (of ``table``, or of any
+    table) show: a backend hands its counts over as it exits, reads and writes together, so once the
+    reads are counted a write would be too."""
+    await until(lambda: no_sessions_of(pg, database, role), 10)
+    after: dict[str, tuple[int, int]] = {}
+
+    def scans(stats: dict[str, tuple[int, int]]) -> int:
+        return sum(sc for t, (_, sc) in stats.items() if table is None or t == table)
+
+    async def counted() -> bool:
+        nonlocal after
+        after = await table_writes(pg, database)
+        return scans(after) > scans(before)
+
+    await until(counted, 10, 0.1)
+    return after
+
+
 async def no_sessions_of(pg: EmbeddedPostgres, database: str, role: str) -> bool:
     conn = await asyncpg.connect(pg.dsn_for(database), timeout=10)
     try:
@@ -138,12 +161,9 @@ async def test_scan_as_a_select_only_role(sec_pg: EmbeddedPostgres, build: str) 
         exp = imm.expected
         assert s["schema"] == era and s["assets"] == exp.assets and s["files"] == dict(exp.files)
         assert s["orphaned_files"] == exp.orphaned_files and s["metadata_pending"] == exp.metadata_pending
-        await until(lambda: no_sessions_of(sec_pg, imm.database, role), 10)
-        await asyncio.sleep(1.2)  # backends flush their statistics on exit; give the collector a moment
-        after = await table_writes(sec_pg, imm.database)
+        # Control: the statistics did see the scan's reads (waited for); then no write is among them.
+        after = await reads_counted(sec_pg, imm.database, role, before)
         assert {t: w for t, (w, _) in after.items()} == {t: w for t, (w, _) in before.items()}
-        # Control: the statistics did see the scan's reads.
-        assert sum(sc for _, sc in after.values()) > sum(sc for _, sc in before.values())
     finally:
         shutil.rmtree(imm.media, ignore_errors=True)
 
@@ -194,11 +214,9 @@ async def test_serve_as_a_select_only_role_writes_nothing(sec_pg: EmbeddedPostgr
                 await conn.execute("SET default_transaction_read_only = off")
             async with ex.pg.connection() as conn:
                 assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
-        await until(lambda: no_sessions_of(sec_pg, imm.database, role), 10)
-        await asyncio.sleep(1.2)
-        after = await table_writes(sec_pg, imm.database)
+        # Control: our reads of the asset table were counted (waited for); then no write is among them.
+        after = await reads_counted(sec_pg, imm.database, role, before, "asset")
         assert {t: w for t, (w, _) in after.items()} == {t: w for t, (w, _) in before.items()}, (before, after)
-        assert after["asset"][1] > before["asset"][1]  # control: our reads were counted
     finally:
         shutil.rmtree(imm.media, ignore_errors=True)
 
@@ -222,7 +240,11 @@ async def test_missing_grant_is_one_clear_line(sec_pg: EmbeddedPostgres, caplog:
         flags = {"media.root": imm.media, "intervals.queues": "1s"}
         async with running_exporter(flags, env={"DB_URL": dsn}) as (ex, url):
             await until(lambda: ex.store.ready, 20)
-            await asyncio.sleep(1.5)  # a probe round
+            # A probe round after the collections failed: it must not call PostgreSQL down.
+            async with Calls(ex.runner, "probe") as probes:
+                await probes.wait(1)
+            inventory = ex.store.result("inventory")
+            assert inventory is not None and not inventory.success
             _, text, _ = await fetch(url + "/metrics")
             s = samples(text)
             assert value(s, "immich_exporter_source_up", source="postgres") == 1
@@ -339,7 +361,7 @@ async def test_least_privilege_serve_postgres_role_and_redis_acl_user(
         admin.config_resetstat()
         env = {"DB_URL": dsn, "REDIS_URL": f"redis://exporter:acl-pw@127.0.0.1:{sec_valkey.port}/0"}
         flags = {"media.root": imm.media, "intervals.queues": "1s"}
-        async with running_exporter(flags, env=env) as (_, url):
+        async with running_exporter(flags, env=env) as (ex, url):
             async def scrape() -> dict[Any, float]:
                 return samples((await fetch(url + "/metrics"))[1])
 
@@ -348,7 +370,7 @@ async def test_least_privilege_serve_postgres_role_and_redis_acl_user(
                 return value(s, "immich_queue_jobs", queue="thumbnailGeneration", state="waiting") == n
 
             await until(lambda: waiting_is(3), 20)
-            await asyncio.sleep(2.5)  # a few more rounds
+            await rounds(ex.store, "queues", 3)  # a few more rounds, each of which could have written
             s = await scrape()
             assert value(s, "immich_exporter_source_up", source="redis") == 1
             assert value(s, "immich_queue_workers", queue="thumbnailGeneration") == 0  # CLIENT LIST allowed
@@ -479,35 +501,22 @@ PG_SECRET, REDIS_SECRET, API_SECRET = "pg-S3cret-1a", "redis-S3cret-2b", "api-S3
 WRONG = ("pg-Wr0ng-4d", "redis-Wr0ng-5e", "api-Wr0ng-6f")
 
 
-class KeyedImmich:
-    """A minimal Immich API that checks the API key and records which keys it was sent."""
+async def keyed_immich(redis_url: str, key: str) -> tuple[SimulatedApi, set[str]]:
+    """The simulated Immich (v2.4) with one admin key, started; and the set of every key it was sent.
 
-    def __init__(self, key: str) -> None:
-        from aiohttp import web
-        from aiohttp.test_utils import TestServer
+    The keys are recorded by wrapping the fake's request dispatcher before it starts serving: a test's
+    look at what arrived, not a second fake."""
+    fake = SimulatedApi(None, redis_url, {key: ApiKey(None, ("all",), admin=True)}, release="v2.4")
+    seen: set[str] = set()
+    dispatch = fake._dispatch
 
-        self.key = key
-        self.seen: set[str] = set()
-        app = web.Application()
+    async def recording(request: web.Request) -> web.StreamResponse:
+        seen.add(request.headers.get("x-api-key", ""))
+        return await dispatch(request)
 
-        async def handler(request: web.Request) -> web.Response:
-            sent = request.headers.get("x-api-key", "")
-            self.seen.add(sent)
-            if request.path == "/api/server/ping":
-                return web.json_response({"res": "pong"})
-            if request.path == "/api/server/version":
-                return web.json_response({"major": 2, "minor": 4, "patch": 1})
-            if sent != self.key:
-                return web.json_response({"message": "Invalid API key"}, status=401)
-            return web.json_response([{"name": "thumbnailGeneration", "isPaused": False, "statistics": {
-                "active": 0, "completed": 0, "failed": 0, "delayed": 0, "waiting": 0, "paused": 0}}])
-
-        app.router.add_route("*", "/{tail:.*}", handler)
-        self.server = TestServer(app, host="127.0.0.1", port=0)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("/")).rstrip("/")
+    setattr(fake, "_dispatch", recording)  # noqa: B010 - start() routes every request through it
+    await fake.start()
+    return fake, seen
 
 
 async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str]:
@@ -534,6 +543,18 @@ async def _serve_and_read(env: dict[str, str], imm: Immich, tmp_path: Path, want
     )
     url = f"http://127.0.0.1:{port}"
     served: list[str] = []
+    lines: list[str] = []
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            lines.append(raw.decode(errors="replace"))
+
+    def queue_rounds() -> int:
+        # Every round of a collection logs one line (at debug when it succeeds): the child's round counter.
+        return sum("collection queues " in line for line in lines)
+
+    reader = asyncio.create_task(read())
     try:
         async def state() -> bool:
             try:
@@ -545,14 +566,16 @@ async def _serve_and_read(env: dict[str, str], imm: Immich, tmp_path: Path, want
                 s, "immich_exporter_collection_success", collection="files") is not None
 
         await until(state, 40, 0.3)
-        await asyncio.sleep(2.5)  # more rounds: retries, debug lines
+        done = queue_rounds()
+        await until(lambda: queue_rounds() >= done + 3, 30)  # more rounds: retries, debug lines
         for path in ("/", "/metrics", "/problems", "/readyz", "/healthz", "/problems?kind=bogus"):
             status, body, headers = await fetch(url + path)
             served.append(f"{path} {status} {headers} {body}")
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return out.decode(errors="replace") + "\n".join(served)
+        await asyncio.wait_for(proc.wait(), 30)
+        await asyncio.wait_for(reader, 10)
+    return "".join(lines) + "\n".join(served)
 
 
 @pytest.mark.asyncio
@@ -560,8 +583,7 @@ async def test_secrets_never_shown(sec_pg: EmbeddedPostgres, tmp_path: Path) -> 
     imm = await make_immich(sec_pg, "v1.136+")
     valkey = EmbeddedValkey(password=REDIS_SECRET)
     valkey.start()
-    immich = KeyedImmich(API_SECRET)
-    await immich.server.start_server()
+    immich, seen = await keyed_immich(valkey.url, API_SECRET)
     role = f"sec_{uuid.uuid4().hex[:8]}"
     grant_read_only(sec_pg, imm.database, role, PG_SECRET, "v1.136+")
     try:
@@ -585,7 +607,7 @@ async def test_secrets_never_shown(sec_pg: EmbeddedPostgres, tmp_path: Path) -> 
             outputs[f"scan ({name})"] = out
         (tmp_path / "outputs.txt").write_text("\n\n".join(f"== {k}\n{v}" for k, v in outputs.items()))
         # The secrets were really used (and the wrong ones really tried) ...
-        assert API_SECRET in immich.seen and WRONG[2] in immich.seen
+        assert API_SECRET in seen and WRONG[2] in seen
         assert "password authentication failed" in outputs["serve, wrong secrets"]
         assert "level=debug" in outputs["serve"] and "configuration ok" in outputs["check-config (good)"]
         # ... and never shown anywhere.
@@ -594,7 +616,7 @@ async def test_secrets_never_shown(sec_pg: EmbeddedPostgres, tmp_path: Path) -> 
                 assert secret not in text, f"{secret} shown by {name}"
             assert "Traceback" not in text, (name, text[-3000:])
     finally:
-        await immich.server.close()
+        await immich.stop()
         valkey.cleanup()
         shutil.rmtree(imm.media, ignore_errors=True)
 
@@ -673,7 +695,11 @@ async def test_orphan_check_without_grant_is_a_failed_round_not_an_outage(
         env = {"DB_URL": dsn, "REDIS_URL": sec_valkey.url}
         async with running_exporter({"intervals.queues": "1s"}, env=env) as (ex, url):
             await until(lambda: ex.store.ready, 20)
-            await asyncio.sleep(2.5)  # a few queue rounds and a probe
+            # A few queue rounds and a probe, each of which could have called PostgreSQL down.
+            async with Calls(ex.runner, "probe") as probes:
+                queues = await rounds(ex.store, "queues", 3)
+                await probes.wait(1)
+            assert not queues.success and "orphaned-jobs query failed" in (queues.error or ""), queues.error
             _, text, _ = await fetch(url + "/metrics")
             s = samples(text)
             assert value(s, "immich_exporter_source_up", source="postgres") == 1

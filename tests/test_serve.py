@@ -16,6 +16,9 @@ import pytest
 from immich_thumbnail_exporter.demo.embedded import free_port
 from tests.conftest import Immich
 
+# The promise (issue 20): serve exits within 10 seconds of SIGTERM, whatever it was doing.
+SIGTERM_DEADLINE = 10.0
+
 
 def _get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as resp:
@@ -59,17 +62,17 @@ def _serve_and_stop(imm: Immich) -> None:
         for _ in range(20):  # scrapes are not logged: the server is quiet
             status, body = _get(f"{base}/metrics")
             assert status == 200 and "immich_assets{" in body
-        started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(10)
-        took = time.monotonic() - started
+        try:
+            code = proc.wait(SIGTERM_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"serve still running {SIGTERM_DEADLINE:.0f}s after SIGTERM")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
     stderr = proc.stderr.read() if proc.stderr else ""
     assert code == 0, stderr
-    assert took < 5, f"shutdown took {took:.1f}s"
     assert "listening on http://127.0.0.1:" in stderr
     assert "shutting down" in stderr
     assert "GET /metrics" not in stderr
