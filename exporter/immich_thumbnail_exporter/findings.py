@@ -141,3 +141,16 @@ class ProblemStore:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+
+
+@dataclass(frozen=True)
+class FolderSpace:
+    """The filesystem holding one of Immich's storage folders (``statvfs``)."""
+
+    folder: str
+    size_bytes: int
+    # What an unprivileged writer (Immich runs as one) can still use: f_bavail, not f_bfree, which
+    # counts the blocks reserved for root.
+    avail_bytes: int
+    # The filesystem's device: folders on one filesystem share it (and its free space); 0 when unknown.
+    device: int = 0

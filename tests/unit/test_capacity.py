@@ -14,9 +14,10 @@ import pytest
 
 from immich_thumbnail_exporter.collectors import capacity
 from immich_thumbnail_exporter.collectors.capacity import CapacityCollection, capacity_families
-from immich_thumbnail_exporter.output.scan_report import Space, by_filesystem
+from immich_thumbnail_exporter.findings import FolderSpace
+from immich_thumbnail_exporter.output.scan_report import by_filesystem
 from immich_thumbnail_exporter.sources import capacity as source
-from immich_thumbnail_exporter.sources.capacity import FolderSpace, folder_space
+from immich_thumbnail_exporter.sources.capacity import folder_space
 
 
 def samples(spaces: list[FolderSpace]) -> dict[tuple[str, str], float]:
@@ -135,12 +136,12 @@ def test_a_hung_folder_drops_its_series_and_is_not_asked_twice(
     ("spaces", "expected"),
     [
         ([], []),
-        ([Space("thumbs", 10, 5, 1), Space("upload", 10, 5, 1), Space("library", 99, 9, 2)],
+        ([FolderSpace("thumbs", 10, 5, 1), FolderSpace("upload", 10, 5, 1), FolderSpace("library", 99, 9, 2)],
          [(["thumbs", "upload"], 5), (["library"], 9)]),
         # A device not known (0): never merged with another folder.
-        ([Space("thumbs", 10, 5), Space("upload", 10, 5)], [(["thumbs"], 5), (["upload"], 5)]),
+        ([FolderSpace("thumbs", 10, 5), FolderSpace("upload", 10, 5)], [(["thumbs"], 5), (["upload"], 5)]),
     ],
     ids=["none", "shared-and-own", "unknown-device"],
 )
-def test_folders_grouped_by_filesystem(spaces: list[Space], expected: list[tuple[list[str], int]]) -> None:
+def test_folders_grouped_by_filesystem(spaces: list[FolderSpace], expected: list[tuple[list[str], int]]) -> None:
     assert [(folders, s.avail_bytes) for folders, s in by_filesystem(spaces)] == expected

@@ -8,7 +8,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from immich_thumbnail_exporter.findings import FileStats, InventoryCounts, Problem, ProblemStore
+from immich_thumbnail_exporter.findings import FileStats, FolderSpace, InventoryCounts, Problem, ProblemStore
 from immich_thumbnail_exporter.output.restore_report import (
     AssetHistory,
     Check,
@@ -20,7 +20,7 @@ from immich_thumbnail_exporter.output.restore_report import (
     write_markdown,
 )
 from immich_thumbnail_exporter.output.restore_report_html import write_html
-from immich_thumbnail_exporter.output.scan_report import Space, needed_bytes
+from immich_thumbnail_exporter.output.scan_report import needed_bytes
 from immich_thumbnail_exporter.scan.run import ScanResult
 
 EVIL = '<script>alert(1)</script>|**x**'
@@ -66,7 +66,7 @@ def history(asset: str, state: str, attempts: int, **kw: object) -> AssetHistory
 
 def data(**kw: object) -> RestoreData:
     d = RestoreData(1.7e9 + 100, scan({("thumbnail", "file_missing"): 1}, {"thumbnail": 10}, {"thumbnail": 100}))
-    d.spaces = [Space("thumbs", 1 << 30, 1 << 20, 5), Space("upload", 1 << 30, 1 << 20, 5)]
+    d.spaces = [FolderSpace("thumbs", 1 << 30, 1 << 20, 5), FolderSpace("upload", 1 << 30, 1 << 20, 5)]
     d.queue = QueueReport(workers=0, counts={"waiting": 3}, orphans=[OrphanJob("17", EVIL, "waiting")])
     d.ledger = [
         history("fixed-once", "fixed", 1),

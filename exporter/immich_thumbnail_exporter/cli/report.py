@@ -20,7 +20,7 @@ from typing import Any
 
 from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG, EXIT_OK
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.findings import ProblemStore
+from immich_thumbnail_exporter.findings import FolderSpace, ProblemStore
 from immich_thumbnail_exporter.output import restore_report, restore_report_html
 from immich_thumbnail_exporter.output.restore_report import (
     AssetHistory,
@@ -31,7 +31,6 @@ from immich_thumbnail_exporter.output.restore_report import (
     QueueReport,
     RestoreData,
 )
-from immich_thumbnail_exporter.output.scan_report import Space
 from immich_thumbnail_exporter.remediation.ledger import Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.queue_view import job_states, throughput
 from immich_thumbnail_exporter.scan.file_sql import targeted_sql
@@ -83,16 +82,16 @@ def ledger_history(directory: str, limit: int = LEDGER_LIMIT) -> tuple[list[Entr
     return sorted(entries, key=lambda e: (e.first_submitted or 0.0, e.asset_id)), ""
 
 
-async def _spaces(root: str) -> list[Space] | None:
+async def _spaces(root: str) -> list[FolderSpace] | None:
     """Each storage folder's filesystem; None when the media folder does not answer in time."""
     try:
         found = await media_call(media_space, root, timeout=SPACE_TIMEOUT)
     except MediaStuck:
         return None
-    return [Space(s.folder, s.size_bytes, s.avail_bytes, s.device) for s in found]
+    return found
 
 
-def measure_space(config: Config) -> list[Space] | None:
+def measure_space(config: Config) -> list[FolderSpace] | None:
     """``scan``'s free space figures: None without a media root; [] when it did not answer."""
     if config.media.root is None:
         return None

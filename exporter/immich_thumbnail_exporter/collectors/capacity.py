@@ -13,8 +13,9 @@ from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
+from immich_thumbnail_exporter.findings import FolderSpace
 from immich_thumbnail_exporter.metrics import gauge
-from immich_thumbnail_exporter.sources.capacity import STORAGE_FOLDERS, FolderSpace, folder_space
+from immich_thumbnail_exporter.sources.capacity import STORAGE_FOLDERS, folder_space
 from immich_thumbnail_exporter.sources.media import MediaStuck, media_call
 from immich_thumbnail_exporter.store import Part
 from immich_thumbnail_exporter.timing import deadline_in, left

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from immich_thumbnail_exporter.findings import FolderSpace
 from immich_thumbnail_exporter.output.scan_report import (
-    Space,
     by_filesystem,
     human_bytes,
     human_duration,
@@ -24,7 +24,7 @@ from immich_thumbnail_exporter.output.scan_report import (
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
-__all__ = ["RestoreData", "Space", "needed_bytes", "write_markdown"]
+__all__ = ["FolderSpace", "RestoreData", "needed_bytes", "write_markdown"]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class RestoreData:
     scan_error: str | None = None
     # scan_report.summary()'s view of the thumbnail queue's finish rate (Throughput | str | None).
     throughput: Any = None
-    spaces: list[Space] | None = None  # None: no media root
+    spaces: list[FolderSpace] | None = None  # None: no media root
     queue: QueueReport | None = None  # None: Redis not configured
     ledger: list[AssetHistory] | None = None  # None: no ledger in the state directory
     ledger_note: str = ""

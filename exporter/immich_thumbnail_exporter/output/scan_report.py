@@ -8,10 +8,9 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from immich_thumbnail_exporter.findings import Problem, ProblemStore
+from immich_thumbnail_exporter.findings import FolderSpace, Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
@@ -23,19 +22,9 @@ PROBLEM_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class Space:
-    """The filesystem holding one of Immich's storage folders (statvfs; avail: an unprivileged writer's)."""
-
-    folder: str
-    size_bytes: int
-    avail_bytes: int
-    device: int = 0
-
-
-def by_filesystem(spaces: Sequence[Space]) -> list[tuple[list[str], Space]]:
+def by_filesystem(spaces: Sequence[FolderSpace]) -> list[tuple[list[str], FolderSpace]]:
     """Folders grouped by the filesystem holding them (first-seen order): one free-space figure each."""
-    groups: dict[int, tuple[list[str], Space]] = {}
+    groups: dict[int, tuple[list[str], FolderSpace]] = {}
     for s in spaces:
         key = s.device or -len(groups) - 1  # unknown device: its own group
         if key in groups:
@@ -64,7 +53,7 @@ def needed_bytes(result: ScanResult) -> int | None:
     return round(total)
 
 
-def capacity(result: ScanResult, spaces: Sequence[Space] | None) -> dict[str, Any]:
+def capacity(result: ScanResult, spaces: Sequence[FolderSpace] | None) -> dict[str, Any]:
     """Bytes needed to regenerate what is missing, beside the free space of each storage folder.
 
     ``spaces`` None: not measured (no media root), so ``free_bytes`` is null rather than empty."""
@@ -211,7 +200,7 @@ def summary(result: ScanResult, throughput: Throughput | str | None = None) -> d
 
 def write_json(
     result: ScanResult, out: TextIO, throughput: Throughput | str | None = None,
-    spaces: Sequence[Space] | None = None,
+    spaces: Sequence[FolderSpace] | None = None,
 ) -> None:
     head = summary(result, throughput)
     head["capacity"] = capacity(result, spaces)
@@ -249,7 +238,7 @@ def write_review(regen: dict[str, Any], out: TextIO) -> None:
           f"{est['rate_per_second']:g} jobs/s; {est['basis']})\n")
 
 
-def write_capacity(cap: dict[str, Any], out: TextIO, spaces: Sequence[Space] | None) -> None:
+def write_capacity(cap: dict[str, Any], out: TextIO, spaces: Sequence[FolderSpace] | None) -> None:
     need = cap["bytes_needed"]
     out.write("  Needed to regenerate every missing file: "
               + ("unknown (sizes not read)" if need is None else human_bytes(need)) + "\n")
@@ -274,7 +263,7 @@ def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
 
 def write_table(
     result: ScanResult, out: TextIO, max_rows: int | None = None, throughput: Throughput | str | None = None,
-    spaces: Sequence[Space] | None = None,
+    spaces: Sequence[FolderSpace] | None = None,
 ) -> None:
     s = summary(result, throughput)
     w = out.write

@@ -9,21 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+
+from immich_thumbnail_exporter.findings import FolderSpace
 
 # Immich's StorageFolder enum, in the order the dashboard lists them.
 STORAGE_FOLDERS = ("thumbs", "upload", "library", "encoded-video", "profile", "backups")
-
-
-@dataclass(frozen=True)
-class FolderSpace:
-    folder: str
-    size_bytes: int
-    # What an unprivileged writer (Immich runs as one) can still use: f_bavail, not f_bfree, which
-    # counts the blocks reserved for root.
-    avail_bytes: int
-    # The filesystem's device: folders on one filesystem share it (and its free space).
-    device: int = 0
 
 
 def folder_space(root: str, folder: str) -> FolderSpace | None:
