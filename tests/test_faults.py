@@ -633,7 +633,7 @@ async def test_postgres_frozen_while_every_pooled_session_is_busy(
 # The media folder is a FUSE passthrough that hangs on demand like a hard NFS mount (tests/faultkit.py):
 # every call, or only below thumbs/<owner>/<xx>/. Hangs last only as long as their checks need.
 
-HANG_HOLD = 12.0  # seconds the whole mount stays hung under serve: several failed files rounds
+HANG_ROUNDS = 4  # failed files rounds the whole mount stays hung for under serve
 HANG_REPORT: list[str] = []
 
 
@@ -727,9 +727,10 @@ async def test_whole_media_mount_hung_under_serve(
         reconnect = await until(reconnected, 20)
         assert await exporter_connections(imm.postgres, imm.database) >= 1
         assert await redis_connections(fault_valkey) >= 1
-        while time.monotonic() - t_hang < HANG_HOLD:  # several files rounds, all refused at once
-            assert w.up("filesystem") == 0 and not files_series(w), "a series of the hung mount came back"
-            await asyncio.sleep(0.2)
+        # Several more files rounds, each refused at once while the mount hangs: counted in rounds.
+        await held_over(ex, ("files",), HANG_ROUNDS, lambda: w.up("filesystem") == 0 and not files_series(w),
+                        "a series of the hung mount came back")
+        hung_for = time.monotonic() - t_hang
         files = ex.store.result("files")
         assert files is not None and not files.success and files.error and "filesystem" in files.error, files
         stuck_threads = [t.name for t in threading.enumerate() if t.name == "media"]
@@ -741,7 +742,8 @@ async def test_whole_media_mount_hung_under_serve(
         assert len(stuck_threads) <= 1, stuck_threads
         assert w.max_walkers <= 2, w.max_walkers
         HANG_REPORT.append(
-            f"whole mount hung {HANG_HOLD:.0f}s under serve: filesystem down in {down:.2f}s; postgres and "
+            f"whole mount hung {hung_for:.0f}s ({HANG_ROUNDS} failed files rounds) under serve: "
+            f"filesystem down in {down:.2f}s; postgres and "
             f"redis by host name reconnected {reconnect:.2f}s after their connections were killed "
             f"({pg_killed} sessions, {redis_killed} clients); threads {base_threads}->{w.max_threads} max "
             f"(+{grown}), media threads {len(stuck_threads)}, walkers {w.max_walkers} max; recovered "
@@ -837,11 +839,9 @@ async def test_leaf_folders_hung_and_walkers_unkillable(
         held = await until(lambda: "does not exit after SIGKILL" in (media_stuck() or ""), 30)
         assert any(state == "D" for _, state in walker_children()), walker_children()
         await until(lambda: w.up("filesystem") == 0 and not files_series(w), 10)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 4:  # rounds go on failing at once: no second pair
-            assert len(walker_children()) <= 2, walker_children()
-            assert w.up("filesystem") == 0
-            await asyncio.sleep(0.1)
+        # Rounds go on failing at once: no second pair of walkers beside the stuck one.
+        await held_over(ex, ("files",), 2, lambda: len(walker_children()) <= 2 and w.up("filesystem") == 0,
+                        "a second pair of walkers, or the filesystem source back up")
         hung_media.answer()
         recovered = await until(lambda: healthy(w) and files_ok(ex) and not walker_children(), 40)
         w.check()
