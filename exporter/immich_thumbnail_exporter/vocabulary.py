@@ -14,6 +14,20 @@ RECORD_KINDS = ("thumbnail", "preview")
 REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
 FILE_REASONS = tuple(r for r in REASONS if r != "no_record")
 
+# Face (person) thumbnails: ``person."thumbnailPath"``, judged by the same file rule as an asset's files.
+# A problem row of this kind names the person (``Problem.asset_id`` holds the person's id); it is never
+# an asset's kind (``KINDS``), so nothing that asks Immich for an asset's thumbnails ever sees it.
+PERSON_KIND = "person"
+# Every ``kind`` a problem row (``/problems``, ``scan``) can have.
+PROBLEM_KINDS = (*KINDS, PERSON_KIND)
+# ``immich_person_thumbnails_missing{reason}``: a person's row always names a path (Immich's "Missing"
+# job already remakes the ones whose path is ``''``), so only the disk's reasons apply.
+PERSON_REASONS = FILE_REASONS
+# The job that writes a face thumbnail, on the thumbnail queue, data ``{"id": <personId>}`` (v1.137+; the
+# same job was ``generate-person-thumbnail`` before).
+PERSON_THUMBNAIL_JOB = "PersonGenerateThumbnail"
+PERSON_THUMBNAIL_JOB_NAMES = frozenset({PERSON_THUMBNAIL_JOB, "generate-person-thumbnail"})
+
 # BullMQ job states as the ``state`` label names them (Immich's API has no "prioritized" count).
 QUEUE_STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
 
