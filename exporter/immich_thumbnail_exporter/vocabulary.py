@@ -111,6 +111,20 @@ WHY = (
     "queue_unknown",  # Redis is not configured or could not be read
 )
 
+# Why an asset is still broken, as its original says (``remediation/original.py``): the original read once,
+# inside the media root, for the few assets still broken after their attempts. The ``original_*`` codes
+# other than ``original_ok`` and ``original_unchecked`` are reasons regeneration cannot fix the asset.
+ORIGINAL_OK = "original_ok"  # there, readable, an image or video by its header, its SHA-1 the asset's checksum
+ORIGINAL_MISSING = "original_missing"  # no file at the asset's originalPath
+ORIGINAL_UNREADABLE = "original_unreadable"  # there, and cannot be read (permissions, I/O error, not a file)
+ORIGINAL_CORRUPT = "original_corrupt"  # empty, or its first bytes are neither an image nor a video
+ORIGINAL_CHECKSUM_MISMATCH = "original_checksum_mismatch"  # its content's SHA-1 is not asset.checksum
+ORIGINAL_UNCHECKED = "original_unchecked"  # not read: outside the media root, or no answer in time
+ORIGINAL_RESULTS = (ORIGINAL_OK, ORIGINAL_MISSING, ORIGINAL_UNREADABLE, ORIGINAL_CORRUPT, ORIGINAL_CHECKSUM_MISMATCH,
+                    ORIGINAL_UNCHECKED)
+# The codes that explain why regenerating cannot help.
+ORIGINAL_BROKEN = (ORIGINAL_MISSING, ORIGINAL_UNREADABLE, ORIGINAL_CORRUPT, ORIGINAL_CHECKSUM_MISMATCH)
+
 # Immich v3's own integrity report (table ``integrity_report``): its entry types, the ``type`` label.
 INTEGRITY_TYPES = ("missing_file", "untracked_file", "checksum_mismatch")
 # The ``kind`` label of an entry that names no ``asset_file`` row: ``original`` when it names an asset
