@@ -109,6 +109,9 @@ WHY = (
     "no_effect",  # its job finished (or left the queue) and the files are still missing
     "no_job",  # no job names it in the queue
     "queue_unknown",  # Redis is not configured or could not be read
+    # Its original (a face thumbnail: its feature face's asset's original) is why (``remediation/original.py``).
+    "original_missing", "original_unreadable", "original_corrupt", "original_checksum_mismatch",
+    "no_face",  # a person with no feature face: Immich has nothing to crop its thumbnail from
 )
 
 # Why an asset is still broken, as its original says (``remediation/original.py``): the original read once,

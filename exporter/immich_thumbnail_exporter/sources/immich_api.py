@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -205,6 +206,13 @@ class ImmichApi:
         """Ask Immich to regenerate these assets' thumbnails. Immich answers 204 when it *accepted* the
         request: that says nothing about whether a worker will ever process it."""
         await self.request("POST", "assets/jobs", {"name": "regenerate-thumbnail", "assetIds": list(asset_ids)})
+
+    async def set_feature_face(self, person_id: str, asset_id: str) -> None:
+        """``PUT /api/people/{id}`` with ``featureFaceAssetId``: Immich sets the person's feature face to
+        its face in that asset and queues ``PersonGenerateThumbnail {"id": personId}``, even when that face
+        already is the feature face (``PersonService.update``). Needs ``person.update`` on the person and
+        read access to the asset; 400 when the asset holds no face of that person."""
+        await self.request("PUT", f"people/{uuid.UUID(person_id)}", {"featureFaceAssetId": str(uuid.UUID(asset_id))})
 
     async def me(self) -> str:
         """The id of the user the API key belongs to (``GET /api/users/me``, permission ``user.read``).
