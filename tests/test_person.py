@@ -9,6 +9,7 @@ hand-written schema and Immich's real ones (``asset_faces`` before v1.136, ``ass
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -19,13 +20,18 @@ from typing import Any
 
 import asyncpg
 import pytest
+from bullmq import Queue, Worker
 
 from immich_thumbnail_exporter.config import load_config
+from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import jpeg
 from immich_thumbnail_exporter.findings import ProblemStore
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, PersonJobs, regenerate_people
+from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.scan.targeted import check_people, media_mapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.sources.redis import RedisSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 
@@ -189,3 +195,89 @@ async def test_face_thumbnails_in_metrics_and_problems(immich_factory: Callable[
         assert all(r["asset_type"] in ("image", "video") for r in json.loads(body))
         status, _, _ = await fetch(f"{url}/problems?kind=face")
         assert status == 400
+
+
+async def test_person_jobs_are_followed_in_the_event_stream(valkey: EmbeddedValkey) -> None:
+    """A ``PersonGenerateThumbnail`` job naming an expected person confirms it, and its completion is
+    seen; a job of another name, or for a person nobody asked for, confirms nothing."""
+    config = load_config(None, environ={}, overrides={"database.url": "postgresql://unused/x", "redis.url": valkey.url})
+    source = RedisSource(config.redis)
+    queue = Queue("thumbnailGeneration", {"connection": valkey.url, "prefix": "immich_bull"})
+    wanted, other, never = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
+    watch = PersonJobs(source, "immich_bull")
+    try:
+        await watch.start()
+        watch.expect(wanted, 30.0)
+        watch.expect(never, 0.5)
+        opts = {"removeOnComplete": True, "removeOnFail": False, "priority": 1}
+        await queue.add("AssetGenerateThumbnails", {"id": never}, opts)  # an asset job naming the same id
+        await queue.add("PersonGenerateThumbnail", {"id": other}, opts)
+        job = await queue.add("PersonGenerateThumbnail", {"id": wanted}, opts)
+        await wait_for(lambda: _polled(watch, wanted), timeout=20)
+        assert watch.jobs[wanted].job_id == str(job.id)
+        assert other not in watch.jobs and never not in watch.jobs
+        ended: list[str] = []
+        await wait_for(lambda: _ended(watch, ended, [never]), timeout=20)
+
+        done = asyncio.Event()
+
+        async def process(job: Any, token: str) -> None:
+            done.set()
+            return None
+
+        worker = Worker("thumbnailGeneration", process, {"connection": valkey.url, "prefix": "immich_bull"})
+        try:
+            await wait_for(done.is_set, timeout=20)
+            await wait_for(lambda: _finished(watch, wanted), timeout=20)
+        finally:
+            await worker.close()
+        assert watch.jobs[wanted].outcome == "completed"
+    finally:
+        await queue.close()
+        await source.close()
+
+
+async def _polled(watch: PersonJobs, person: str) -> bool:
+    await watch.poll(block=0.2)
+    return person in watch.jobs
+
+
+async def _ended(watch: PersonJobs, ended: list[str], want: list[str]) -> bool:
+    await watch.poll(block=0.1)
+    ended.extend(watch.ended())
+    return ended == want
+
+
+async def _finished(watch: PersonJobs, person: str) -> bool:
+    await watch.poll(block=0.2)
+    return watch.jobs[person].finished_at is not None
+
+
+@pytest.mark.parametrize("build", ["v1.136+", "v3.1.0"])
+async def test_dry_run_says_what_it_would_ask_for(immich_factory: Callable[..., Any], build: str) -> None:
+    imm: Immich = await immich_factory(build)
+    faces = await plant_faces(imm)
+    config = load_config(None, environ={}, overrides={
+        "database.url": imm.dsn, "media.root": imm.media, "checks.verify_headers": True})
+    pg = PostgresSource(config.database)
+    store = ProblemStore()
+    report = RunReport("dry_run")
+    try:
+        await run_scan(pg, config, store)
+        await regenerate_people(config, pg, report, PeopleOptions(people=(faces.blank[0],)), problems=store)
+    finally:
+        store.close()
+        await pg.close()
+    got = {pid: (r.result, r.why) for pid, r in report.rows.items()}
+    want: dict[str, tuple[str, str | None]] = {}
+    for pid, reason in faces.expected.items():
+        if reason == "file_unreadable":
+            want[pid] = ("skipped", None)  # the exporter cannot read it: a request would not change that
+        elif reason is not None:
+            want[pid] = ("would_submit", None) if faces.faces else ("skipped", "no_face")
+    want[faces.blank[0]] = ("skipped", None)  # Immich's own "Missing" job makes an empty path's thumbnail
+    assert got == want
+    assert all(r.kinds == ("person",) for r in report.rows.values())
+    if faces.faces:
+        row = report.rows[next(p for p, r in faces.expected.items() if r == "file_missing")]
+        assert faces.faces[row.asset_id][0] in row.detail  # the feature face's asset it would name
