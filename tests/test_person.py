@@ -153,13 +153,14 @@ async def test_face_thumbnails_counted_listed_and_checked_one_by_one(
         for pid, reason in faces.expected.items():
             v = verdicts[pid]
             assert v.exists and [r for _, r, _ in v.problems] == ([reason] if reason else []), (pid, v)
-            assert v.written == (reason is None)
+            assert v.written == (reason is None) and v.eligible
             if faces.faces:
                 assert v.face_asset_id == faces.faces[pid][0]
                 assert v.original_exists == listed[pid].original_exists if pid in listed else True
         assert [r for _, r, _ in verdicts[faces.blank[0]].problems] == ["no_record"]
         assert [r for _, r, _ in verdicts[faces.refused[0]].problems] == ["path_refused"]
         assert not verdicts[ids[-2]].exists and not verdicts[ids[-1]].exists
+        assert not verdicts[ids[-2]].eligible  # a job naming no person: job verification's asset_missing
     finally:
         store.close()
         await pg.close()

@@ -193,6 +193,12 @@ class PersonVerdict:
         """The person's face thumbnail is there and sound."""
         return self.exists and not self.problems
 
+    @property
+    def eligible(self) -> bool:
+        """As ``AssetVerdict.eligible``: every person there counts (people have no eligibility rule), so a
+        caller judging finished jobs reads both verdicts alike."""
+        return self.exists
+
 
 @dataclass(frozen=True, slots=True)
 class PersonRow:
