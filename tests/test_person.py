@@ -10,6 +10,7 @@ hand-written schema and Immich's real ones (``asset_faces`` before v1.136, ``ass
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import uuid
@@ -26,6 +27,7 @@ from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import jpeg
 from immich_thumbnail_exporter.findings import ProblemStore
+from immich_thumbnail_exporter.output.scan_report import write_csv, write_json, write_table
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, PersonJobs, regenerate_people
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.scan.run import run_scan
@@ -143,6 +145,22 @@ async def test_face_thumbnails_counted_listed_and_checked_one_by_one(
                 assert p.original_exists is not None
             else:
                 assert p.original_path is None and p.original_exists is None
+
+        # The scan's report shows them: a summary line, the rows (table, JSON, CSV), and no person counted
+        # as an asset regeneration can fix.
+        table, doc, rows = io.StringIO(), io.StringIO(), io.StringIO()
+        write_table(result, table)
+        write_json(result, doc)
+        write_csv(store, rows)
+        total = sum(faces.counts().values())
+        assert f"Face (person) thumbnails missing or broken: {total} (" in table.getvalue()
+        summary = json.loads(doc.getvalue())["summary"]
+        reasons = ("file_missing", "file_empty", "file_corrupt", "file_unreadable")
+        assert summary["person_thumbnails_missing"] == {r: faces.counts()[r] for r in reasons}
+        assert sum(1 for line in rows.getvalue().splitlines() if ",person,person," in line) == total
+        assert summary["regeneration"]["assets"]["can_fix"] == len(
+            {p.asset_id for p in store if p.kind != "person" and p.original_exists is not False
+             and p.reason != "file_unreadable"})
 
         # The targeted check: the same verdict, person by person, and nothing for what is not a person.
         schema = await pg.schema()
