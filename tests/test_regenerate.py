@@ -272,7 +272,7 @@ async def test_interrupted_run_resumes_from_the_ledger(
 
 
 @pytest.mark.parametrize(("mode", "message"), [
-    ("401", "API key rejected POST /api/assets/jobs (HTTP 401: Invalid user token)"),
+    ("401", "API key rejected POST /api/assets/jobs (HTTP 401: Invalid API key)"),
     ("403", "API key lacks the permission for POST /api/assets/jobs (HTTP 403: Missing required permission"),
     ("500", "POST /api/assets/jobs: HTTP 500: Internal server error"),
 ])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 
 from immich_thumbnail_exporter import logs
+from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG
 from immich_thumbnail_exporter.config import LOG_FORMATS, LOG_LEVELS
 
 
@@ -19,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """The demo builds its own configuration: no configuration file, no environment."""
     # Imported here: the demo's servers and seeding are for this command (and the tests) only, and its
-    # wheels are the optional [demo] extra.
+    # wheels are the optional [demo] extra. Its servers can come from the system's packages, but the
+    # simulated Immich queues real BullMQ jobs: without bullmq there is no demo, and one line says so.
+    if importlib.util.find_spec("bullmq") is None:
+        print("error: the demo needs the demo extra: pip install 'immich-thumbnail-exporter[demo]'", file=sys.stderr)
+        return EXIT_CONFIG
     from immich_thumbnail_exporter.demo.run import run_demo
 
     logs.setup(args.log_level, args.log_format)

@@ -16,6 +16,7 @@ from immich_thumbnail_exporter.config import Config, duration_argument
 from immich_thumbnail_exporter.output.regenerate_report import write_json, write_table
 from immich_thumbnail_exporter.remediation.engine import Failure, Options, regenerate
 from immich_thumbnail_exporter.remediation.report import EXIT_ERROR
+from immich_thumbnail_exporter.sources.immich_access import preflight
 from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
 
 
@@ -99,6 +100,12 @@ def options_from_args(config: Config, args: argparse.Namespace) -> Options:
 def run_command(config: Config, args: argparse.Namespace) -> int:
     try:
         opts = options_from_args(config, args)
+        if opts.apply and config.immich.enabled:  # know the key before the first request (sources/immich_access)
+            lines, refused = asyncio.run(preflight(config.immich))
+            for line in lines:
+                print(line, file=sys.stderr)
+            if refused is not None:
+                raise Failure(f"{refused}: nothing was sent")
         report = asyncio.run(regenerate(config, opts))
     except Failure as exc:
         print(f"error: {exc}", file=sys.stderr)

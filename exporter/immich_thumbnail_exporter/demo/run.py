@@ -11,7 +11,9 @@ thumbnail worker starts ``WORKER_AFTER`` seconds in: first the exporter shows jo
 then the worker takes them (writing most assets' files, completing the orphans' jobs with null, doing
 nothing for one flaky asset's first job). The demo prints the ``regenerate --apply --wait`` command that
 fixes the rest, including the flaky asset on its second attempt and an asset whose first request Immich
-accepts and queues nothing for, as v3.0.0 did.
+accepts and queues nothing for, as v3.0.0 did. One asset sits in the Locked folder with its thumbnail
+gone: Immich never lets an API key reach it, so regenerate skips it and says why. One person's face
+thumbnail is gone while its row remains: ``regenerate --kind person`` has Immich remake it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from immich_thumbnail_exporter.app import Exporter, until_stopped
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedError, EmbeddedPostgres, EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
-from immich_thumbnail_exporter.demo.simulation.api import JOB_NAME, SimulatedApi
+from immich_thumbnail_exporter.demo.simulation.api import JOB_NAME, ApiKey, SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.exposition.http import parse_listen_address
 from immich_thumbnail_exporter.exposition.webconfig import load_web_config
@@ -94,12 +96,19 @@ def _summary(url: str, exp: Expected, jobs: int, env: dict[str, str], media: str
         f"    --state-dir {shlex.quote(state)} --apply --wait --retry-after {RETRY_AFTER}"
         for key, email, n in keys
     )
+    faces = "\n".join(
+        f"  IMMICH_API_KEY={key} {_program()} regenerate --kind person --media.root {shlex.quote(media)} \\\n"
+        f"    --state-dir {shlex.quote(state)} --apply --wait"
+        for key, _, _ in keys
+    )
     return f"""
 Immich thumbnail exporter demo is running: {url}/
 
   a restored Immich (schema v1.136+, {exp.assets['image']} images and {exp.assets['video']} videos)
   {missing} broken thumbnail-type files or rows, {exp.orphaned_files} orphaned files, \
 {exp.originals_missing} originals gone
+  {len(exp.locked_asset_ids)} of them in the Locked folder (no API key may regenerate it: skipped, with why),
+  {len(exp.person_thumbnails_missing)} face (person) thumbnail file gone while its row remains
   {jobs} regeneration jobs waiting in Valkey with no worker (some for assets no longer in the database);
   the simulated Immich's thumbnail worker starts in {WORKER_AFTER:.0f}s and takes them
 
@@ -113,6 +122,9 @@ anything is still broken. Immich lets a key regenerate only its own user's asset
 
   export {exports}
 {commands}
+
+And the face thumbnails (Immich remakes one when its feature face is set again):
+{faces}
 
 Press Ctrl-C to stop and clean up.
 """
@@ -133,13 +145,18 @@ async def _run(args: argparse.Namespace) -> int:
         await create_database(pg.dsn, "immich")
         dsn = pg.dsn_for("immich")
         media, state = f"{workdir}/media", f"{workdir}/state"
-        exp = await seed(dsn, media, "v1.136+", Plan(assets=args.assets))
-        stuck = sorted(exp.problem_asset_ids)[:6]
+        exp = await seed(dsn, media, "v1.136+", Plan(assets=args.assets, locked_thumbnail_missing=1,
+                                                     person_thumbnail_missing=1))
+        # The locked asset stays broken until someone unlocks it: no job is queued for it.
+        stuck = sorted(exp.problem_asset_ids - exp.locked_asset_ids)[:6]
         orphans = [str(uuid.UUID(int=0xDEAD0000 + i, version=4)) for i in range(4)]
-        later = [a for a in await fixable_assets(dsn, media, exp.problem_asset_ids) if a not in stuck]
+        later = [a for a in await fixable_assets(dsn, media, exp.problem_asset_ids - exp.locked_asset_ids)
+                 if a not in stuck]
         # One API key per Immich user, made now: (key, user id, email).
         keys = [(f"demo-{secrets.token_hex(12)}", user, email) for user, email in await users(dsn)]
-        api = SimulatedApi(dsn, vk.url, {key: user for key, user, _ in keys})
+        # Keys with "all", as Immich's web UI makes by default; the first user is the admin.
+        api = SimulatedApi(dsn, vk.url, {key: ApiKey(user, ("all",), admin=n == 0, name="demo")
+                                         for n, (key, user, _) in enumerate(keys)})
         # The flaky asset's first job does nothing; Immich queues nothing for the other's first request.
         if later:
             api.drop_first = {later[-1]}

@@ -91,6 +91,13 @@ class Plan:
     # which Immich's "Missing" rule counts as missing. Elsewhere these are ignored.
     edited_assets: int = 0
     edited_fullsize_no_record: int = 0
+    # A ``locked`` asset (visibility enum, v1.133+) whose thumbnail file is gone: Immich's API never lets
+    # an API key reach it, so regeneration must skip it with that reason.
+    locked_thumbnail_missing: int = 0
+    # People whose face thumbnail file is gone while ``person.thumbnailPath`` still names it. Each person
+    # gets one face (``asset_face``) on a healthy asset of its owner, its feature face, where the schema
+    # has the table: what ``PUT /api/people/{id} {featureFaceAssetId}`` needs.
+    person_thumbnail_missing: int = 0
     seed: int = 42
 
 
@@ -110,6 +117,10 @@ class Expected:
     problem_asset_ids: set[str] = field(default_factory=set)
     location: str = ""
     version: str = ""
+    locked_asset_ids: set[str] = field(default_factory=set)
+    # person id -> the asset holding its feature face (only where the schema has a face table)
+    person_faces: dict[str, str] = field(default_factory=dict)
+    person_thumbnails_missing: set[str] = field(default_factory=set)
 
 
 def ddl_text(era: Era) -> str:
@@ -242,6 +253,32 @@ async def seed(
         await conn.close()
 
 
+async def _seed_faces(conn: asyncpg.Connection, people: list[dict[str, Any]], assets: list[dict[str, Any]],
+                      exp: Expected) -> None:
+    """One face per person, on a healthy visible asset of the same owner, made its feature face."""
+    table = None
+    for name in ("asset_face", "asset_faces"):  # singular from v1.137 (StandardizeNames)
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'public."{name}"'):
+            table = name
+            break
+    if table is None:
+        return
+    healthy = [a for a in assets if str(a["id"]) not in exp.problem_asset_ids and a["deletedAt"] is None
+               and a.get("visibility", "timeline") == "timeline" and a.get("isVisible", True) and a["type"] == "IMAGE"]
+    faces, features = [], []
+    for n, person in enumerate(people):
+        mine = [a for a in healthy if a["ownerId"] == person["ownerId"]]
+        if not mine:
+            continue
+        asset = mine[n % len(mine)]
+        face = uuid.UUID(int=person["id"].int ^ asset["id"].int, version=4)
+        faces.append({"id": face, "assetId": asset["id"], "personId": person["id"]})
+        features.append((face, person["id"]))
+        exp.person_faces[str(person["id"])] = str(asset["id"])
+    await _insert(conn, await _table(conn, table), faces)
+    await conn.executemany('UPDATE person SET "faceAssetId" = $1 WHERE id = $2', features)
+
+
 def _uuid(rng: random.Random) -> uuid.UUID:
     return uuid.UUID(int=rng.getrandbits(128), version=4)
 
@@ -284,8 +321,8 @@ async def _seed(
     for name in ("thumbnail_file_missing", "preview_file_missing", "thumbnail_file_empty", "preview_file_corrupt",
                  "thumbnail_no_record", "preview_no_record", "thumbhash_missing", "metadata_pending",
                  "original_missing", "thumbnail_symlink_outside", "thumbnail_path_escape", "hidden_assets",
-                 "trashed_assets", "fullsize_assets", "edited_assets"):
-        n = getattr(plan, name)
+                 "trashed_assets", "fullsize_assets", "edited_assets", "locked_thumbnail_missing"):
+        n = getattr(plan, name) if name != "locked_thumbnail_missing" or era.visibility_enum else 0
         blocks[name] = set(order[pos : pos + n])
         pos += n
     # One asset whose original is gone also lost its preview: a problem regeneration cannot fix.
@@ -315,8 +352,11 @@ async def _seed(
             "thumbhash": None if i in blocks["thumbhash_missing"] else b"\x01\x02\x03",
             "deletedAt": dt.datetime(2024, 7, 1, tzinfo=dt.UTC) if trashed else None,
         }
+        locked = i in blocks["locked_thumbnail_missing"]
         if era.visibility_enum:
-            row["visibility"] = "hidden" if hidden else "timeline"
+            row["visibility"] = "hidden" if hidden else ("locked" if locked else "timeline")
+            if locked:
+                exp.locked_asset_ids.add(sid)
         else:
             row["isVisible"] = not hidden
         if trashed and "status" in assets_t.names:
@@ -376,7 +416,7 @@ async def _seed(
                 continue
             file_rows.append({"assetId": aid, "type": kind, "path": path})
             missing = (
-                (kind == "thumbnail" and i in blocks["thumbnail_file_missing"])
+                (kind == "thumbnail" and (i in blocks["thumbnail_file_missing"] or locked))
                 or (kind == "preview" and (i in blocks["preview_file_missing"] or i == unfixable))
                 or (kind == "fullsize" and i in fullsize_missing)
             )
@@ -415,9 +455,13 @@ async def _seed(
         owner = owners[p % len(owners)]
         spid = str(pid)
         rel = f"thumbs/{owner}/{spid[:2]}/{spid[2:4]}/{spid}.jpeg"
-        write(rel, jpeg(PERSON_SIZE))
+        if p < plan.person_thumbnail_missing:
+            exp.person_thumbnails_missing.add(spid)  # the row keeps naming a file the restore lost
+        else:
+            write(rel, jpeg(PERSON_SIZE))
         person_rows.append({"id": pid, "ownerId": owner, "thumbnailPath": stored(rel)})
     await _insert(conn, await _table(conn, "person"), person_rows)
+    await _seed_faces(conn, person_rows, asset_rows, exp)
 
     # Orphans: in a directory the database uses, in one it never mentions, and with a non-UTF-8 name.
     first = asset_rows[0]

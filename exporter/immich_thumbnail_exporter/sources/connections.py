@@ -12,6 +12,12 @@ from redis.exceptions import ResponseError
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.sources.bullmq import BullMQ
+from immich_thumbnail_exporter.sources.immich_access import (
+    QUEUE_FALLBACK,
+    REGENERATION,
+    describe_permissions,
+    key_access,
+)
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error
@@ -38,18 +44,37 @@ async def check_connections(config: Config) -> list[str]:
         finally:
             await source.close()
     if config.immich.enabled:
-        api = ImmichApi(config.immich)
-        limit = float(config.immich.timeout) + 2
-        try:
-            await asyncio.wait_for(api.ping(), limit)
-            version = await asyncio.wait_for(api.version(), limit)
+        problems.extend(await _check_immich(config))
+    return problems
+
+
+async def _check_immich(config: Config) -> list[str]:
+    """Immich's API: reachable, its release, what the key may do there (one line per feature), then the
+    queue status when the key may read it. A refused feature is a problem only where the configuration
+    relies on it: regeneration with remediation enabled, the queue status without Redis."""
+    api = ImmichApi(config.immich)
+    limit = float(config.immich.timeout) + 2
+    problems: list[str] = []
+    try:
+        await asyncio.wait_for(api.ping(), limit)
+        access = await asyncio.wait_for(key_access(api), limit * 3)
+        print(f"ok: immich API {api.base}: Immich {access.shown}, API key with "
+              f"{describe_permissions(access.permissions)}")
+        for feature in access.features:
+            needed = (feature.name == REGENERATION and config.remediation.enabled) or (
+                feature.name == QUEUE_FALLBACK and not config.redis.enabled)
+            if feature.allowed is False and needed:
+                problems.append(f"immich: {feature.line}")
+            else:
+                print(f"{'ok' if feature.allowed else 'note'}: immich API key: {feature.line}")
+        if access.feature(QUEUE_FALLBACK).allowed is not False:
             stats = await asyncio.wait_for(api.queues(), limit)
             endpoint = "/api/queues" if api.queues_endpoint == "queues" else "/api/jobs"
-            print(f"ok: immich API {api.base}: Immich {version}, {len(stats)} queues readable ({endpoint})")
-        except ApiError as exc:
-            problems.append(f"immich: {exc}")
-        except TimeoutError:
-            problems.append(f"immich: {api.base}: no answer within {limit:.0f}s")
-        finally:
-            await api.close()
+            print(f"ok: immich API {api.base}: {len(stats)} queues readable ({endpoint})")
+    except ApiError as exc:
+        problems.append(f"immich: {exc}")
+    except TimeoutError:
+        problems.append(f"immich: {api.base}: no answer within {limit:.0f}s")
+    finally:
+        await api.close()
     return problems

@@ -12,6 +12,10 @@ job as completed with ``null``. The handler:
 * otherwise, after ``delay`` seconds of "work", writes a webp thumbnail and a jpeg preview (and rewrites a
   fullsize file the asset has) where its ``asset_file`` rows say, adding the rows that are missing.
 
+A face-thumbnail job (``PersonGenerateThumbnail {"id": personId}``, ``generate-person-thumbnail`` before
+v1.137) writes a small JPEG where the person's ``thumbnailPath`` says, setting a path first when it is
+empty (``thumbs/<owner>/<id[0:2]>/<id[2:4]>/<id>.jpeg``, as Immich's StorageCore names it).
+
 It writes to the demo's own database and media folder: it plays Immich, never the exporter.
 """
 
@@ -21,15 +25,21 @@ import asyncio
 import logging
 import os
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from bullmq import Worker
 
-from immich_thumbnail_exporter.demo.seed import FULLSIZE_SIZE, PREVIEW_SIZE, THUMB_SIZE, jpeg, webp
-from immich_thumbnail_exporter.demo.simulation.api import JOB_NAME, PREFIX, QUEUE
+from immich_thumbnail_exporter.demo.seed import FULLSIZE_SIZE, PERSON_SIZE, PREVIEW_SIZE, THUMB_SIZE, jpeg, webp
+from immich_thumbnail_exporter.demo.simulation.api import PREFIX, QUEUE
+
+if TYPE_CHECKING:
+    from bullmq import Worker
 
 log = logging.getLogger(__name__)
+
+# Every release's names (releases.py): the worker plays whichever Immich queued the job.
+ASSET_JOBS = frozenset({"AssetGenerateThumbnails", "generate-thumbnails"})
+PERSON_JOBS = frozenset({"PersonGenerateThumbnail", "generate-person-thumbnail"})
 
 
 class SimulatedWorker:
@@ -53,13 +63,16 @@ class SimulatedWorker:
         self.flaky = set(flaky or ())
         self.name = name
         self.concurrency = concurrency
-        self.processed: list[str] = []  # asset ids, in the order their jobs ran
+        self.processed: list[str] = []  # asset (and person) ids, in the order their jobs ran
+        self.persons: list[str] = []  # person ids whose face thumbnail was written
         self.outcomes: dict[str, str] = {}  # asset -> what its last job did (written, no_effect, not_found, error)
         self._pool: asyncpg.Pool | None = None
         self._worker: Worker | None = None
         self._tables: tuple[str, str, str] = ("asset", "asset_file", "/data")
 
     async def start(self) -> None:
+        from bullmq import Worker  # the demo extra
+
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, timeout=10)
         singular = await self._pool.fetchval("SELECT to_regclass('asset_file') IS NOT NULL", timeout=10)
         # Paths are absolute under /data from v1.137, relative to /usr/src/app ("upload/...") before.
@@ -85,7 +98,9 @@ class SimulatedWorker:
         return None
 
     async def handle(self, name: str, asset_id: str) -> str:
-        if name != JOB_NAME:
+        if name in PERSON_JOBS:
+            return await self.handle_person(asset_id)
+        if name not in ASSET_JOBS:
             return "skipped"
         await asyncio.sleep(self.delay)
         assert self._pool is not None
@@ -119,6 +134,37 @@ class SimulatedWorker:
                                        aid, kind, rows[kind], timeout=10)
         await asyncio.to_thread(self._write, rows)
         return "written"
+
+    async def handle_person(self, person_id: str) -> str:
+        await asyncio.sleep(self.delay)
+        assert self._pool is not None
+        try:
+            pid = uuid.UUID(person_id)
+        except ValueError:
+            return "not_found"
+        row = await self._pool.fetchrow('SELECT "ownerId"::text AS owner, "thumbnailPath" AS path FROM person '
+                                        "WHERE id = $1", pid, timeout=10)
+        if row is None:
+            log.warning("Person %s not found", person_id)
+            return "not_found"
+        path = row["path"]
+        if not path:
+            path = f"{self._tables[2]}/thumbs/{row['owner']}/{person_id[:2]}/{person_id[2:4]}/{person_id}.jpeg"
+            await self._pool.execute('UPDATE person SET "thumbnailPath" = $1 WHERE id = $2', path, pid, timeout=10)
+        local = self._local(path)
+        if local is None:
+            raise RuntimeError(f"thumbnail path outside the media folder: {path}")
+        await asyncio.to_thread(self._write_file, local, jpeg(PERSON_SIZE))
+        self.persons.append(person_id)
+        return "written"
+
+    @staticmethod
+    def _write_file(local: str, data: bytes) -> None:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        if os.path.islink(local):
+            os.unlink(local)
+        with open(local, "wb") as fh:
+            fh.write(data)
 
     def _local(self, stored: str | None) -> str | None:
         """Where a stored path lies in the demo's media folder; None for one that would leave it."""
