@@ -92,12 +92,29 @@ async def thumbnail_paths(imm: Immich, people: set[str]) -> dict[str, str]:
                                 [uuid.UUID(p) for p in people])
     finally:
         await conn.close()
-    return {r[0]: imm.media + r[1][len("/data"):] for r in rows}
+    # Stored absolute under /data (v1.136+) or relative to /usr/src/app ("upload/thumbs/...") before.
+    return {r[0]: imm.media + (r[1][len("/data"):] if r[1].startswith("/data/") else r[1][len("upload"):])
+            for r in rows}
 
 
+@pytest.mark.parametrize(("build", "release"), [
+    ("v1.136+", "v1.137.3"),
+    ("v1.132.3", "v1.132.3"),  # asset_faces, relative paths, the job named generate-person-thumbnail
+    ("v3.1.0", "v3.1.0"),
+])
 async def test_lost_face_thumbnails_are_remade_and_verified(
-    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+    immich_factory: Callable[..., Any], valkey: EmbeddedValkey, tmp_path: Path, build: str, release: str
 ) -> None:
+    imm: Immich = await immich_factory(build, Plan(assets=40, persons=4, person_thumbnail_missing=2))
+    fake = SimulatedApi(imm.dsn, valkey.url, {API_KEY: None}, release=release)
+    await fake.start()
+    try:
+        await remade_and_verified(imm, fake, valkey, tmp_path)
+    finally:
+        await fake.stop()
+
+
+async def remade_and_verified(imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path) -> None:
     lost = set(imm.expected.person_thumbnails_missing)
     assert len(lost) == 2 and lost <= set(imm.expected.person_faces)
     paths = await thumbnail_paths(imm, lost)
