@@ -23,6 +23,7 @@ from immich_thumbnail_exporter.remediation.original import (
     path_checksum,
     read_original,
     sniff,
+    why_of,
 )
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.sources.paths import PathMapper
@@ -97,6 +98,8 @@ def test_judge_original(row: OriginalRow, facts: OriginalFacts, code: str, says:
     assert says in verdict.detail, verdict.detail
     assert verdict.broken == (code in ("original_missing", "original_unreadable", "original_corrupt",
                                        "original_checksum_mismatch"))
+    why = why_of(verdict)
+    assert (why.code if why else None) == (code if verdict.broken else None)
 
 
 @pytest.fixture

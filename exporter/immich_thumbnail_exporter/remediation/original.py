@@ -16,7 +16,8 @@ file opened with ``O_NOFOLLOW``; a path that leads out is not read), within a ti
 ``judge_original`` is the pure rule (facts and the database row in, a verdict out); ``read_original``
 gathers the facts (blocking, a worker thread); ``check_originals`` is the async entry point for
 ``regenerate``'s report and serve's ledger: ``{asset id: OriginalVerdict}``, whose ``code`` is one of
-``vocabulary.ORIGINAL_RESULTS`` and ``detail`` the sentence to show.
+``vocabulary.ORIGINAL_RESULTS`` and ``detail`` the sentence to show; ``why_of`` turns a broken one into
+the ``Why`` the ledger and the reports take.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from immich_thumbnail_exporter.remediation.why import Why
 from immich_thumbnail_exporter.scan.inroot import MISSING, OUTSIDE, InRoot
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
@@ -143,6 +145,12 @@ class OriginalVerdict:
     def broken(self) -> bool:
         """The original itself is why regeneration cannot help."""
         return self.code in ORIGINAL_BROKEN
+
+
+def why_of(verdict: OriginalVerdict) -> Why | None:
+    """The reason the ledger and the reports take (``Ledger.explain``, ``Row.why``) when the original is
+    why regeneration cannot help; None when it is not (``original_ok``, ``original_unchecked``)."""
+    return Why(verdict.code, f"its original: {verdict.detail}") if verdict.broken else None
 
 
 def path_checksum(original_path: str) -> bytes:
