@@ -51,6 +51,11 @@ def test_decide(verdict: PersonVerdict, row: Entry | None, action: str, code: st
     assert (d.action, d.code) == (action, code), d
 
 
+def test_another_users_person_is_not_asked_for() -> None:
+    assert decide(MISSING, None, REASONS, NOW, 300.0, 3, key_owner="someone-else").code == "other_owner"
+    assert decide(MISSING, None, REASONS, NOW, 300.0, 3, key_owner="o").action == "ask"
+
+
 def test_unreadable_is_asked_for_when_chosen() -> None:
     v = replace(MISSING, problems=[("person", "file_unreadable", "x")])
     assert decide(v, None, (*REASONS, "file_unreadable"), NOW, 300.0, 3).action == "ask"

@@ -81,6 +81,8 @@ SKIP_TEXT = {
     "path_refused": "its thumbnailPath is outside the media location: not checked",
     "no_record": "its thumbnailPath is empty: Immich's own \"Missing\" job makes it",
     "reason": "not one of the reasons asked for",
+    "other_owner": "owned by another Immich user: Immich lets an API key change only its own user's people "
+    "(run again with that user's key)",
 }
 
 
@@ -98,6 +100,8 @@ class PeopleOptions:
     confirm_within: float = 10.0
     # How long ``wait`` waits for the jobs to finish (then the attempt is checked as it is).
     wait_seconds: float = 120.0
+    # The API key's user when known (``GET /api/users/me``): another user's people are not asked for.
+    key_owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class Decision:
 
 
 def decide(verdict: PersonVerdict, entry: Entry | None, reasons: Iterable[str], now: float,
-           retry_after: float, max_attempts: int) -> Decision:
+           retry_after: float, max_attempts: int, key_owner: str | None = None) -> Decision:
     """The rule for one person, from its targeted check and its ledger row. Pure."""
     if not verdict.exists:
         return Decision("skip", "not_a_person", SKIP_TEXT["not_a_person"])
@@ -128,6 +132,8 @@ def decide(verdict: PersonVerdict, entry: Entry | None, reasons: Iterable[str], 
         return Decision("skip", "no_face", SKIP_TEXT["no_face"])
     if verdict.original_exists is False:
         return Decision("skip", "original_missing", SKIP_TEXT["original_missing"])
+    if key_owner is not None and verdict.owner_id is not None and verdict.owner_id != key_owner:
+        return Decision("skip", "other_owner", SKIP_TEXT["other_owner"])
     if entry is not None:
         if entry.state == "gave_up":
             return Decision("skip", "gave_up", f"given up earlier: {entry.gave_up_reason or entry.detail or ''}")
@@ -256,7 +262,7 @@ async def regenerate_people(
     settle: list[str] = []
     for pid in [*selected, *earlier]:
         v, entry = verdicts[pid], entries.get(pid)
-        d = decide(v, entry, opts.reasons, now, opts.retry_after, opts.max_attempts)
+        d = decide(v, entry, opts.reasons, now, opts.retry_after, opts.max_attempts, opts.key_owner)
         attempts = entry.attempts if entry is not None else 0
         if d.action == "skip":
             if pid in selected:
