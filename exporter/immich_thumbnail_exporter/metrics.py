@@ -36,6 +36,9 @@ _DEFS = [
         "Eligible assets with no asset_job_status row: Immich's Missing job never queues them."),
     Def("immich_assets_original_missing", "gauge", (),
         "Eligible assets whose original file is gone: regenerating thumbnails cannot fix them."),
+    Def("immich_person_thumbnails_missing", "gauge", ("reason",),
+        "Face (person) thumbnails whose person.thumbnailPath names a file that is missing or broken, by reason: "
+        "Immich's Missing job never remakes them."),
     Def("immich_thumbnail_files", "gauge", ("kind",), "Thumbnail-type files on disk referenced by the database."),
     Def("immich_thumbnail_bytes", "gauge", ("kind",),
         "Bytes of thumbnail-type files on disk referenced by the database."),

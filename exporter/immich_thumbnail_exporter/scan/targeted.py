@@ -6,6 +6,9 @@ thumbnail job left behind. Per batch of ids: one query (``file_sql.targeted_sql`
 (``verdict.judge_asset``: a row for each kind the asset must have, each path mapped through
 ``PathMapper``, the file present, not empty, its first bytes matching its extension, readable; links
 followed inside the media root only). Nothing touches the disk in the event loop.
+
+``check_people`` does the same for face thumbnails: given person ids, one query per batch (the person's
+``thumbnailPath`` and its feature face's asset), each file judged by the same rule (``judge_person``).
 """
 
 from __future__ import annotations
@@ -15,15 +18,22 @@ import uuid
 from collections.abc import Iterable, Sequence
 
 from immich_thumbnail_exporter.config import MediaConfig
-from immich_thumbnail_exporter.scan.file_sql import targeted_sql
+from immich_thumbnail_exporter.scan.file_sql import FACE_TABLE_SQL, targeted_people_sql, targeted_sql
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import media_location
-from immich_thumbnail_exporter.scan.verdict import AssetRow, AssetVerdict, judge_asset
+from immich_thumbnail_exporter.scan.verdict import (
+    AssetRow,
+    AssetVerdict,
+    PersonRow,
+    PersonVerdict,
+    judge_asset,
+    judge_person,
+)
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.schema import Schema
 
-__all__ = ["BATCH", "AssetVerdict", "check_assets", "media_mapper"]
+__all__ = ["BATCH", "AssetVerdict", "PersonVerdict", "check_assets", "check_people", "media_mapper"]
 
 # Assets per query (and per worker-thread call).
 BATCH = 1_000
@@ -104,3 +114,57 @@ def _judge(
     if not disk:
         disk.append(InRoot(mapper.root_bytes))
     return {a.asset_id: judge_asset(mapper, disk[0], a, headers) for a in assets}
+
+
+async def check_people(
+    pg: PostgresSource,
+    schema: Schema,
+    mapper: PathMapper,
+    person_ids: Iterable[str],
+    *,
+    headers: bool = True,
+    batch_size: int = BATCH,
+    timeout: float | None = None,
+) -> dict[str, PersonVerdict]:
+    """Judge each person's face thumbnail in ``person_ids`` as it is now, in the database and on disk.
+
+    One ``PersonVerdict`` per id given (keyed as given): ``exists`` False for an id that is not a UUID or
+    names no person (or a database without face thumbnails); else its stored path, its feature face's
+    asset and original, and its problem: ``no_record`` (``thumbnailPath`` is ``''``), ``path_refused`` or
+    a file reason; ``written`` when it has none. Bounded as ``check_assets``: one query per batch, the
+    files of a batch looked at in one worker-thread call with a time limit.
+    """
+    given = list(person_ids)
+    canonical = {p: _canonical(p) for p in given}
+    ids = sorted({c for c in canonical.values() if c is not None})
+    statement_timeout = pg.config.statement_timeout if timeout is None else timeout
+    found: dict[str, PersonVerdict] = {}
+    if ids and schema.has_person_thumbnails:
+        disk: list[InRoot] = []
+        sql: str | None = None
+        for i in range(0, len(ids), batch_size):
+            chunk = ids[i : i + batch_size]
+            async with pg.connection() as conn:
+                if sql is None:
+                    faces = await conn.fetchval(FACE_TABLE_SQL, timeout=statement_timeout)
+                    sql = targeted_people_sql(schema, None if faces is None else str(faces))
+                rows = await conn.fetch(sql, [uuid.UUID(p) for p in chunk], timeout=statement_timeout)
+            people = [PersonRow(r[0], r[1], r[2] or "", r[3], r[4]) for r in rows]
+            budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
+            found.update(await asyncio.wait_for(
+                asyncio.to_thread(_judge_people, mapper, disk, people, headers), budget))
+    out: dict[str, PersonVerdict] = {}
+    for p in given:
+        c = canonical[p]
+        verdict = found.get(c) if c is not None else None
+        out[p] = verdict if verdict is not None else PersonVerdict(p, exists=False)
+    return out
+
+
+def _judge_people(
+    mapper: PathMapper, disk: list[InRoot], people: Sequence[PersonRow], headers: bool
+) -> dict[str, PersonVerdict]:
+    """Blocking (a worker thread): the verdict on each person of one batch."""
+    if not disk:
+        disk.append(InRoot(mapper.root_bytes))
+    return {p.person_id: judge_person(mapper, disk[0], p, headers) for p in people}
