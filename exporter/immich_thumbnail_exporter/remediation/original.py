@@ -28,9 +28,11 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from immich_thumbnail_exporter.remediation.ledger import Ledger
+from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.why import Why
 from immich_thumbnail_exporter.scan.inroot import MISSING, OUTSIDE, InRoot
 from immich_thumbnail_exporter.sources.paths import PathMapper
@@ -150,7 +152,19 @@ class OriginalVerdict:
 def why_of(verdict: OriginalVerdict) -> Why | None:
     """The reason the ledger and the reports take (``Ledger.explain``, ``Row.why``) when the original is
     why regeneration cannot help; None when it is not (``original_ok``, ``original_unchecked``)."""
-    return Why(verdict.code, f"its original: {verdict.detail}") if verdict.broken else None
+    return Why(verdict.code, verdict.detail) if verdict.broken else None
+
+
+def explain_rows(report: RunReport, whys: Mapping[str, Why], ledger: Ledger | None) -> None:
+    """A broken original is why each of these targets stayed broken: its report row (``why``, and the
+    sentence after its detail) and, when ``ledger`` is given (open for writing), its ledger entry."""
+    for target, why in whys.items():
+        row = report.rows.get(target)
+        if row is not None:
+            row.why = why.code
+            row.detail = f"{row.detail}; {why.text}" if row.detail else why.text
+    if ledger is not None and whys:
+        ledger.explain(whys, time.time())
 
 
 def path_checksum(original_path: str) -> bytes:

@@ -42,21 +42,38 @@ from typing import Any
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import Problem
-from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger
-from immich_thumbnail_exporter.remediation.original import check_originals
+from immich_thumbnail_exporter.remediation.decision import (
+    FIXED,
+    GAVE_UP,
+    GIVE_UP,
+    RETRY,
+    SETTLE,
+    SKIP,
+    SUBMIT,
+    WAIT,
+    Policy,
+    RetryClock,
+    Seen,
+    decide,
+)
+from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, Entry, Ledger
+from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, why_of
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.submit import request_result
-from immich_thumbnail_exporter.remediation.why import Why
+from immich_thumbnail_exporter.remediation.why import Why, ago, skip_text
 from immich_thumbnail_exporter.scan.targeted import check_people, media_mapper
 from immich_thumbnail_exporter.scan.verdict import PATH_REFUSED, PersonVerdict
 from immich_thumbnail_exporter.sources.bullmq import BullMQ
 from immich_thumbnail_exporter.sources.bullmq_events import read_streams, stream_ends
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
+from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.timing import RateLimiter
 from immich_thumbnail_exporter.vocabulary import (
     FILE_REASONS,
+    ORIGINAL_BROKEN,
     PERSON_KIND,
     PERSON_THUMBNAIL_JOB_NAMES,
     THUMBNAIL_QUEUE,
@@ -70,25 +87,29 @@ POLL = 0.25
 # Entries per read of the event stream.
 BATCH = 1_000
 
+# The sentences for the decision's reasons (``decision.REASONS``) about a person, where they differ from
+# an asset's (``why.SKIP_TEXT``), and for the file reasons a person is not asked for by default.
 SKIP_TEXT = {
-    "not_a_person": "not a person in the database",
-    "present": "its face thumbnail is there and sound",
+    "not_in_database": "not a person in the database",
+    "nothing_to_fix": "its face thumbnail is there and sound",
     "no_face": "the person has no feature face: Immich has nothing to crop its thumbnail from",
     "original_missing": "its feature face's original is missing: Immich cannot crop the face from it; "
     "restore it from a backup",
     "file_unreadable": "the exporter cannot read the file (permissions, or a symlink out of the media "
     "folder): regeneration would not change that",
-    "path_refused": "its thumbnailPath is outside the media location: not checked",
+    PATH_REFUSED: "its thumbnailPath is outside the media location: not checked",
     "no_record": "its thumbnailPath is empty: Immich's own \"Missing\" job makes it",
-    "reason": "not one of the reasons asked for",
     "other_owner": "owned by another Immich user: Immich lets an API key change only its own user's people "
     "(run again with that user's key)",
 }
+# Reasons that are the feature face's (its original's) rather than the thumbnail's: the report's ``why``.
+ORIGINAL_WHYS = frozenset({"no_face", *ORIGINAL_BROKEN})
 
 
 @dataclass(frozen=True)
 class PeopleOptions:
-    """What a run may do (mapped from ``regenerate``'s options by the engine)."""
+    """What a run may do (mapped from ``regenerate``'s options by the engine, or from ``remediation.*``
+    by serve's rounds)."""
 
     apply: bool = False
     people: tuple[str, ...] = ()  # person ids asked for by name, besides the scan's
@@ -97,53 +118,42 @@ class PeopleOptions:
     wait: bool = False
     retry_after: float = 300.0
     max_attempts: int = 3
+    retry_gave_up: bool = False
     confirm_within: float = 10.0
     # How long ``wait`` waits for the jobs to finish (then the attempt is checked as it is).
     wait_seconds: float = 120.0
     # The API key's user when known (``GET /api/users/me``): another user's people are not asked for.
     key_owner: str | None = None
+    # At most this many requests in the run (serve: ``max_per_round``).
+    limit: int | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What to do with one person now: ``ask``, ``skip`` (``code`` says why), ``wait`` (an attempt is
-    still open), ``settle`` (a pending attempt to check)."""
+def seen_of(verdict: PersonVerdict, reasons: Iterable[str]) -> Seen:
+    """The one decision's view (``decision.Seen``, target ``person``) of a person's fresh check. Pure.
 
-    action: str
-    code: str = ""
-    detail: str = ""
-
-
-def decide(verdict: PersonVerdict, entry: Entry | None, reasons: Iterable[str], now: float,
-           retry_after: float, max_attempts: int, key_owner: str | None = None) -> Decision:
-    """The rule for one person, from its targeted check and its ledger row. Pure."""
+    A person is broken when its face thumbnail is; fixable when its reason is among ``reasons``. What
+    the request needs beyond that is the feature face's original, passed as ``Seen.original``: no feature
+    face (``no_face``), or its original gone (``original_missing``). People have no eligibility or
+    locked folder of their own."""
     if not verdict.exists:
-        return Decision("skip", "not_a_person", SKIP_TEXT["not_a_person"])
-    if entry is not None and entry.state in PENDING and (verdict.written or entry.state in AWAITING):
-        return Decision("settle")  # an earlier attempt to check: fixed since, or not verified yet
-    if verdict.written:
-        return Decision("skip", "present", SKIP_TEXT["present"])
-    reason = verdict.problems[0][1]
-    if reason in (PATH_REFUSED, "no_record", "file_unreadable") and reason not in reasons:
-        return Decision("skip", reason, SKIP_TEXT[reason])
-    if reason not in reasons:
-        return Decision("skip", "reason", f"{reason}: {SKIP_TEXT['reason']}")
-    if verdict.face_asset_id is None:
-        return Decision("skip", "no_face", SKIP_TEXT["no_face"])
-    if verdict.original_exists is False:
-        return Decision("skip", "original_missing", SKIP_TEXT["original_missing"])
-    if key_owner is not None and verdict.owner_id is not None and verdict.owner_id != key_owner:
-        return Decision("skip", "other_owner", SKIP_TEXT["other_owner"])
-    if entry is not None:
-        if entry.state == "gave_up":
-            return Decision("skip", "gave_up", f"given up earlier: {entry.gave_up_reason or entry.detail or ''}")
-        if entry.state in RETRYABLE and entry.attempts >= max_attempts:
-            return Decision("skip", "gave_up", f"no attempt left after {entry.attempts}")
-        if entry.state in RETRYABLE and now < entry.due_at(retry_after):
-            return Decision("wait", "", f"asked {entry.attempts} time(s); next attempt once its window has passed")
-        if entry.state == "fixed":
-            return Decision("ask", "reset", "fixed before and broken again: its attempts start over")
-    return Decision("ask")
+        return Seen(exists=False, target="person")
+    broken = frozenset(k for k, _, _ in verdict.problems)
+    wanted = set(reasons)
+    fixable = frozenset(k for k, r, _ in verdict.problems if r in wanted)
+    original = "ok"
+    if fixable and verdict.face_asset_id is None:
+        original = "no_face"
+    elif fixable and verdict.original_exists is False:
+        original = "original_missing"
+    return Seen(owner=verdict.owner_id, broken=broken, fixable=fixable, original=original, target="person")
+
+
+def person_text(reason: str, verdict: PersonVerdict | None = None) -> str:
+    """The sentence for a decision's reason about a person."""
+    if reason == "reason_not_submitted" and verdict is not None and verdict.problems:
+        r = verdict.problems[0][1]
+        return SKIP_TEXT.get(r, f"{r}: not one of the reasons asked for (name it with --reason)")
+    return SKIP_TEXT.get(reason) or skip_text(reason)
 
 
 @dataclass
@@ -226,8 +236,28 @@ class PersonJobs:
 
 
 def _row(person_id: str, result: str, problems: str = "", attempts: int = 0, detail: str = "",
-         why: str | None = None) -> Row:
-    return Row(person_id, result, problems, (PERSON_KIND,), attempts, detail, why)
+         why: str | None = None, reason: str | None = None) -> Row:
+    return Row(person_id, result, problems, (PERSON_KIND,), attempts, detail, why, reason)
+
+
+@dataclass
+class _Run:
+    """One people run's state: what it holds open and what stayed broken."""
+
+    config: Config
+    pg: PostgresSource
+    schema: Schema
+    mapper: PathMapper
+    report: RunReport
+    opts: PeopleOptions
+    ledger: Ledger | None
+    clock: RetryClock
+    policy: Policy
+    # The ledger may be written (``--apply`` and a ledger open for writing).
+    write: bool
+    verdicts: dict[str, PersonVerdict] = field(default_factory=dict)
+    # People still broken after their attempts: their feature face's original is read once, at the end.
+    broken_after: list[str] = field(default_factory=list)
 
 
 async def regenerate_people(
@@ -240,73 +270,131 @@ async def regenerate_people(
     ledger: Ledger | None = None,
     api: ImmichApi | None = None,
     redis: RedisSource | None = None,
+    clock: RetryClock | None = None,
+    limiter: RateLimiter | None = None,
 ) -> None:
-    """One ``regenerate --kind person`` run; its rows go into ``report``.
+    """One ``regenerate --kind person`` run (or one of serve's rounds); its rows go into ``report``.
 
     ``problems``: the scan's rows (those of kind ``person`` are taken); ``opts.people`` adds ids asked for
     by name. With ``opts.apply`` it needs ``ledger`` and ``api``; ``redis`` (the Immich Redis, read only)
-    confirms each request queued a job, and without it nothing is called ``not_queued``. Raises what the
-    sources raise when the database or the media folder fails (the engine reports those as for assets).
+    confirms each request queued a job, and without it nothing is called ``not_queued``. ``clock`` and
+    ``limiter``: the caller's (serve shares its retry clock and rate limit with the assets'). Raises what
+    the sources raise when the database or the media folder fails (the engine reports those as for assets).
     """
     selected = list(dict.fromkeys([*(p.asset_id for p in problems if p.kind == PERSON_KIND), *opts.people]))
     earlier = [e.asset_id for e in (ledger.entries(PENDING) if ledger is not None else [])
                if PERSON_KIND in e.kinds and e.asset_id not in selected]
     if not selected and not earlier:
         return
-    schema = await pg.schema()
-    mapper = await media_mapper(pg, config.media)
-    verdicts = await check_people(pg, schema, mapper, [*selected, *earlier])
-    entries = ledger.get([*selected, *earlier]) if ledger is not None else {}
-    now = time.time()
+    policy = Policy(max_attempts=opts.max_attempts, retry_after=opts.retry_after,
+                    retry_gave_up=opts.retry_gave_up, key_owner=opts.key_owner)
+    write = opts.apply and ledger is not None and not ledger.readonly and api is not None
+    run = _Run(config, pg, await pg.schema(), await media_mapper(pg, config.media), report, opts, ledger,
+               clock or RetryClock(), policy, write)
+    ids = [*selected, *earlier]
+    run.verdicts = await check_people(pg, run.schema, run.mapper, ids)
+    entries = ledger.get(ids) if ledger is not None else {}
     ask: list[tuple[PersonVerdict, bool]] = []
-    settle: list[str] = []
-    for pid in [*selected, *earlier]:
-        v, entry = verdicts[pid], entries.get(pid)
-        d = decide(v, entry, opts.reasons, now, opts.retry_after, opts.max_attempts, opts.key_owner)
-        attempts = entry.attempts if entry is not None else 0
-        if d.action == "skip":
-            if pid in selected:
-                report.set(_row(pid, "skipped", v.describe(), attempts, d.detail,
-                                d.code if d.code in ("no_face", "original_missing") else None))
-        elif d.action == "wait":
-            report.set(_row(pid, "waiting", v.describe(), attempts, d.detail))
-        elif d.action == "settle":
-            settle.append(pid)
-        elif not opts.apply:
-            report.set(_row(pid, "would_submit", v.describe(), attempts,
-                            f"PUT /api/people/{pid} with its feature face's asset {v.face_asset_id}"))
-        else:
-            ask.append((v, d.code == "reset"))
-    if not opts.apply or ledger is None or api is None:
-        return
-    watch = PersonJobs(redis, config.redis.prefix) if redis is not None else None
-    watch_error: str | None = None
-    if watch is not None:
-        try:
-            await watch.start()
-        except SourceError as exc:
-            watch, watch_error = None, str(exc)
-    submitted = await _ask(api, ledger, report, ask, opts, watch)
-    tracked = [*settle, *submitted]
-    if watch is not None:
-        try:
-            tracked = await _confirm(watch, ledger, report, tracked, opts)
-        except SourceError as exc:
-            watch, watch_error = None, str(exc)
-    if watch_error is not None:
-        report.notes.append(f"face thumbnail jobs not confirmed: {watch_error}")
-    if opts.wait and tracked:
-        await _settle(pg, schema, mapper, ledger, report, tracked, opts, watch)
+    follow: list[str] = []
+    for pid in ids:
+        act = _act(run, pid, entries.get(pid), pid in selected)
+        if act == "ask" or act == "reset":
+            if opts.limit is None or len(ask) < opts.limit:
+                ask.append((run.verdicts[pid], act == "reset"))
+        elif act == "follow":
+            follow.append(pid)
+    if write:
+        assert ledger is not None and api is not None
+        watch = PersonJobs(redis, config.redis.prefix) if redis is not None else None
+        watch_error: str | None = None
+        if watch is not None:
+            try:
+                await watch.start()
+            except SourceError as exc:
+                watch, watch_error = None, str(exc)
+        submitted = await _ask(run, api, ask, watch, limiter or RateLimiter(opts.rate))
+        tracked = [*follow, *submitted]
+        if watch is not None:
+            try:
+                tracked = await _confirm(run, watch, tracked)
+            except SourceError as exc:
+                watch, watch_error = None, str(exc)
+        if watch_error is not None:
+            report.notes.append(f"face thumbnail jobs not confirmed: {watch_error}")
+        if opts.wait and tracked:
+            await _settle(run, tracked, watch)
+    await _originals(run)
 
 
-async def _ask(api: ImmichApi, ledger: Ledger, report: RunReport, ask: list[tuple[PersonVerdict, bool]],
-               opts: PeopleOptions, watch: PersonJobs | None) -> list[str]:
+def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
+    """Report (and, when writing, record) the decision about one person before anything is sent.
+    Returns ``ask``, ``reset`` (ask, its attempts start over), ``follow`` (an attempt under way, to
+    verify with ``wait``) or ``""``."""
+    v, opts, report, ledger = run.verdicts[pid], run.opts, run.report, run.ledger
+    d = decide(entry, seen_of(v, opts.reasons), run.clock.view(entry), run.policy)
+    attempts = entry.attempts if entry is not None else 0
+    problems = v.describe() if v.exists and v.problems else ""
+    now = time.time()
+    if d.action == SKIP:
+        if selected:
+            report.set(_row(pid, "skipped", problems, attempts, person_text(d.reason, v),
+                            d.reason if d.reason in ORIGINAL_WHYS else None, d.reason))
+        return ""
+    if d.action == GIVE_UP and d.reason != "attempts_exhausted":
+        if run.write and ledger is not None:
+            ledger.give_up(pid, person_text(d.reason, v), now)
+        report.set(_row(pid, "skipped", problems, attempts, person_text(d.reason, v),
+                        d.reason if d.reason in ORIGINAL_WHYS else None, d.reason))
+        return ""
+    if d.action == GIVE_UP:
+        assert entry is not None
+        reason = f"{problems} after {entry.attempts} attempt(s)"
+        if run.write and ledger is not None:
+            if entry.state in AWAITING:
+                ledger.record(pid, "gave_up", problems, now)
+            else:
+                ledger.give_up(pid, reason, now)
+        report.set(_row(pid, "gave_up", problems, attempts, reason, entry.why, d.reason))
+        run.broken_after.append(pid)
+        return ""
+    if d.action == GAVE_UP:
+        assert entry is not None
+        report.set(_row(pid, "gave_up", problems, attempts,
+                        f"{entry.gave_up_reason or 'gave up'} (earlier run; --retry-gave-up to try again)",
+                        entry.why, d.reason))
+        return ""
+    if d.action == FIXED:
+        if run.write and ledger is not None:
+            ledger.record(pid, "fixed", "face thumbnail written", now)
+        report.set(_row(pid, "fixed", "", attempts, "fixed since an earlier run asked"))
+        return ""
+    if d.action in (SETTLE, RETRY) and run.write and ledger is not None:
+        ledger.record(pid, "still_missing", problems, now)
+    if d.action in (WAIT, SETTLE):
+        assert entry is not None
+        since = run.clock.since(entry) or 0.0
+        left = entry.window(opts.retry_after) - since
+        report.set(_row(pid, "waiting", problems, attempts,
+                        f"asked {ago(since)} ago (attempt {attempts} of {opts.max_attempts}); next request not "
+                        f"before {ago(left)} from now", entry.why))
+        return "follow" if d.action == WAIT and entry.state in AWAITING and run.write else ""
+    assert d.action in (SUBMIT, RETRY), d
+    if not run.write:
+        report.set(_row(pid, "would_submit", problems, 0 if d.reset else attempts,
+                        f"PUT /api/people/{pid} with its feature face's asset {v.face_asset_id}"))
+        return ""
+    return "reset" if d.reset else "ask"
+
+
+async def _ask(run: _Run, api: ImmichApi, ask: list[tuple[PersonVerdict, bool]], watch: PersonJobs | None,
+               limiter: RateLimiter) -> list[str]:
     """One request per person, each in the ledger before it is sent. Returns the people Immich accepted."""
-    limiter = RateLimiter(opts.rate)
+    ledger, report, opts = run.ledger, run.report, run.opts
+    assert ledger is not None
     accepted: list[str] = []
     for v, reset in ask:
-        claims = ledger.claim({v.person_id: KINDS}, time.time(), opts.retry_after, opts.max_attempts,
-                              [v.person_id] if reset else ())
+        claimed_at = time.time()
+        claims = ledger.claim({v.person_id: KINDS}, claimed_at, opts.max_attempts, [v.person_id] if reset else ())
         if not claims:
             continue  # another process holds it, or its attempt is still open
         await limiter.acquire()
@@ -322,6 +410,7 @@ async def _ask(api: ImmichApi, ledger: Ledger, report: RunReport, ask: list[tupl
             report.set(_row(v.person_id, "not_submitted", v.describe(), claims[0].prev_attempts, str(err)))
             continue
         ledger.accepted([v.person_id], time.time())
+        run.clock.requested(v.person_id, claimed_at)
         report.requests["accepted"] += 1
         accepted.append(v.person_id)
         if watch is not None:
@@ -332,10 +421,11 @@ async def _ask(api: ImmichApi, ledger: Ledger, report: RunReport, ask: list[tupl
     return accepted
 
 
-async def _confirm(watch: PersonJobs, ledger: Ledger, report: RunReport, tracked: list[str],
-                   opts: PeopleOptions) -> list[str]:
+async def _confirm(run: _Run, watch: PersonJobs, tracked: list[str]) -> list[str]:
     """Wait until each person asked for has its job or its window has ended; record both. Returns the
     people still to verify (those with a job, or not known to have none)."""
+    ledger, report = run.ledger, run.report
+    assert ledger is not None
     not_queued: list[str] = []
     while watch.expected:
         await watch.poll(block=POLL)
@@ -346,7 +436,7 @@ async def _confirm(watch: PersonJobs, ledger: Ledger, report: RunReport, tracked
     if watch.unreadable:
         # A job whose data was gone before it was read may be one of theirs: say nothing on no evidence.
         return tracked
-    outcomes = ledger.not_queued(not_queued, time.time(), opts.max_attempts)
+    outcomes = ledger.not_queued(not_queued, time.time(), run.opts.max_attempts)
     for p, outcome in outcomes.items():
         row = report.rows.get(p)
         report.set(_row(p, outcome, row.problems if row else "", row.attempts if row else 0,
@@ -354,10 +444,11 @@ async def _confirm(watch: PersonJobs, ledger: Ledger, report: RunReport, tracked
     return [p for p in tracked if p not in outcomes]
 
 
-async def _settle(pg: PostgresSource, schema: Any, mapper: Any, ledger: Ledger, report: RunReport,
-                  tracked: list[str], opts: PeopleOptions, watch: PersonJobs | None) -> None:
+async def _settle(run: _Run, tracked: list[str], watch: PersonJobs | None) -> None:
     """Wait for the jobs to finish (or ``wait_seconds``), check each face thumbnail again and settle its
-    attempt, saying why one is still broken."""
+    attempt (``decision.decide``), saying why one is still broken."""
+    ledger, report, opts = run.ledger, run.report, run.opts
+    assert ledger is not None
     deadline = time.monotonic() + opts.wait_seconds
     if watch is not None:
         def unfinished() -> list[str]:
@@ -365,26 +456,54 @@ async def _settle(pg: PostgresSource, schema: Any, mapper: Any, ledger: Ledger, 
 
         while unfinished() and time.monotonic() < deadline:
             await watch.poll(block=POLL)
-    verdicts = await check_people(pg, schema, mapper, tracked)
-    broken = [p for p in tracked if not verdicts[p].written]
-    faces = {verdicts[p].face_asset_id for p in broken if verdicts[p].face_asset_id}
-    originals = await check_originals(pg, schema, mapper, [f for f in faces if f]) if faces else {}
+    verdicts = await check_people(run.pg, run.schema, run.mapper, tracked)
+    run.verdicts.update(verdicts)
     entries = ledger.get(tracked)
     now = time.time()
     for p in tracked:
-        v = verdicts[p]
-        job = watch.jobs.get(p) if watch is not None else None
-        why = None if v.written else explain_person(v, job, originals.get(v.face_asset_id or ""))
-        over = job is not None and job.finished_at is not None
-        result = ledger.record_check(p, v.written, v.describe(), now, opts.retry_after, opts.max_attempts,
-                                     over=over, why=why)
-        if result is None:
+        v, entry = verdicts[p], entries.get(p)
+        if entry is None:
             continue
-        entry = entries.get(p)
-        shown = {"unchanged": "still_missing", "waiting": "waiting"}.get(result, result)
-        report.set(_row(p, shown, "" if v.written else v.describe(), entry.attempts if entry else 0,
-                        "face thumbnail written" if v.written else (why.text if why else v.describe()),
-                        why.code if why else None))
+        job = watch.jobs.get(p) if watch is not None else None
+        why = None if v.written else explain_person(v, job, None)
+        over = job is not None and job.finished_at is not None
+        # Asked for already: whatever is still broken counts as asked for.
+        seen = seen_of(v, [r for _, r, _ in v.problems])
+        d = decide(entry, seen, run.clock.view(entry, attempt_over=over), run.policy)
+        problems = v.describe() if v.problems else ""
+        attempts = entry.attempts
+        if d.action == FIXED:
+            if ledger.record(p, "fixed", "face thumbnail written", now) is not None:
+                report.set(_row(p, "fixed", "", attempts, "face thumbnail written"))
+            continue
+        if d.action == GIVE_UP and d.reason != "attempts_exhausted":
+            ledger.give_up(p, person_text(d.reason, v), now)
+            report.set(_row(p, "gave_up", problems, attempts, person_text(d.reason, v),
+                            d.reason if d.reason in ORIGINAL_WHYS else None, d.reason))
+            continue
+        outcome = {GIVE_UP: "gave_up", SETTLE: "still_missing", RETRY: "still_missing"}.get(d.action, "waiting")
+        if ledger.record(p, outcome, problems, now, why=why) is None:
+            continue  # settled by another process meanwhile
+        if outcome != "waiting":
+            run.broken_after.append(p)
+        report.set(_row(p, outcome, problems, attempts, why.text if why else problems,
+                        why.code if why else None, d.reason if d.action == GIVE_UP else None))
+
+
+async def _originals(run: _Run) -> None:
+    """The feature face's original of every person still broken after its attempts, read once: a broken
+    one is why (``original.why_of``), in the report and the ledger."""
+    faces = {p: run.verdicts[p].face_asset_id for p in run.broken_after if p in run.verdicts}
+    wanted = {p: f for p, f in faces.items() if f}
+    if not wanted:
+        return
+    verdicts = await check_originals(run.pg, run.schema, run.mapper, set(wanted.values()))
+    whys: dict[str, Why] = {}
+    for p, face in wanted.items():
+        why = why_of(verdicts[face]) if face in verdicts else None
+        if why is not None:
+            whys[p] = Why(why.code, f"its feature face's asset {face}: {why.text}")
+    explain_rows(run.report, whys, run.ledger if run.write else None)
 
 
 def explain_person(verdict: PersonVerdict, job: PersonJob | None, original: Any) -> Why:

@@ -56,6 +56,7 @@ from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError,
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.timing import RateLimiter
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Remediator:
         # probe says whether the ledger can be written again.
         had_failed = ledger.failed is not None
         redis_ok = await self._follow_jobs(out.sources)
-        pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+        pending = self._pending()
         full = self.last_full = self._full_round()
         now_mono = time.monotonic()
         elapsed = None if self._last_round is None else now_mono - self._last_round
@@ -199,7 +200,7 @@ class Remediator:
         self.in_flight = any(
             e.state in AWAITING or (e.attempts < rem.max_attempts
                                     and not window_over(e, self.clock.since(e), rem.verify_after))
-            for e in ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+            for e in self._pending()
         )
         if out.locked:
             log.info("remediation: %d locked asset(s) left out: an API key cannot reach Immich's locked folder "
@@ -208,6 +209,18 @@ class Remediator:
                   "own scan" if self.feed is None else "the file check")
         return out
 
+    @property
+    def asset_kinds(self) -> tuple[str, ...]:
+        """``remediation.kinds`` without ``person`` (the people flow's)."""
+        return tuple(k for k in self.config.remediation.kinds if k in KINDS)
+
+    def _pending(self) -> list[Entry]:
+        """The assets submitted and not settled. People's rows (kinds {"person"}) are the people flow's
+        (``people.regenerate_people``): a person id is never sent as an asset's."""
+        assert self.ledger is not None
+        limit = max(2000, self.config.remediation.max_per_round * 4)
+        return [e for e in self.ledger.entries(PENDING, limit=limit) if PERSON_KIND not in e.kinds]
+
     def _policy(self, owner: str | None) -> Policy:
         rem = self.config.remediation
         return Policy(max_attempts=rem.max_attempts, retry_after=float(rem.verify_after), key_owner=owner)
@@ -215,7 +228,7 @@ class Remediator:
     def _seen(self, chk: AssetCheck, locked: bool, kinds: frozenset[str] | None) -> Seen:
         """The decision's view of a check: the configured kinds (or those already asked for) and reasons."""
         rem = self.config.remediation
-        wanted = set(kinds or rem.kinds)
+        wanted = set(kinds or self.asset_kinds)
         reasons = set(rem.reasons)
         broken = chk.broken(wanted)
         return Seen(
@@ -264,7 +277,7 @@ class Remediator:
         """The latest problems remediation may act on: asset -> kinds, asset -> owner."""
         rem = self.config.remediation
         latest = await self._latest_problems(sources)
-        reasons, kinds = set(rem.reasons), set(rem.kinds)
+        reasons, kinds = set(rem.reasons), set(self.asset_kinds)
         wanted: dict[str, set[str]] = {}
         owners: dict[str, str] = {}
         if latest is None:
@@ -323,7 +336,7 @@ class Remediator:
             for e in pending:
                 if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
                     self.watch.adopt(e.asset_id, e.job_id)
-        kinds_of = {e.asset_id: frozenset(e.kinds or rem.kinds) for e in pending}
+        kinds_of = {e.asset_id: frozenset(e.kinds or self.asset_kinds) for e in pending}
         still = [e for e in pending if checks[e.asset_id].exists and checks[e.asset_id].original_exists is not False
                  and checks[e.asset_id].broken(kinds_of[e.asset_id])]
         due = {e.asset_id for e in still if window_over(e, self.clock.since(e), float(rem.verify_after))}

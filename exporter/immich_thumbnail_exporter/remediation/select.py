@@ -42,7 +42,7 @@ from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, REASONS
 
 
 class Failure(Exception):
@@ -194,7 +194,8 @@ class Selector:
             if not valid_asset_id(a):
                 report.set(Row(a, "skipped", detail=SKIP_TEXT["invalid_id"], reason="invalid_id"))
         ids = [a for a in ids if valid_asset_id(a)]
-        entries = run.ledger.get(ids) if run.ledger else {}
+        # A person's row (an id given with --asset) is not an asset's entry.
+        entries = {a: e for a, e in (run.ledger.get(ids) if run.ledger else {}).items() if PERSON_KIND not in e.kinds}
         earlier = self._earlier_pending(set(ids))
         checks = await run.checker.check([*ids, *earlier])
         self._settle_earlier(earlier, checks)
@@ -279,7 +280,9 @@ class Selector:
         """Assets an earlier run submitted that this run did not select (fixed since, or filtered out)."""
         if self.run.ledger is None:
             return []
-        return [e.asset_id for e in self.run.ledger.entries(PENDING) if e.asset_id not in selected]
+        # People's rows (kinds {"person"}) are the people flow's: a person id is never sent as an asset's.
+        return [e.asset_id for e in self.run.ledger.entries(PENDING)
+                if e.asset_id not in selected and PERSON_KIND not in e.kinds]
 
     def _settle_earlier(self, earlier: Sequence[str], checks: dict[str, AssetCheck]) -> None:
         run = self.run
