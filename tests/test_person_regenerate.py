@@ -6,6 +6,7 @@ verified on disk and in the ledger."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -19,17 +20,19 @@ import pytest_asyncio
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import Plan
-from immich_thumbnail_exporter.demo.simulation.api import SimulatedApi
+from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.findings import ProblemStore
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.report import RunReport
+from immich_thumbnail_exporter.remediation.rounds import Remediator
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from tests.conftest import Immich, wait_for
+from tests.remediation_kit import cli
 
 pytestmark = pytest.mark.asyncio
 
@@ -172,3 +175,137 @@ async def test_a_job_nobody_runs_is_the_reason(
         await worker.stop()
     assert {p: r.result for p, r in report.rows.items()} == dict.fromkeys(lost, "fixed")
     assert len(fake.person_updates) == len(lost)  # nothing asked twice
+
+
+async def test_the_demos_command_remakes_the_face_thumbnails(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """``regenerate --kind person`` run the way ``demo`` prints it (environment variables, then the command
+    line), against the simulated Immich and its worker: every lost face thumbnail is fixed, and no asset
+    request is sent."""
+    lost = set(imm.expected.person_thumbnails_missing)
+    state = tmp_path / "state"
+    env = {"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "REDIS_URL": valkey.url, "IMMICH_API_KEY": API_KEY}
+    worker = SimulatedWorker(imm.dsn, imm.media, valkey.url, delay=0.05, concurrency=2)
+    await worker.start()
+    try:
+        code, out, err = await cli("regenerate", "--kind", "person", "--media.root", imm.media,
+                                   "--state-dir", str(state), "--apply", "--wait", env=env)
+    finally:
+        await worker.stop()
+    assert code == 0, (out, err)
+    assert "Traceback" not in err
+    # The key was checked for face thumbnails (PUT /api/people/{id} needs person.update), not regeneration.
+    assert "face thumbnails: " in err
+    assert "Regeneration: applied" in out
+    lines = {line.split()[0]: line.split()[1] for line in out.splitlines() if line[:36] in lost}
+    assert lines == dict.fromkeys(lost, "fixed"), out
+    assert sorted(fake.person_updates) == sorted((p, imm.expected.person_faces[p]) for p in lost)
+    assert fake.posts == []  # no asset request: a person id is never sent as an asset's
+
+
+async def test_mixed_kinds_run_both_flows_and_keep_them_apart(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """``--kind preview --kind person``: the assets' flow and the people's, one report; a dry run asks
+    nothing. Then applied: the people's ledger rows are never taken for assets by a later asset run."""
+    lost = set(imm.expected.person_thumbnails_missing)
+    env = {"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "REDIS_URL": valkey.url, "IMMICH_API_KEY": API_KEY}
+    state = tmp_path / "state"
+    code, out, err = await cli("regenerate", "--kind", "preview", "--kind", "person", "--media.root", imm.media,
+                               "--state-dir", str(state), "--format", "json", env=env)
+    assert code == 0, err
+    rows = {r["asset_id"]: r for r in json.loads(out)["assets"]}
+    people = {a: r for a, r in rows.items() if r["kinds"] == ["person"]}
+    assert {a: r["result"] for a, r in people.items()} == dict.fromkeys(lost, "would_submit")
+    assets = {a: r for a, r in rows.items() if a not in people}
+    assert assets and all(set(r["kinds"]) <= {"preview"} for r in assets.values()), assets
+    assert fake.posts == [] and fake.person_updates == []
+
+    # Applied without a worker: people's attempts stay open in the ledger; a preview-only run after it
+    # neither sends nor settles them.
+    code, out, err = await cli("regenerate", "--kind", "person", "--media.root", imm.media, "--state-dir",
+                               str(state), "--apply", "--format", "json", env=env)
+    assert code == 0, err
+    assert len(fake.person_updates) == len(lost)
+    code, out, err = await cli("regenerate", "--kind", "preview", "--media.root", imm.media, "--state-dir",
+                               str(state), "--apply", "--format", "json", env=env)
+    assert code in (0, 1), err
+    rows = {r["asset_id"]: r for r in json.loads(out)["assets"]}
+    assert not set(rows) & lost
+    assert not {a for _, ids in fake.posts for a in ids} & lost
+    ledger = Ledger(str(state))
+    try:
+        assert {p: (e.state, e.kinds) for p, e in ledger.get(lost).items()} == {
+            p: ("submitted", frozenset({"person"})) for p in lost}
+    finally:
+        ledger.close()
+
+
+async def test_serve_remakes_face_thumbnails_when_person_is_a_kind(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """``remediation.kinds`` with ``person``: serve's rounds ask for the lost face thumbnails under the same
+    ledger and rate limit, verify them fixed, and never send a person's id as an asset's."""
+    lost = set(imm.expected.person_thumbnails_missing)
+    config = load_config(None, environ={}, overrides={
+        "database.url": imm.dsn, "media.root": imm.media, "checks.verify_headers": True,
+        "immich.url": fake.url, "immich.api_key": API_KEY, "redis.url": valkey.url,
+        "remediation.enabled": True, "remediation.kinds": "preview, person", "remediation.interval": "1s",
+        "remediation.verify_after": "2s", "remediation.confirm_within": "3s",
+        "remediation.requests_per_second": 50, "remediation.state_dir": str(tmp_path)})
+    pg = PostgresSource(config.database)
+    remediator = Remediator(config, pg, None)
+    worker = SimulatedWorker(imm.dsn, imm.media, valkey.url, delay=0.05, concurrency=2)
+    await worker.start()
+    rounds: list[object] = []
+
+    async def fixed() -> bool:
+        rounds.append(await remediator.round())
+        assert remediator.ledger is not None
+        entries = remediator.ledger.get(lost)
+        return {p: e.state for p, e in entries.items()} == dict.fromkeys(lost, "fixed")
+
+    try:
+        await wait_for(fixed, timeout=60, interval=0.5)
+        verified = dict(remediator.verified)
+    finally:
+        await worker.stop()
+        await remediator.close()
+        await pg.close()
+    assert sorted(fake.person_updates) == sorted((p, imm.expected.person_faces[p]) for p in lost)
+    assert not {a for _, ids in fake.posts for a in ids} & lost
+    assert verified.get("fixed", 0) >= len(lost)
+    assert remediator.requests["accepted"] >= len(lost)
+
+
+@pytest.mark.parametrize(("kinds", "permissions", "refused"), [
+    (("person",), ("asset.read",), "face thumbnails: refused: the API key lacks permission person.update"),
+    (("preview",), ("person.update",), "regeneration: refused: the API key lacks permission all"),
+    (("preview", "person"), ("person.update",), "regeneration: refused: the API key lacks permission all"),
+])
+async def test_the_key_is_checked_for_what_the_run_asks(
+    imm: Immich, valkey: EmbeddedValkey, tmp_path: Path, kinds: tuple[str, ...], permissions: tuple[str, ...],
+    refused: str,
+) -> None:
+    """Face thumbnails need ``person.update`` (``PUT /api/people/{id}``), asset kinds the regeneration
+    route's permission: a key without what the run asks for stops it before anything is sent."""
+    (person, *_) = sorted(imm.expected.person_thumbnails_missing)
+    conn = await asyncpg.connect(imm.dsn, timeout=10)
+    try:
+        owner = await conn.fetchval('SELECT "ownerId"::text FROM person WHERE id = $1', uuid.UUID(person))
+    finally:
+        await conn.close()
+    fake = SimulatedApi(imm.dsn, valkey.url, {"k": ApiKey(owner, permissions, admin=False)}, release="v3.1.0")
+    await fake.start()
+    try:
+        args = [a for k in kinds for a in ("--kind", k)]
+        code, out, err = await cli("regenerate", *args, "--apply", "--media.root", imm.media, "--state-dir",
+                                   str(tmp_path), env={"DB_URL": imm.dsn, "IMMICH_URL": fake.url,
+                                                       "IMMICH_API_KEY": "k", "REDIS_URL": valkey.url})
+    finally:
+        await fake.stop()
+    assert code == 2, (out, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and refused in errors[0] and "nothing was sent" in errors[0], err
+    assert fake.posts == [] and fake.person_updates == []

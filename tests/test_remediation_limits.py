@@ -225,8 +225,8 @@ class FillingApi(SimulatedApi):
         self.disk = disk
         self.filler: Path | None = None
 
-    async def _asset_jobs(self, request: Any, user: str | None) -> Any:
-        response = await super()._asset_jobs(request, user)
+    async def _asset_jobs(self, request: Any, key: Any, route: Any) -> Any:
+        response = await super()._asset_jobs(request, key, route)
         if self.filler is None:
             self.filler = fill(self.disk)
         return response

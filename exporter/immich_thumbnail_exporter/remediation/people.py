@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,6 +259,8 @@ class _Run:
     verdicts: dict[str, PersonVerdict] = field(default_factory=dict)
     # People still broken after their attempts: their feature face's original is read once, at the end.
     broken_after: list[str] = field(default_factory=list)
+    # What the ledger settled (``immich_regeneration_verified_total{result}`` under serve).
+    verified: Counter[str] = field(default_factory=Counter)
 
 
 async def regenerate_people(
@@ -272,7 +275,7 @@ async def regenerate_people(
     redis: RedisSource | None = None,
     clock: RetryClock | None = None,
     limiter: RateLimiter | None = None,
-) -> None:
+) -> Counter[str]:
     """One ``regenerate --kind person`` run (or one of serve's rounds); its rows go into ``report``.
 
     ``problems``: the scan's rows (those of kind ``person`` are taken); ``opts.people`` adds ids asked for
@@ -285,7 +288,7 @@ async def regenerate_people(
     earlier = [e.asset_id for e in (ledger.entries(PENDING) if ledger is not None else [])
                if PERSON_KIND in e.kinds and e.asset_id not in selected]
     if not selected and not earlier:
-        return
+        return Counter()
     policy = Policy(max_attempts=opts.max_attempts, retry_after=opts.retry_after,
                     retry_gave_up=opts.retry_gave_up, key_owner=opts.key_owner)
     write = opts.apply and ledger is not None and not ledger.readonly and api is not None
@@ -324,6 +327,7 @@ async def regenerate_people(
         if opts.wait and tracked:
             await _settle(run, tracked, watch)
     await _originals(run)
+    return run.verified
 
 
 def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
@@ -343,6 +347,7 @@ def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
     if d.action == GIVE_UP and d.reason != "attempts_exhausted":
         if run.write and ledger is not None:
             ledger.give_up(pid, person_text(d.reason, v), now)
+            run.verified["gave_up"] += 1
         report.set(_row(pid, "skipped", problems, attempts, person_text(d.reason, v),
                         d.reason if d.reason in ORIGINAL_WHYS else None, d.reason))
         return ""
@@ -354,8 +359,9 @@ def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
                 ledger.record(pid, "gave_up", problems, now)
             else:
                 ledger.give_up(pid, reason, now)
+            run.verified["gave_up"] += 1
+            run.broken_after.append(pid)
         report.set(_row(pid, "gave_up", problems, attempts, reason, entry.why, d.reason))
-        run.broken_after.append(pid)
         return ""
     if d.action == GAVE_UP:
         assert entry is not None
@@ -364,12 +370,14 @@ def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
                         entry.why, d.reason))
         return ""
     if d.action == FIXED:
-        if run.write and ledger is not None:
-            ledger.record(pid, "fixed", "face thumbnail written", now)
+        if run.write and ledger is not None and ledger.record(pid, "fixed", "face thumbnail written", now):
+            run.verified["fixed"] += 1
         report.set(_row(pid, "fixed", "", attempts, "fixed since an earlier run asked"))
         return ""
-    if d.action in (SETTLE, RETRY) and run.write and ledger is not None:
-        ledger.record(pid, "still_missing", problems, now)
+    if d.action in (SETTLE, RETRY) and run.write and ledger is not None \
+            and ledger.record(pid, "still_missing", problems, now) == "still_missing":
+        run.verified["still_missing"] += 1
+        run.broken_after.append(pid)
     if d.action in (WAIT, SETTLE):
         assert entry is not None
         since = run.clock.since(entry) or 0.0
@@ -437,6 +445,7 @@ async def _confirm(run: _Run, watch: PersonJobs, tracked: list[str]) -> list[str
         # A job whose data was gone before it was read may be one of theirs: say nothing on no evidence.
         return tracked
     outcomes = ledger.not_queued(not_queued, time.time(), run.opts.max_attempts)
+    run.verified.update(outcomes.values())
     for p, outcome in outcomes.items():
         row = report.rows.get(p)
         report.set(_row(p, outcome, row.problems if row else "", row.attempts if row else 0,
@@ -474,18 +483,23 @@ async def _settle(run: _Run, tracked: list[str], watch: PersonJobs | None) -> No
         attempts = entry.attempts
         if d.action == FIXED:
             if ledger.record(p, "fixed", "face thumbnail written", now) is not None:
+                run.verified["fixed"] += 1
                 report.set(_row(p, "fixed", "", attempts, "face thumbnail written"))
             continue
         if d.action == GIVE_UP and d.reason != "attempts_exhausted":
             ledger.give_up(p, person_text(d.reason, v), now)
+            run.verified["gave_up"] += 1
             report.set(_row(p, "gave_up", problems, attempts, person_text(d.reason, v),
                             d.reason if d.reason in ORIGINAL_WHYS else None, d.reason))
             continue
         outcome = {GIVE_UP: "gave_up", SETTLE: "still_missing", RETRY: "still_missing"}.get(d.action, "waiting")
-        if ledger.record(p, outcome, problems, now, why=why) is None:
+        recorded = ledger.record(p, outcome, problems, now, why=why)
+        if recorded is None:
             continue  # settled by another process meanwhile
         if outcome != "waiting":
             run.broken_after.append(p)
+        if recorded in ("still_missing", "gave_up"):
+            run.verified[recorded] += 1
         report.set(_row(p, outcome, problems, attempts, why.text if why else problems,
                         why.code if why else None, d.reason if d.action == GIVE_UP else None))
 

@@ -48,7 +48,10 @@ from immich_thumbnail_exporter.remediation.decision import (
 )
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.original import check_originals, why_of
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
+from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
 from immich_thumbnail_exporter.remediation.why import Why, attempt_over, attempt_reasons, skip_text
 from immich_thumbnail_exporter.scan.run import run_scan
@@ -109,6 +112,8 @@ class Remediator:
         self._owner: str | None = None
         self._owner_next = 0.0
         self._api_checked = float("-inf")
+        # The face-thumbnail problems of the latest list (``person`` in ``remediation.kinds``).
+        self._person_problems: list[Problem] = []
 
     async def close(self) -> None:
         await self.api.close()
@@ -194,6 +199,8 @@ class Remediator:
         out.pending, out.candidates = len(pending), len(candidates)
         out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out)
         out.not_queued = await self._confirm(out.submitted)
+        if full and PERSON_KIND in rem.kinds and out.error is None:
+            await self._people(owner, out)
         await self._check_api(out.sources)
         if had_failed or ledger.failed is not None:
             ledger.probe(time.time())
@@ -283,6 +290,7 @@ class Remediator:
         if latest is None:
             return wanted, owners
         problems, _ = latest
+        self._person_problems = [p for p in problems if p.kind == PERSON_KIND and p.reason in reasons]
         for p in problems:
             if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
                 wanted.setdefault(p.asset_id, set()).add(p.kind)
@@ -342,6 +350,7 @@ class Remediator:
         due = {e.asset_id for e in still if window_over(e, self.clock.since(e), float(rem.verify_after))}
         why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, due)
         again: list[Candidate] = []
+        settled: list[str] = []  # still broken once their attempt was over: their originals are read
         for e in pending:
             a, chk, ek = e.asset_id, checks[e.asset_id], kinds_of[e.asset_id]
             over, why = why_of.get(a, (False, None))
@@ -352,13 +361,15 @@ class Remediator:
                 ledger.give_up(a, skip_text(d.reason, short=True), now)
                 self.verified["gave_up"] += 1
             elif d.action == GIVE_UP:
-                self._gave_up(e, detail, why, now)
+                if self._gave_up(e, detail, why, now):
+                    settled.append(a)
             elif d.action == FIXED:
                 if ledger.record(a, "fixed", detail, now) == "fixed":
                     self.verified["fixed"] += 1
             elif d.action in (SETTLE, RETRY):
                 if ledger.record(a, "still_missing", detail, now, why=why) == "still_missing":
                     self.verified["still_missing"] += 1
+                    settled.append(a)
                     if why is not None:
                         log.info("asset %s still %s: %s", a, detail, why.text)
                 if d.action == RETRY:
@@ -369,17 +380,60 @@ class Remediator:
                 self._count_skip(d.reason, out)
             elif d.action == WAIT and e.state in AWAITING:
                 ledger.record(a, "waiting", detail, now, why=why)
+        await self._originals(settled)
         return again
 
-    def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> None:
+    async def _people(self, owner: str | None, out: RoundResult) -> None:
+        """Face thumbnails (``people.regenerate_people``), in full rounds: under the same rate limit,
+        ledger and retry clock as the assets, within what is left of ``max_per_round``."""
+        rem = self.config.remediation
+        if owner is None:
+            owner = await self._key_owner()
+        opts = PeopleOptions(
+            apply=True, reasons=tuple(rem.reasons), rate=float(rem.requests_per_second),
+            retry_after=float(rem.verify_after), max_attempts=rem.max_attempts,
+            confirm_within=float(rem.confirm_within), key_owner=owner,
+            limit=max(0, rem.max_per_round - out.submitted),
+        )
+        report = RunReport("apply")
+        verified = await regenerate_people(self.config, self.pg, report, opts, problems=self._person_problems,
+                                           ledger=self.ledger, api=self.api, redis=self.redis, clock=self.clock,
+                                           limiter=self.limiter)
+        self.requests.update(report.requests)
+        self.verified.update(verified)
+        people = report.requests["accepted"]
+        out.submitted += people
+        out.not_queued += verified["not_queued"]
+        if people or report.requests:
+            out.sources["immich_api"] = True if report.requests["error"] == 0 else "face thumbnail requests failed"
+
+    async def _originals(self, ids: list[str]) -> None:
+        """The assets that just settled still broken: each one's original read once; a broken one is why
+        (``Ledger.explain``). Only those few are read, never the library."""
+        if not ids or self.checker is None or self.ledger is None:
+            return
+        try:
+            schema, mapper = await self.checker.prepare()
+            verdicts = await check_originals(self.pg, schema, mapper, ids)
+        except (SourceError, OSError, TimeoutError) as exc:
+            log.info("cannot check the originals of %d asset(s) still broken: %s", len(ids), exc)
+            return
+        whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}
+        for a, why in whys.items():
+            log.info("asset %s: %s", a, why.text)
+        if whys:
+            self.ledger.explain(whys, time.time())
+
+    def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> bool:
         assert self.ledger is not None
         if e.state in RETRYABLE:
             self.ledger.give_up(e.asset_id, f"{detail} after {e.attempts} attempt(s)", now)
         elif self.ledger.record(e.asset_id, "gave_up", detail, now, why=why) != "gave_up":
-            return
+            return False
         self.verified["gave_up"] += 1
         if why is not None:
             log.info("asset %s still %s: %s", e.asset_id, detail, why.text)
+        return True
 
     async def _confirm(self, submitted: int) -> int:
         """Wait for the jobs of this round's requests; count what Immich queued nothing for."""

@@ -68,6 +68,16 @@ class Options:
     confirm_within: float = 10.0
 
     @property
+    def asset_kinds(self) -> tuple[str, ...]:
+        """The asset kinds asked for (``person`` is the people flow's, ``remediation/people.py``)."""
+        return tuple(k for k in self.kinds if k in KINDS)
+
+    @property
+    def people(self) -> bool:
+        """Face thumbnails asked for (``--kind person``)."""
+        return PERSON_KIND in self.kinds
+
+    @property
     def deadline_seconds(self) -> float:
         if self.timeout is not None:
             return self.timeout
@@ -98,6 +108,8 @@ class RunState:
     tracked: dict[str, set[str]] = field(default_factory=dict)
     # The API key's user, once asked (None: cannot tell).
     key_owner: str | None = None
+    # The scan's face-thumbnail problems, for the people flow (``--kind person``).
+    person_problems: list[Problem] = field(default_factory=list)
 
     @classmethod
     def open(cls, config: Config, opts: Options) -> RunState:
@@ -140,7 +152,7 @@ class RunState:
                   f"next request not before {ago(left)} from now")
         self.report.set(Row(a, "waiting", problems, tuple(sorted(entry.kinds)), entry.attempts, detail))
         if entry.state in AWAITING:
-            self.tracked[a] = set(entry.kinds) or set(self.opts.kinds)
+            self.tracked[a] = set(entry.kinds) or set(self.opts.asset_kinds)
             if self.watch is not None and entry.job_id:
                 self.watch.adopt(a, entry.job_id)
 
@@ -173,12 +185,16 @@ class Selector:
             except TimeoutError:
                 raise Failure(f"the scan did not finish within intervals.files ({deadline:.0f}s)") from None
             select_reasons = set(run.opts.reasons or REASONS)
-            kinds = set(run.opts.kinds)
+            kinds = set(run.opts.asset_kinds)
             wanted = set(run.opts.assets)
             by_asset: dict[str, list[Problem]] = {}
             for p in result.problems:
-                if p.kind in kinds and p.reason in select_reasons and (not wanted or p.asset_id in wanted):
+                if p.reason not in select_reasons or (wanted and p.asset_id not in wanted):
+                    continue
+                if p.kind in kinds:
                     by_asset.setdefault(p.asset_id, []).append(p)
+                elif p.kind == PERSON_KIND and run.opts.people:
+                    run.person_problems.append(p)
             run.report.problems_total = result.problems.total
             run.report.assets_with_problems = len({p.asset_id for p in result.problems})
         finally:
@@ -211,7 +227,7 @@ class Selector:
         waiting_in_queue: dict[str, tuple[Candidate, str]] = {}
         for a in ids:
             chk, entry = checks[a], entries.get(a)
-            seen = run.seen(chk, set(opts.kinds), select_reasons, submit_reasons, a in locked)
+            seen = run.seen(chk, set(opts.asset_kinds), select_reasons, submit_reasons, a in locked)
             queue = run.clock.view(entry, a in queued if queued is not None else None)
             d = decide(entry, seen, queue, policy)
             cand = self._act(a, chk, entry, d, now)
@@ -227,7 +243,7 @@ class Selector:
         run = self.run
         opts, report, ledger = run.opts, run.report, run.ledger if run.opts.apply else None
         attempts = entry.attempts if entry else 0
-        seen_kinds = set(opts.kinds)
+        seen_kinds = set(opts.asset_kinds)
         problems = chk.describe(seen_kinds) if chk.exists and chk.broken(seen_kinds) else ""
         kinds = tuple(sorted(d.kinds or (entry.kinds if entry else frozenset())))
         if d.action == SKIP:
