@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from pathlib import Path
 
@@ -21,10 +22,21 @@ from immich_thumbnail_exporter.demo.seed import jpeg
 from immich_thumbnail_exporter.demo.simulation.api import SimulatedApi
 from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.remediation.original import check_originals
+from immich_thumbnail_exporter.remediation.rounds import Remediator
 from immich_thumbnail_exporter.scan.targeted import media_mapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
-from tests.conftest import Immich
-from tests.remediation_kit import expected_sets, fake, imm, make_config, options, thumbnail_worker
+from tests.conftest import Immich, wait_for
+from tests.remediation_kit import (
+    API_KEY,
+    cli,
+    expected_sets,
+    fake,
+    imm,
+    ledger_rows,
+    make_config,
+    options,
+    thumbnail_worker,
+)
 
 pytestmark = pytest.mark.asyncio
 __all__ = ["fake", "imm"]  # fixtures used by name
@@ -63,6 +75,10 @@ async def test_a_replaced_original_is_why_the_asset_stays_broken(
     row = report.rows[swapped]
     assert row.result in ("gave_up", "still_missing"), row
     assert swapped in worker.processed  # it was asked for, queued and run: not a request problem
+    # The run says why: its original is not the file Immich stored; the ledger keeps it.
+    assert row.why == "original_checksum_mismatch", row
+    assert "is not the file Immich stored" in row.detail, row
+    assert ledger_rows(tmp_path)[swapped]["why"] == "original_checksum_mismatch"
 
     pg = PostgresSource(config.database)
     try:
@@ -76,3 +92,65 @@ async def test_a_replaced_original_is_why_the_asset_stays_broken(
     assert verdicts[swapped].media == "image jpeg" and verdicts[swapped].checksum_checked
     assert "is not the file Immich stored" in verdicts[swapped].detail
     assert verdicts[sound].code == "original_ok", verdicts[sound]
+
+
+async def test_regenerate_says_the_original_does_not_match_its_checksum(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """The command line: the asset stays broken after its attempt, and the report's line for it (table)
+    and its ``why`` code (JSON) say that its original is not the file Immich stored."""
+    fixable, _, _ = await expected_sets(imm)
+    swapped = sorted(fixable)[0]
+    original = await stored_original(imm, swapped, jpeg(3000))
+    await asyncio.to_thread(original.write_bytes, jpeg(3001))
+    env = {"DB_URL": imm.dsn, "IMMICH_URL": fake.url, "IMMICH_API_KEY": API_KEY, "REDIS_URL": valkey.url}
+    args = ("regenerate", "--media.root", imm.media, "--state-dir", str(tmp_path), "--asset", swapped, "--apply",
+            "--wait", "--retry-after", "60s", "--max-attempts", "1", "--timeout", "60s")
+    async with thumbnail_worker(imm, valkey, writes=False) as worker:
+        code, out, err = await cli(*args, "--format", "json", env=env)
+    assert code == 1, (out, err)
+    assert swapped in worker.processed
+    (row,) = [r for r in json.loads(out)["assets"] if r["asset_id"] == swapped]
+    assert (row["result"], row["why"]) == ("gave_up", "original_checksum_mismatch"), row
+    assert "is not the file Immich stored" in row["detail"]
+
+    # The next run (the table): given up earlier, and still saying why.
+    code, out, err = await cli(*args, env=env)
+    assert code == 1, (out, err)
+    (line,) = [line for line in out.splitlines() if line.startswith(swapped)]
+    assert line.split()[1] == "gave_up", line
+    assert "is not the file Immich stored" in line and "its SHA-1" in line, line
+
+
+async def test_serve_keeps_the_original_as_the_reason_in_its_ledger(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """serve's remediation: once the attempt is over and the asset still broken, its original is read;
+    the ledger's ``why`` is the original's when it is broken, the job's otherwise."""
+    fixable, _, _ = await expected_sets(imm)
+    swapped, sound = sorted(fixable)[:2]
+    original = await stored_original(imm, swapped, jpeg(3000))
+    await stored_original(imm, sound, jpeg(2000))
+    await asyncio.to_thread(original.write_bytes, jpeg(3001))
+    config = make_config(imm, fake, tmp_path, valkey.url, **{
+        "checks.verify_headers": True, "remediation.enabled": True, "remediation.interval": "1s",
+        "remediation.verify_after": "30s", "remediation.confirm_within": "3s", "remediation.max_attempts": 1,
+        "remediation.requests_per_second": 50})
+    pg = PostgresSource(config.database)
+    remediator = Remediator(config, pg, None)
+
+    async def settled() -> bool:
+        await remediator.round()
+        rows = ledger_rows(tmp_path)
+        return all(a in rows and rows[a]["state"] == "gave_up" for a in (swapped, sound))
+
+    try:
+        async with thumbnail_worker(imm, valkey, writes=False):
+            await wait_for(settled, timeout=60, interval=0.5)
+    finally:
+        await remediator.close()
+        await pg.close()
+    rows = ledger_rows(tmp_path)
+    assert rows[swapped]["why"] == "original_checksum_mismatch", dict(rows[swapped])
+    assert "is not the file Immich stored" in rows[swapped]["why_text"]
+    assert rows[sound]["why"] == "no_effect", dict(rows[sound])
