@@ -19,7 +19,7 @@ import pytest_asyncio
 
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.demo.seed import Plan
+from immich_thumbnail_exporter.demo.seed import Plan, jpeg
 from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.findings import ProblemStore
@@ -309,3 +309,29 @@ async def test_the_key_is_checked_for_what_the_run_asks(
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and refused in errors[0] and "nothing was sent" in errors[0], err
     assert fake.posts == [] and fake.person_updates == []
+
+
+async def test_a_replaced_feature_face_original_is_the_reason(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """A person still broken after its last attempt: its feature face's original is read, and when it is
+    not the file Immich stored, that is the reason in the report and the ledger."""
+    from tests.test_original import stored_original
+
+    person = sorted(imm.expected.person_thumbnails_missing)[0]
+    face = imm.expected.person_faces[person]
+    original = await stored_original(imm, face, jpeg(3000))
+    await asyncio.to_thread(original.write_bytes, jpeg(3001))
+    config = config_for(imm, fake, valkey, tmp_path)
+    # No worker: the job waits, the (short) window passes, and the one attempt allowed is over.
+    opts = PeopleOptions(apply=True, wait=True, rate=50.0, wait_seconds=1.0, retry_after=0.5, max_attempts=1)
+    report, _ = await run(config, opts, tmp_path)
+    row = report.rows[person]
+    assert (row.result, row.why, row.reason) == ("gave_up", "original_checksum_mismatch", "attempts_exhausted"), row
+    assert f"its feature face's asset {face}" in row.detail and "is not the file Immich stored" in row.detail
+    ledger = Ledger(str(tmp_path))
+    try:
+        entry = ledger.get([person])[person]
+    finally:
+        ledger.close()
+    assert (entry.state, entry.why) == ("gave_up", "original_checksum_mismatch"), entry
