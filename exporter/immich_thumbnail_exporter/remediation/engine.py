@@ -34,6 +34,8 @@ import asyncio
 import logging
 import time
 
+import asyncpg
+
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.remediation.decision import (
     FIXED,
@@ -428,7 +430,9 @@ class Regenerator:
             await self._assets()
         else:
             await self.selector.scan()
-        if opts.people and not report.errors and not _ledger_failed(run):
+        if opts.people and (report.errors or _ledger_failed(run)):
+            report.notes.append("face thumbnails not asked for: the run stopped on the error below")
+        elif opts.people:
             try:
                 await self._people()
             except LedgerError as exc:
@@ -442,7 +446,7 @@ class Regenerator:
         run = self.run
         opts = run.opts
         if opts.apply and run.key_owner is None:
-            await self.selector._ask_key_owner()
+            await self.selector.ask_key_owner()
         people = PeopleOptions(
             apply=opts.apply,
             # --asset names people when only people are asked for.
@@ -475,7 +479,7 @@ class Regenerator:
         try:
             schema, mapper = await run.checker.prepare()
             verdicts = await check_originals(run.pg, schema, mapper, ids)
-        except (SourceError, SchemaError, OSError, TimeoutError) as exc:
+        except (SourceError, SchemaError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
             report.notes.append(f"the originals of the assets still broken could not be checked: {exc}")
             return
         whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}

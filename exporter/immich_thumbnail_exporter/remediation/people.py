@@ -41,6 +41,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
+
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import Problem
 from immich_thumbnail_exporter.remediation.decision import (
@@ -511,7 +513,11 @@ async def _originals(run: _Run) -> None:
     wanted = {p: f for p, f in faces.items() if f}
     if not wanted:
         return
-    verdicts = await check_originals(run.pg, run.schema, run.mapper, set(wanted.values()))
+    try:
+        verdicts = await check_originals(run.pg, run.schema, run.mapper, set(wanted.values()))
+    except (SourceError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        run.report.notes.append(f"the feature faces' originals of the people still broken could not be checked: {exc}")
+        return
     whys: dict[str, Why] = {}
     for p, face in wanted.items():
         why = why_of(verdicts[face]) if face in verdicts else None

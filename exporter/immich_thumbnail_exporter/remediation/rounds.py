@@ -29,6 +29,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+import asyncpg
+
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import Problem, ProblemFeed, ProblemStore
 from immich_thumbnail_exporter.remediation.check import AssetCheck, Checker
@@ -415,7 +417,7 @@ class Remediator:
         try:
             schema, mapper = await self.checker.prepare()
             verdicts = await check_originals(self.pg, schema, mapper, ids)
-        except (SourceError, OSError, TimeoutError) as exc:
+        except (SourceError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
             log.info("cannot check the originals of %d asset(s) still broken: %s", len(ids), exc)
             return
         whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}

@@ -217,7 +217,7 @@ class Selector:
         self._settle_earlier(earlier, checks)
         locked = await run.checker.locked(ids) if ids else set()
         if ids:
-            await self._ask_key_owner()
+            await self.ask_key_owner()
         queued = await self._queued(ids)
         select_reasons = set(opts.reasons or REASONS)
         submit_reasons = set(opts.reasons or run.config.remediation.reasons)
@@ -340,7 +340,7 @@ class Selector:
             run.report.set(Row(a, "skipped", c.problems, tuple(sorted(c.kinds)),
                                detail=f"{SKIP_TEXT['queued']}: {why.text}", why=why.code, reason="queued"))
 
-    async def _ask_key_owner(self) -> None:
+    async def ask_key_owner(self) -> None:
         """Which user the API key belongs to: Immich refuses a request naming another user's assets."""
         run = self.run
         if not run.config.immich.enabled:
