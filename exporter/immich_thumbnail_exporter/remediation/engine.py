@@ -24,6 +24,11 @@ request Immich refuses with 400 is split until the refused assets stand alone (`
 When the ledger cannot be written (a full disk) the run stops sending and its report lists what it sent
 before, all of it recorded in the ledger.
 
+With ``--kind person`` the people's flow (``remediation/people.py``) runs after the assets', from the same
+scan, with the same ledger, rate limit and retry clock. With ``apply``, the assets still broken at the
+end have their originals read once (``original.check_originals``): a broken one is why, in the report
+and the ledger.
+
 Dry run unless ``apply``. Steps 1 to 3 are ``remediation/select.py``; the command line is
 ``cli/regenerate.py``; the report's rendering ``output/regenerate_report.py``.
 """

@@ -9,22 +9,29 @@ person.service.ts``; see docs/face-thumbnails.md for the releases read). So the 
 of the person's *current* feature face (``person."faceAssetId"`` -> ``asset_face.id`` -> ``"assetId"``):
 nothing the user chose changes.
 
-One run, ``regenerate_people``:
+One run, ``regenerate_people`` (called by the engine for ``--kind person``, and by serve's rounds with
+``person`` in ``remediation.kinds``, sharing their ledger, rate limit and retry clock):
 
 1. select: the people the scan listed (``Problem`` rows of kind ``person``) and the ids asked for, plus
-   the people an earlier run submitted and has not settled (the ledger), each checked again now
-   (``scan.targeted.check_people``: the one file rule);
-2. decide (``decide``, pure): skip what a request cannot fix (no feature face, its original gone, a file
-   the exporter cannot read, a path outside the media location), wait for an attempt still open, or ask;
+   the people an earlier run submitted and has not settled (the ledger rows of kinds ``{"person"}``,
+   which the asset flows leave alone), each checked again now (``scan.targeted.check_people``: the one
+   file rule);
+2. decide with the one decision assets get too (``decision.decide``; ``seen_of`` is the person's
+   ``Seen``, target ``person``): skip what a request cannot fix (no feature face, its original gone, a
+   file the exporter cannot read, a path outside the media location), wait for an attempt still open,
+   settle or retry one that is over, give up after the attempts, or ask;
 3. ask, one person per request, at ``rate`` per second: each claimed in the ledger *before* it is sent
    (``Ledger.claim``, kinds ``{"person"}``: the ledger row's id is the person's), rolled back when Immich
    refuses or fails;
 4. confirm that a ``PersonGenerateThumbnail`` job naming the person appeared (``PersonJobs``: the thumbnail
-   queue's event stream, read through ``sources.bullmq_events``), else ``not_queued``;
+   queue's event stream, read through ``sources.bullmq_events``; ``JobWatch`` knows the asset jobs only),
+   else ``not_queued``;
 5. with ``wait``: wait for each job to finish, check the file again and settle the attempt in the ledger
    (fixed, still_missing, gave_up), saying why it is still broken: the job ran without effect, failed,
-   is still waiting, and, from its feature face's original (``remediation.original``), whether that
-   original is missing, unreadable, not an image or not the file Immich stored.
+   is still waiting;
+6. the people still broken after their attempts: their feature faces' originals read once
+   (``original.check_originals``); a broken one (missing, unreadable, not an image, not the file Immich
+   stored) is the reason, in the report and the ledger.
 
 Every row goes into the engine's ``RunReport`` as an asset's does (``Row``, ``kinds=("person",)``, the
 person's id in ``asset_id``), with the same results: would_submit, skipped, submitted, waiting, fixed,
