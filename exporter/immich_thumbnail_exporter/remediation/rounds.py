@@ -18,6 +18,11 @@ is called fixed moments after its job finished rather than at the next file chec
 jobs waiting for a worker costs nothing between full rounds (every ``remediation.interval``, or as soon
 as the file check has a new list).
 
+An asset whose attempt settles still broken has its original read once (``original.check_originals``);
+a broken one is the reason the ledger keeps. With ``person`` in ``remediation.kinds``, full rounds also
+remake lost face thumbnails (``people.regenerate_people``) under the same ledger, rate limit and retry
+clock, within what is left of ``max_per_round``; the asset steps never take a person's ledger row.
+
 It never writes to Immich's database, Redis or files: it only asks Immich's API.
 """
 
