@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -126,7 +127,8 @@ async def test_serve_keeps_the_original_as_the_reason_in_its_ledger(
     imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
 ) -> None:
     """serve's remediation: once the attempt is over and the asset still broken, its original is read;
-    the ledger's ``why`` is the original's when it is broken, the job's otherwise."""
+    the ledger's ``why`` is the original's when it is broken, the job's otherwise. An asset whose
+    original is broken is given up at once (asking again cannot help); the other waits for its retry."""
     fixable, _, _ = await expected_sets(imm)
     swapped, sound = sorted(fixable)[:2]
     original = await stored_original(imm, swapped, jpeg(3000))
@@ -134,7 +136,7 @@ async def test_serve_keeps_the_original_as_the_reason_in_its_ledger(
     await asyncio.to_thread(original.write_bytes, jpeg(3001))
     config = make_config(imm, fake, tmp_path, valkey.url, **{
         "checks.verify_headers": True, "remediation.enabled": True, "remediation.interval": "1s",
-        "remediation.verify_after": "30s", "remediation.confirm_within": "3s", "remediation.max_attempts": 1,
+        "remediation.verify_after": "30s", "remediation.confirm_within": "3s", "remediation.max_attempts": 3,
         "remediation.requests_per_second": 50})
     pg = PostgresSource(config.database)
     remediator = Remediator(config, pg, None)
@@ -142,7 +144,8 @@ async def test_serve_keeps_the_original_as_the_reason_in_its_ledger(
     async def settled() -> bool:
         await remediator.round()
         rows = ledger_rows(tmp_path)
-        return all(a in rows and rows[a]["state"] == "gave_up" for a in (swapped, sound))
+        return (swapped in rows and rows[swapped]["state"] == "gave_up" and sound in rows
+                and rows[sound]["state"] == "still_missing")
 
     try:
         async with thumbnail_worker(imm, valkey, writes=False):
@@ -154,3 +157,30 @@ async def test_serve_keeps_the_original_as_the_reason_in_its_ledger(
     assert rows[swapped]["why"] == "original_checksum_mismatch", dict(rows[swapped])
     assert "is not the file Immich stored" in rows[swapped]["why_text"]
     assert rows[sound]["why"] == "no_effect", dict(rows[sound])
+    assert rows[swapped]["attempts"] == 1 and "is not the file Immich stored" in rows[swapped]["gave_up_reason"]
+    assert fake.submissions()[swapped] == 1
+
+
+async def test_regenerate_gives_up_when_the_original_is_why(
+    imm: Immich, fake: SimulatedApi, valkey: EmbeddedValkey, tmp_path: Path
+) -> None:
+    """Attempts left, and the asset still broken when the run ends: its original is not the file Immich
+    stored, so the one decision gives it up with that reason, and the next run asks nothing."""
+    fixable, _, _ = await expected_sets(imm)
+    swapped = sorted(fixable)[0]
+    original = await stored_original(imm, swapped, jpeg(3000))
+    await asyncio.to_thread(original.write_bytes, jpeg(3001))
+    config = make_config(imm, fake, tmp_path, valkey.url)
+    opts = options(tmp_path, apply=True, wait=True, retry_after=60, max_attempts=3, timeout=5, assets=(swapped,))
+    async with thumbnail_worker(imm, valkey, writes=False):
+        report = await regenerate(config, opts)
+        row = report.rows[swapped]
+        assert (row.result, row.reason, row.why) == ("gave_up", "original_checksum_mismatch",
+                                                     "original_checksum_mismatch"), row
+        assert row.attempts == 1
+        rows = ledger_rows(tmp_path)
+        assert (rows[swapped]["state"], rows[swapped]["why"]) == ("gave_up", "original_checksum_mismatch")
+        again = await regenerate(config, replace(opts, wait=False))
+    assert again.rows[swapped].result == "gave_up"
+    assert again.rows[swapped].why == "original_checksum_mismatch"
+    assert fake.submissions()[swapped] == 1

@@ -54,7 +54,7 @@ from immich_thumbnail_exporter.remediation.decision import (
     window_over,
 )
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, why_of
+from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
@@ -489,6 +489,10 @@ class Regenerator:
             return
         whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}
         ledger = run.ledger if run.ledger is not None and not run.ledger.readonly else None
+        if ledger is not None:
+            for a in give_up_on_originals(whys, ledger, run.clock, run.policy()):
+                row = report.rows[a]
+                row.result, row.reason = "gave_up", whys[a].code
         explain_rows(report, whys, ledger)
 
     async def _assets(self) -> None:

@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from immich_thumbnail_exporter.remediation.decision import GIVE_UP, Policy, RetryClock, Seen, decide
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.why import Why
@@ -165,6 +166,26 @@ def explain_rows(report: RunReport, whys: Mapping[str, Why], ledger: Ledger | No
             row.detail = f"{row.detail}; {why.text}" if row.detail else why.text
     if ledger is not None and whys:
         ledger.explain(whys, time.time())
+
+
+def give_up_on_originals(whys: Mapping[str, Why], ledger: Ledger, clock: RetryClock, policy: Policy,
+                         target: str = "asset") -> list[str]:
+    """The one decision (``decision.decide``) with each target's broken original as ``Seen.original``:
+    an attempt under way, or a retry to come, is given up with that reason (asking again cannot help
+    until the original is restored; ``--retry-gave-up`` asks again). Returns the targets given up."""
+    given: list[str] = []
+    entries = ledger.get(list(whys))
+    now = time.time()
+    for a, why in whys.items():
+        e = entries.get(a)
+        if e is None:
+            continue
+        kinds = frozenset(e.kinds)
+        seen = Seen(broken=kinds, fixable=kinds, original=why.code, target=target)
+        if decide(e, seen, clock.view(e), policy).action == GIVE_UP:
+            ledger.give_up(a, why.text, now)
+            given.append(a)
+    return given
 
 
 def path_checksum(original_path: str) -> bytes:

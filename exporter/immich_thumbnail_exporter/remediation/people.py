@@ -67,7 +67,7 @@ from immich_thumbnail_exporter.remediation.decision import (
     decide,
 )
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, Entry, Ledger
-from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, why_of
+from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.submit import request_result
 from immich_thumbnail_exporter.remediation.why import Why, ago, skip_text
@@ -530,6 +530,12 @@ async def _originals(run: _Run) -> None:
         why = why_of(verdicts[face]) if face in verdicts else None
         if why is not None:
             whys[p] = Why(why.code, f"its feature face's asset {face}: {why.text}")
+    if run.write and run.ledger is not None:
+        given = give_up_on_originals(whys, run.ledger, run.clock, run.policy, target="person")
+        run.verified["gave_up"] += len(given)
+        for p in given:
+            row = run.report.rows[p]
+            row.result, row.reason = "gave_up", whys[p].code
     explain_rows(run.report, whys, run.ledger if run.write else None)
 
 

@@ -55,7 +55,7 @@ from immich_thumbnail_exporter.remediation.decision import (
 )
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.original import check_originals, why_of
+from immich_thumbnail_exporter.remediation.original import check_originals, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import RunReport
@@ -429,6 +429,8 @@ class Remediator:
         for a, why in whys.items():
             log.info("asset %s: %s", a, why.text)
         if whys:
+            self.verified["gave_up"] += len(give_up_on_originals(whys, self.ledger, self.clock,
+                                                                 self._policy(self._owner)))
             self.ledger.explain(whys, time.time())
 
     def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> bool:
