@@ -12,7 +12,13 @@ import pytest
 from immich_thumbnail_exporter.remediation.decision import Policy, QueueSeen, decide
 from immich_thumbnail_exporter.remediation.ledger import Entry
 from immich_thumbnail_exporter.remediation.original import OriginalVerdict
-from immich_thumbnail_exporter.remediation.people import PersonJob, explain_person, person_text, seen_of
+from immich_thumbnail_exporter.remediation.people import (
+    PersonJob,
+    explain_person,
+    person_reasons,
+    person_text,
+    seen_of,
+)
 from immich_thumbnail_exporter.scan.verdict import PersonVerdict
 
 P = "11111111-1111-4111-8111-111111111111"
@@ -97,3 +103,14 @@ def test_explain_person(verdict: PersonVerdict, job: PersonJob | None, original:
     why = explain_person(verdict, job, original)
     assert why.code == code, why
     assert why.text
+
+
+def test_an_empty_path_is_not_asked_for_by_default() -> None:
+    """remediation.reasons' default includes no_record; a person with an empty path is Immich's own
+    "Missing" job's, so the people flow leaves it out unless --reason names it."""
+    configured = ("no_record", "file_missing", "file_empty", "file_corrupt")
+    assert person_reasons(configured) == ("file_missing", "file_empty", "file_corrupt")
+    blank = replace(MISSING, problems=[("person", "no_record", None)])
+    assert decide(None, seen_of(blank, person_reasons(configured)), QueueSeen(), POLICY).reason == \
+        "reason_not_submitted"
+    assert decide(None, seen_of(blank, configured), QueueSeen(), POLICY).action == "submit"

@@ -55,7 +55,7 @@ from immich_thumbnail_exporter.remediation.decision import (
 )
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
-from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.select import Failure, Options, RunState, Selector
@@ -456,7 +456,7 @@ class Regenerator:
             apply=opts.apply,
             # --asset names people when only people are asked for.
             people=opts.assets if not opts.asset_kinds else (),
-            reasons=tuple(opts.reasons or run.config.remediation.reasons),
+            reasons=opts.reasons or person_reasons(run.config.remediation.reasons),
             rate=opts.rate,
             wait=opts.wait,
             retry_after=opts.retry_after,

@@ -138,6 +138,12 @@ class PeopleOptions:
     limit: int | None = None
 
 
+def person_reasons(configured: Iterable[str]) -> tuple[str, ...]:
+    """The reasons a person is asked for by default: the configured ones but ``no_record`` (an empty
+    ``thumbnailPath`` is what Immich's own "Missing" job remakes). ``--reason`` names it to ask anyway."""
+    return tuple(r for r in configured if r != "no_record")
+
+
 def seen_of(verdict: PersonVerdict, reasons: Iterable[str]) -> Seen:
     """The one decision's view (``decision.Seen``, target ``person``) of a person's fresh check. Pure.
 

@@ -56,7 +56,7 @@ from immich_thumbnail_exporter.remediation.decision import (
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.original import check_originals, give_up_on_originals, why_of
-from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
 from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
@@ -397,7 +397,7 @@ class Remediator:
         if owner is None:
             owner = await self._key_owner()
         opts = PeopleOptions(
-            apply=True, reasons=tuple(rem.reasons), rate=float(rem.requests_per_second),
+            apply=True, reasons=person_reasons(rem.reasons), rate=float(rem.requests_per_second),
             retry_after=float(rem.verify_after), max_attempts=rem.max_attempts,
             confirm_within=float(rem.confirm_within), key_owner=owner,
             limit=max(0, rem.max_per_round - out.submitted),
