@@ -35,8 +35,9 @@ from bench.measure import measure_scan
 from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection, Limits
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob
+from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.vocabulary import THUMBNAIL_JOBS_BY_QUEUE
 
 QUEUE = "thumbnailGeneration"
 JOB = "AssetGenerateThumbnails"
@@ -119,7 +120,7 @@ async def measure_check(dsn: str, media: str, valkey_url: str, jobs: int) -> dic
         for i, asset in enumerate(ids):
             col.verifier.add(FinishedJob(QUEUE, str(i), JOB, asset, False, 0), now)
         cpu0, t0 = time.process_time(), time.monotonic()
-        col._start()
+        col.start()
         await until_checked(col, jobs)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
     finally:
@@ -139,9 +140,11 @@ async def measure_follow(dsn: str, media: str, valkey_url: str, jobs: int) -> di
                          overrides={"media.root": media, "log.level": "warn"})
     pg = PostgresSource(config.database)
     col = JobVerificationCollection(config, pg, Limits(checks_per_second=0.001, max_pending=0))
+    # A follower of the same reader that keeps what it sees: the steps are driven here, not by a task.
+    follower = JobFollower(col.events, THUMBNAIL_JOBS_BY_QUEUE)
     finished: list[FinishedJob] = []
     try:
-        await col.follower.step()  # the streams' current ends
+        await col.events.step()  # the streams' current ends
         writer = await asyncio.create_subprocess_exec(
             sys.executable, "-c", WRITER, valkey_url, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -152,16 +155,18 @@ async def measure_follow(dsn: str, media: str, valkey_url: str, jobs: int) -> di
         done = asyncio.ensure_future(writer.communicate())
         cpu0, t0 = time.process_time(), time.monotonic()
         while len(finished) < jobs and time.monotonic() - t0 < jobs / 100 + 30:
-            finished.extend(await col.follower.step())
+            await col.events.step()
+            finished.extend(follower.take())
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
         _, err = await done
         if writer.returncode != 0:
             raise RuntimeError(err.decode(errors="replace")[-2000:])
         learned = sum(1 for f in finished if f.asset_id is not None)
         return {"jobs": jobs, "finished": len(finished), "learned": learned, "cpu_seconds": cpu,
-                "wall_seconds": wall, "entries": col.follower.stats.entries,
-                "hash_reads": col.follower.stats.hash_reads}
+                "wall_seconds": wall, "entries": col.events.stats.entries,
+                "hash_reads": col.events.stats.hash_reads}
     finally:
+        follower.close()
         await col.close()
         await pg.close()
 

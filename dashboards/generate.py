@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:  # run as a script: python dashboards/generate.py
     sys.path.insert(0, str(ROOT))
 
 from dashboards.builder import DATASOURCE, INSTANCE, Json, Layout, iter_panels  # noqa: E402
-from dashboards.sections import exporter, integrity, queues, regeneration, thumbnails  # noqa: E402
+from dashboards.sections import capacity, exporter, integrity, queues, regeneration, thumbnails  # noqa: E402
 from scripts.generated import main as generated_main  # noqa: E402
 
 UID = "immich-thumbnails"
@@ -38,6 +38,7 @@ SECTIONS: tuple[Callable[[Layout], None], ...] = (
     integrity.section,
     queues.section,
     regeneration.section,
+    capacity.section,
     exporter.section,
 )
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs for real: promtool and Prometheus (rule tests, end-to-end
-# scrapes), Alertmanager (the paging alert's webhook) and strace (what the file check touches, seen
-# from the kernel: tests/test_strace.py). Installs only what is missing.
+# scrapes), Alertmanager (the paging alert's webhook), strace (what the file check touches, seen
+# from the kernel: tests/test_strace.py), FUSE (fusermount from fuse3, and libfuse2, the library the
+# fusepy package loads: a media mount that hangs, tests/faultkit.py) and libfaketime (the wall clock
+# stepped under serve: tests/test_faults.py). Installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -11,6 +13,11 @@ command -v prometheus-alertmanager >/dev/null 2>&1 || command -v alertmanager >/
   || need+=(prometheus-alertmanager)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 command -v strace >/dev/null 2>&1 || need+=(strace)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)  # the report test renders its HTML headless
+command -v fusermount >/dev/null 2>&1 || command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+# fusepy finds libfuse.so.2 through ldconfig's cache (ctypes.util.find_library("fuse")).
+ldconfig -p 2>/dev/null | grep 'libfuse\.so\.2 ' >/dev/null || need+=(libfuse2)
+compgen -G '/usr/lib/*/faketime/libfaketimeMT.so.1' >/dev/null || need+=(faketime)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

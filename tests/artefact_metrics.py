@@ -5,8 +5,8 @@
 Names are returned as written in the queries, so a histogram appears with its ``_bucket`` suffix. Series
 that Prometheus makes itself (``up``) and the rule file's own recording rules are left out.
 
-tests/test_artefacts.py checks these names against the exporter's own metric definitions
-(``metrics.py``, themselves checked against SPEC.md); a test against a running exporter can check
+tests/test_metric_names.py checks these names against the exporter's own metric definitions
+(``metrics.py``, themselves checked against the README's Metrics table); a test against a running exporter can check
 them against its ``/metrics`` output.
 """
 

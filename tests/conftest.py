@@ -24,7 +24,7 @@ import pytest_asyncio
 
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import Expected, Plan, create_database, seed
-from tests.immich_schema import BUILDS, Build
+from tests.immich_schema import BUILDS, SCHEMAS_MISSING, Build, require_schemas
 
 _counter = itertools.count()
 
@@ -85,6 +85,8 @@ class Immich:
 async def make_immich(postgres: EmbeddedPostgres, build_id: str, plan: Plan | None = None) -> Immich:
     """A database and media folder for ``build_id``: an era label or a real release (``BUILDS``)."""
     build = BUILDS[build_id]
+    if build.real:
+        require_schemas()  # before anything is made: a skip leaves no database or folder behind
     slug = build_id.replace(".", "_").replace("+", "p").replace("-", "_").lstrip("v")
     name = f"immich_{slug}_{os.getpid()}_{next(_counter)}"
     await create_database(postgres.dsn, name)
@@ -143,3 +145,28 @@ async def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1):  # 
 
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Under `make test`'s workers (pytest-xdist, --dist loadgroup) each module is one group, run whole on one
+# worker so its module-scoped servers start once. These modules share one group instead, so they never run
+# beside each other: the soak loads the machine for two minutes, and the others wait on a Node worker or on
+# frozen servers within bounds that such a load can break.
+ONE_AT_A_TIME = frozenset({"test_soak.py", "test_job_verification.py", "test_faults.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("one-at-a-time" if name in ONE_AT_A_TIME else str(item.path)))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line for every test skipped for want of Immich's real schemas, whatever ``-r`` asks for."""
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple) and r.longrepr[2].endswith(SCHEMAS_MISSING)
+    ]
+    if skipped:
+        terminalreporter.write_line(f"skipped {len(skipped)} real-schema tests: {SCHEMAS_MISSING}")

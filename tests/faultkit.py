@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -96,10 +99,11 @@ async def exporter_connections(pg: EmbeddedPostgres, database: str | None = None
         await conn.close()
 
 
-def walker_children() -> list[tuple[int, str]]:
-    """The file-walker helper processes this process started, as (pid, state): ``Z`` is a zombie."""
+def walker_children(parent: int | None = None) -> list[tuple[int, str]]:
+    """The file-walker helper processes that ``parent`` (this process by default) started, as (pid, state):
+    ``Z`` is a zombie, ``D`` waits in the kernel."""
     out = []
-    for pid in child_pids(os.getpid()):
+    for pid in child_pids(os.getpid() if parent is None else parent):
         try:
             with open(f"/proc/{pid}/stat", "rb") as fh:
                 stat = fh.read()
@@ -244,3 +248,211 @@ def write_report(name: str, lines: list[str]) -> None:
     out = Path(__file__).resolve().parent.parent / ".pytest_cache" / "reliability"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.txt").write_text("\n".join(lines) + "\n")
+
+
+# -- a media mount that can be made to hang (FUSE) ----------------------------------------------------
+
+# Hang modes: every call on the mount, or only below the leaf folders ``thumbs/<owner>/<xx>/`` (what
+# the probe's look at ``thumbs/`` never meets; only the file walk does).
+HANG_ALL, HANG_LEAVES, HANG_UNKILLABLE = "all", "leaves", "unkillable"
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _sigkill_pending(tid: int) -> bool:
+    """Whether the thread ``tid`` has a SIGKILL pending (it is being killed, or its process is exiting)."""
+    try:
+        with open(f"/proc/{tid}/status") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return True  # gone: nobody waits for the answer any more
+    pending = [int(line.split()[1], 16) for line in lines if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask & SIGKILL_BIT for mask in pending)
+
+
+def hangfs_main(argv: list[str]) -> None:
+    """The FUSE daemon (a process of its own, so the test process never waits on its own mount):
+    ``SOURCE MOUNTPOINT``; reads ``all`` / ``leaves`` / ``unkillable`` / ``answer`` lines on stdin, says
+    ``ok`` after each.
+
+    A read-only passthrough of SOURCE. While hung, a call waits like one on a hard NFS mount: for ever,
+    except that a fatal signal ends it (the NFS client's waits are killable). A FUSE request that the
+    daemon has read is otherwise waited out by the kernel even after SIGKILL, which no NFS client does,
+    so the daemon answers ``EINTR`` once the caller has SIGKILL pending, and not for any other signal.
+    ``unkillable`` (until ``answer``) drops that courtesy: callers then wait in the kernel (state ``D``)
+    even after SIGKILL, as they would on a FUSE mount whose daemon hangs.
+    """
+    import errno
+    import sys as _sys
+
+    from fuse import FUSE, FuseOSError, Operations, fuse_get_context  # type: ignore[import-untyped]
+
+    source, mountpoint = argv
+    answered = threading.Event()
+    answered.set()
+    mode = {"now": "", "killable": True}
+
+    class HangFS(Operations):  # type: ignore[misc]
+        def _gate(self, path: str) -> None:
+            if answered.is_set():
+                return
+            parts = path.strip("/").split("/")
+            if mode["now"] == HANG_LEAVES and not (parts[0] == "thumbs" and len(parts) >= 4):
+                return
+            tid = fuse_get_context()[2]
+            while not answered.wait(0.05):
+                if mode["killable"] and _sigkill_pending(tid):
+                    raise FuseOSError(errno.EINTR)
+
+        def _real(self, path: str) -> str:
+            return os.path.join(source, path.lstrip("/"))
+
+        def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+            self._gate(path)
+            try:
+                st = os.lstat(self._real(path))
+            except OSError as exc:
+                raise FuseOSError(exc.errno) from None
+            keys = ("st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink", "st_size", "st_uid")
+            return {k: getattr(st, k) for k in keys}
+
+        def readdir(self, path: str, fh: Any) -> list[str]:
+            self._gate(path)
+            try:
+                return [".", "..", *os.listdir(self._real(path))]
+            except OSError as exc:
+                raise FuseOSError(exc.errno) from None
+
+        def readlink(self, path: str) -> str:
+            self._gate(path)
+            try:
+                return os.readlink(self._real(path))
+            except OSError as exc:
+                raise FuseOSError(exc.errno) from None
+
+        def access(self, path: str, amode: int) -> None:
+            self._gate(path)
+            if not os.access(self._real(path), amode):
+                raise FuseOSError(errno.EACCES)
+
+        def open(self, path: str, flags: int) -> int:
+            self._gate(path)
+            try:
+                return os.open(self._real(path), flags)
+            except OSError as exc:
+                raise FuseOSError(exc.errno) from None
+
+        def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+            self._gate(path)
+            return os.pread(fh, size, offset)
+
+        def release(self, path: str, fh: int) -> None:
+            os.close(fh)
+
+        def statfs(self, path: str) -> dict[str, Any]:
+            self._gate(path)
+            st = os.statvfs(self._real(path))
+            keys = ("f_bavail", "f_bfree", "f_blocks", "f_bsize", "f_favail", "f_ffree", "f_files", "f_flag",
+                    "f_frsize", "f_namemax")
+            return {k: getattr(st, k) for k in keys}
+
+    def control() -> None:
+        for line in _sys.stdin:
+            cmd = line.strip()
+            if cmd in (HANG_ALL, HANG_LEAVES):
+                mode["now"] = cmd
+                answered.clear()
+            elif cmd == HANG_UNKILLABLE:
+                mode["killable"] = False
+            elif cmd == "answer":
+                mode["killable"] = True
+                answered.set()
+            print("ok", flush=True)
+        answered.set()  # the test is gone: never leave a caller hanging
+
+    threading.Thread(target=control, daemon=True).start()
+    print("ok", flush=True)
+    # No kernel caching of names or attributes: a hang shows on the very next call.
+    FUSE(HangFS(), mountpoint, foreground=True, ro=True, nothreads=False,
+         attr_timeout=0, entry_timeout=0, negative_timeout=0)
+
+
+def fuse_missing() -> str | None:
+    """Why a FUSE mount cannot be made here, or None (CI installs all of it: scripts/install-system-deps.sh)."""
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount") is None and shutil.which("fusermount3") is None:
+        return "no fusermount (Debian's fuse3)"
+    try:
+        import fuse  # noqa: F401
+    except (ImportError, OSError) as exc:  # fusepy raises OSError without libfuse.so.2
+        return f"fusepy cannot load libfuse (Debian's libfuse2): {exc}"
+    return None
+
+
+class HangMount:
+    """A passthrough of a media folder at ``root``, which ``hang()`` makes hang and ``answer()`` releases."""
+
+    def __init__(self, source: str, mountpoint: str) -> None:
+        self.source = source
+        self.root = mountpoint
+        self.proc: subprocess.Popen[str] | None = None
+
+    def _say(self, cmd: str | None = None) -> None:
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        if cmd is not None:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline().strip()
+        assert line == "ok", f"hang mount daemon said {line!r}"
+
+    def mount(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        repo = Path(__file__).resolve().parent.parent
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from tests.faultkit import hangfs_main; hangfs_main(sys.argv[1:])",
+             self.source, self.root],
+            cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self._say()
+        deadline = time.monotonic() + 15
+        while not os.path.ismount(self.root):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the FUSE passthrough did not mount at {self.root}")
+            time.sleep(0.05)
+
+    def hang(self, mode: str = HANG_ALL, killable: bool = True) -> None:
+        if not killable:
+            self._say(HANG_UNKILLABLE)
+        self._say(mode)
+
+    def answer(self) -> None:
+        self._say("answer")
+
+    def unmount(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.answer()
+        tool = shutil.which("fusermount") or shutil.which("fusermount3") or "fusermount"
+        subprocess.run([tool, "-u", "-z", self.root], capture_output=True, timeout=30, check=False)
+        if self.proc is not None:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def hang_mount(source: str, mountpoint: str) -> Iterator[HangMount]:
+    """Mount a hangable passthrough of ``source``; always unmounted (``fusermount -u -z``) on the way out."""
+    mount = HangMount(source, mountpoint)
+    try:
+        mount.mount()
+        yield mount
+    finally:
+        mount.unmount()

@@ -1,8 +1,9 @@
 """Tests for the shipped monitoring and deployment artefacts.
 
 Alert rules (promtool), runbooks, the generated Grafana dashboard, the generated PrometheusRule, the
-kustomize base (rendered and validated against Kubernetes' schemas), the Compose service, the
-Dockerfile, and the metric names all of them use against SPEC.md.
+kustomize base (rendered and validated against Kubernetes' schemas), the Compose service and the
+Dockerfile. (The metric names they use, and the README's table of them, are checked against the
+exporter's definitions in tests/test_metric_names.py.)
 
 Needs promtool (Debian package `prometheus`) and the PyPI package `kubernetes-validate`. Without them
 the tests that need them are skipped locally and fail under CI (environment variable CI set).
@@ -25,9 +26,6 @@ from typing import Any
 
 import pytest
 import yaml
-
-from immich_thumbnail_exporter.metrics import DEFS, exposed_names
-from immich_thumbnail_exporter.vocabulary import KINDS, QUEUE_STATES, REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "alerts" / "immich-thumbnails.rules.yml"
@@ -326,7 +324,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# One exporter exposing every SPEC metric, as Prometheus stores it.
+# One exporter exposing every metric the dashboard queries, as Prometheus stores it.
 _TARGET = 'job="immich-thumbnail-exporter",instance="exporter:9813"'
 _THUMBS = f'{_TARGET},queue="thumbnailGeneration"'
 _EXPORTER_SERIES = {
@@ -341,6 +339,12 @@ _EXPORTER_SERIES = {
     f'immich_thumbnail_bytes{{{_TARGET},kind="thumbnail"}}': "2500000x40",
     f"immich_thumbnail_orphaned_files{{{_TARGET}}}": "4x40",
     f"immich_thumbnail_orphaned_bytes{{{_TARGET}}}": "40000x40",
+    f'immich_person_thumbnails_missing{{{_TARGET},reason="file_missing"}}': "2x40",
+    **{
+        f'immich_media_filesystem_{what}_bytes{{{_TARGET},folder="{folder}"}}': values
+        for folder in ("thumbs", "library")
+        for what, values in (("size", "10000000000x40"), ("avail", "5000000000-1000000x40"))
+    },
     f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="thumbnail"}}': "4x40",
     f'immich_integrity_report_entries{{{_TARGET},type="missing_file",kind="original"}}': "1x40",
     f'immich_integrity_report_entries{{{_TARGET},type="untracked_file",kind="unknown"}}': "6x40",
@@ -394,108 +398,6 @@ def test_dashboard_queries_return_data(tmp_path: Path) -> None:
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test))
     result = subprocess.run([promtool(), "test", "rules", "test.yml"], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-# --- metric names ----------------------------------------------------------------------------------------
-
-
-# CI lays shared/ (SPEC.md, Immich's schema) beside the checkout, as the developers have it.
-SPEC_FILE = ROOT.parent / "shared" / "SPEC.md"
-
-
-def _leading_labels(cell: str) -> list[str]:
-    """The labels a SPEC row lists first: "`queue`, `state` (waiting, active): ..." -> queue, state."""
-    rest = re.sub(r"^histograms,\s*", "", cell)
-    labels = []
-    while m := re.match(r"`([a-z_]+)`\s*(\([^)]*\))?\s*,?\s*", rest):
-        labels.append(m.group(1))
-        rest = rest[m.end():]
-    return labels
-
-
-def spec_metrics(text: str) -> dict[str, tuple[frozenset[str], bool]]:
-    """SPEC.md's metric table: each name as exposed -> (its labels, whether it is a histogram)."""
-    table: dict[str, tuple[frozenset[str], bool]] = {}
-    in_table = False
-    for line in text.splitlines():
-        if re.match(r"^\|\s*metric\s*\|", line):
-            in_table = True
-            continue
-        if in_table and not line.startswith("|"):
-            in_table = False
-        if not in_table or re.match(r"^\|[\s\-|]+\|$", line):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        labels = frozenset(_leading_labels(cells[1])) if len(cells) > 1 else frozenset()
-        histogram = len(cells) > 1 and cells[1].lower().startswith("histogram")
-        for name in re.findall(r"`([a-z_:][a-z0-9_:]*)`", cells[0]):
-            table[name] = (labels, histogram)
-    return table
-
-
-def defined_metrics() -> dict[str, tuple[frozenset[str], bool]]:
-    """The exporter's own metric definitions, named as SPEC.md names them (counters with ``_total``)."""
-    return {
-        d.name + ("_total" if d.type == "counter" else ""): (frozenset(d.labels), d.type == "histogram")
-        for d in DEFS.values()
-    }
-
-
-def test_spec_table_parses() -> None:
-    table = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
-    assert table["immich_queue_oldest_job_age_seconds"] == ({"queue", "state"}, False)
-    assert table["immich_jobs_accepted_total"] == ({"queue", "job_name"}, False)
-    assert table["immich_job_run_seconds"] == ({"queue", "job_name"}, True)
-    assert table["immich_assets_metadata_pending"] == (frozenset(), False)
-
-
-def test_metric_definitions_match_spec() -> None:
-    """Every metric the exporter defines is SPEC.md's, with SPEC.md's labels, and none is missing."""
-    spec = spec_metrics(SPEC_FILE.read_text(encoding="utf-8"))
-    assert defined_metrics() == spec
-
-
-def test_label_values_match_spec() -> None:
-    """The label values SPEC.md lists are the vocabulary the exporter validates and emits."""
-    text = SPEC_FILE.read_text(encoding="utf-8")
-
-    def values(metric: str, label: str) -> tuple[str, ...]:
-        row = next(line for line in text.splitlines() if line.startswith(f"| `{metric}`"))
-        m = re.search(rf"`{label}` \(([^)]*)\)", row)
-        assert m, (metric, label)
-        return tuple(v.strip() for v in m.group(1).split(","))
-
-    assert values("immich_asset_files_missing", "kind") == KINDS
-    assert values("immich_asset_files_missing", "reason") == REASONS
-    assert values("immich_queue_jobs", "state") == QUEUE_STATES
-
-
-def test_artefacts_use_defined_metrics() -> None:
-    """The alert rules and the dashboard query only what the exporter defines (or Prometheus makes)."""
-    exposed = exposed_names()
-    assert artefact_metrics().metric_names_used() - exposed == set()
-
-
-def test_metric_names_used_finds_metrics_only() -> None:
-    used = artefact_metrics().metric_names_used()
-    assert {"immich_asset_files_missing", "immich_queue_oldest_job_age_seconds", "immich_exporter_build_info"} <= used
-    assert "immich_job_wait_seconds_bucket" in used
-    assert not used & {"up", "immich_exporter:up", "le", "instance", "kind", "queue", "sum", "rate", "by"}
-
-
-@pytest.mark.parametrize(
-    ("expr", "expected"),
-    [
-        ('sum by (le, queue) (rate(a_bucket{x="y{z}"}[5m]))', {"a_bucket"}),
-        ("a / on (instance) group_left (kind) b offset 5m > bool 0.1", {"a", "b"}),
-        ("max_over_time(c[1h:5m]) unless ignoring (state) d", {"c", "d"}),
-        ('time() - e{collection!~"a|b"} > 3600 or vector(0)', {"e"}),
-        ("topk by (queue) (3, f) and g @ start()", {"f", "g"}),
-        ("sum without (reason) (h) > 1e3", {"h"}),
-    ],
-)
-def test_promql_metric_names(expr: str, expected: set[str]) -> None:
-    assert artefact_metrics().promql_metric_names(expr) == expected
 
 
 # --- PrometheusRule --------------------------------------------------------------------------------------

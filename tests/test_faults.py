@@ -10,15 +10,18 @@ interval of the backend returning. Intervals are short here only.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import aiohttp
+import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -28,20 +31,27 @@ from immich_thumbnail_exporter.app import Exporter
 from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedValkey, free_port
 from immich_thumbnail_exporter.demo.seed import Plan
 from immich_thumbnail_exporter.scan import run as scanner
+from immich_thumbnail_exporter.sources.media import media_stuck
+from immich_thumbnail_exporter.sources.postgres import APPLICATION_NAME
 from tests.conftest import Immich, make_immich
 from tests.faultkit import (
+    HANG_ALL,
+    HANG_LEAVES,
+    HangMount,
     Resources,
     Watch,
     dedicated_postgres,
     exporter_connections,
     freeze,
+    fuse_missing,
+    hang_mount,
     thaw,
     until,
     walker_children,
     watching,
     write_report,
 )
-from tests.helpers import fetch, running_exporter
+from tests.helpers import fetch, run_cli, running_exporter, samples
 
 pytestmark = pytest.mark.asyncio
 
@@ -611,3 +621,308 @@ async def test_postgres_frozen_while_every_pooled_session_is_busy(
         no_pile_up(w, base)
         REPORT.append(f"postgres frozen while the only pooled session scans (deadlines 60s): down in "
                       f"{detected:.2f}s, recovered {recovered:.2f}s after thaw; {w.summary()}; sessions {conns}")
+
+
+# -- a hung media mount (FUSE) and a stepped wall clock -----------------------------------------------
+# The media folder is a FUSE passthrough that hangs on demand like a hard NFS mount (tests/faultkit.py):
+# every call, or only below thumbs/<owner>/<xx>/. Hangs last only as long as their checks need.
+
+HANG_HOLD = 12.0  # seconds the whole mount stays hung under serve: several failed files rounds
+HANG_REPORT: list[str] = []
+
+
+@pytest.fixture
+def hung_media(imm: Immich, tmp_path: Any) -> Iterator[HangMount]:
+    why = fuse_missing()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"FUSE is needed here (scripts/install-system-deps.sh installs it): {why}")
+        pytest.skip(why)
+    with hang_mount(imm.media, str(tmp_path / "mnt")) as mount:
+        yield mount
+    write_report("hang", HANG_REPORT)
+
+
+def by_name(dsn_or_url: str) -> str:
+    """The same server, reached by host name: reconnecting then needs name resolution (a thread)."""
+    return dsn_or_url.replace("127.0.0.1", "localhost")
+
+
+async def kill_postgres_sessions(imm: Immich) -> int:
+    conn = await asyncpg.connect(imm.postgres.dsn, timeout=5)
+    try:
+        return len(await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND datname = $2",
+            APPLICATION_NAME, imm.database, timeout=5))
+    finally:
+        await conn.close()
+
+
+async def kill_redis_clients(valkey: EmbeddedValkey) -> int:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(valkey.url, decode_responses=True, socket_timeout=5)
+    try:
+        ids = [c["id"] for c in await client.client_list() if c.get("name") == "immich-thumbnail-exporter"]
+        for cid in ids:
+            await client.client_kill_filter(_id=cid)
+        return len(ids)
+    finally:
+        await client.aclose()
+
+
+def files_ok(ex: Exporter) -> bool:
+    result = ex.store.result("files")
+    return result is not None and result.success
+
+
+def files_series(w: Watch) -> bool:
+    return w.has("immich_thumbnail_files")
+
+
+async def test_whole_media_mount_hung_under_serve(
+    imm: Immich, fault_valkey: EmbeddedValkey, hung_media: HangMount
+) -> None:
+    """Every call on the media mount hangs: scrapes stay fast, the filesystem source goes down with its
+    series, one thread at most is stuck (none borrowed from asyncio's pool), and PostgreSQL and Redis,
+    reached by host name, reconnect while it hangs. Everything is back once the mount answers."""
+    await add_waiting_jobs(fault_valkey, 3)
+    flags = overrides(imm, **{"media.root": hung_media.root, "redis.timeout": "1s", "intervals.files": "2s"})
+    env = {"DB_URL": by_name(imm.dsn), "REDIS_URL": by_name(fault_valkey.url)}
+    async with running_exporter(flags, env=env) as (ex, url), watching(url, budget=0.5) as w:
+        await settle(ex, w, imm)
+        await until(lambda: w.up("redis") == 1 and queue_jobs(w) == 3, 20)
+        # Threads in normal operation include a watcher thread per walker process while a files round
+        # runs: the baseline is the most seen over a healthy round, not a count between two rounds.
+        done = ex.store.produced("files") or 0
+        await until(lambda: (ex.store.produced("files") or 0) > done and files_ok(ex), 15)
+        base = Resources.now()
+        base_threads = max(w.max_threads, base.threads)
+        w.max_threads = 0
+        hung_media.hang(HANG_ALL)
+        t_hang = time.monotonic()
+        down = await until(lambda: w.up("filesystem") == 0, 15)
+        await until(lambda: not files_series(w), 5)
+        # The database and Redis are fine: their series stay.
+        assert w.up("postgres") == 1 and w.has("immich_assets") and queue_jobs(w) == 3
+        # Their connections cut while the mount still hangs: they come back (name resolution works).
+        inventory_mark = ex.store.produced("inventory")
+        queues_mark = ex.store.produced("queues")
+        pg_killed = await kill_postgres_sessions(imm)
+        redis_killed = await kill_redis_clients(fault_valkey)
+        assert pg_killed >= 1 and redis_killed >= 1, (pg_killed, redis_killed)
+
+        def reconnected() -> bool:
+            inv, q = ex.store.result("inventory"), ex.store.result("queues")
+            return bool(inv and inv.success and (ex.store.produced("inventory") or 0) > (inventory_mark or 0)
+                        and q and q.success and (ex.store.produced("queues") or 0) > (queues_mark or 0)
+                        and w.up("postgres") == 1 and w.up("redis") == 1 and queue_jobs(w) == 3)
+
+        reconnect = await until(reconnected, 20)
+        assert await exporter_connections(imm.postgres, imm.database) >= 1
+        assert await redis_connections(fault_valkey) >= 1
+        while time.monotonic() - t_hang < HANG_HOLD:  # several files rounds, all refused at once
+            assert w.up("filesystem") == 0 and not files_series(w), "a series of the hung mount came back"
+            await asyncio.sleep(0.2)
+        files = ex.store.result("files")
+        assert files is not None and not files.success and files.error and "filesystem" in files.error, files
+        stuck_threads = [t.name for t in threading.enumerate() if t.name == "media"]
+        hung_media.answer()
+        recovered = await until(lambda: healthy(w) and files_ok(ex), 40)
+        w.check()
+        grown = w.max_threads - base_threads
+        assert grown <= 2, (base_threads, w.max_threads)
+        assert len(stuck_threads) <= 1, stuck_threads
+        assert w.max_walkers <= 2, w.max_walkers
+        HANG_REPORT.append(
+            f"whole mount hung {HANG_HOLD:.0f}s under serve: filesystem down in {down:.2f}s; postgres and "
+            f"redis by host name reconnected {reconnect:.2f}s after their connections were killed "
+            f"({pg_killed} sessions, {redis_killed} clients); threads {base_threads}->{w.max_threads} max "
+            f"(+{grown}), media threads {len(stuck_threads)}, walkers {w.max_walkers} max; recovered "
+            f"{recovered:.2f}s after it answered; {w.summary()}"
+        )
+
+
+def _log_file(path: str) -> BinaryIO:
+    return open(path, "wb")
+
+
+async def serve_process(imm: Immich, root: str, cfg: Any, env_extra: dict[str, str] | None = None,
+                        ) -> tuple[asyncio.subprocess.Process, str, Any]:
+    """``serve`` as a process of its own (signals, exit, its children): returns it, its URL, its log file."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_", "IMMICH_"))}
+    env.update({"DB_URL": imm.dsn, **(env_extra or {})})
+    log_file = _log_file(str(cfg) + ".log")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "immich_thumbnail_exporter", "serve", "--config.file", str(cfg),
+        "--media.root", root, "--web.listen-address", f"127.0.0.1:{port}", env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    async def listening() -> bool:
+        try:
+            return (await fetch(url + "/healthz"))[0] == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    await until(listening, 30, 0.2)
+    return proc, url, log_file
+
+
+async def test_leaf_folders_hung_under_serve(imm: Immich, hung_media: HangMount, tmp_path: Any) -> None:
+    """Only thumbs/<owner>/<xx>/ hangs (the probe's look at thumbs/ is fine): at most one pair of walker
+    processes ever, the failure is reported (files round failed, filesystem down), and SIGTERM ends
+    ``serve`` within 15 s while it still hangs."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("intervals: {inventory: 2s, files: 2s, queues: 1s}\n")
+    proc, url, log_file = await serve_process(imm, hung_media.root, cfg)
+    try:
+        async with watching(url, budget=0.5) as w:
+            await until(lambda: healthy(w), 30)
+            hung_media.hang(HANG_LEAVES)
+            most = 0
+
+            def sample() -> int:
+                nonlocal most
+                most = max(most, len(walker_children(proc.pid)))
+                return most
+
+            def reported() -> bool:
+                sample()
+                failed = w.last.get(("immich_exporter_collection_success", (("collection", "files"),))) == 0
+                return failed and w.up("filesystem") == 0 and not files_series(w)
+
+            down = await until(reported, 30)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 6:  # more rounds: still no second pair
+                assert sample() <= 2, walker_children(proc.pid)
+                assert w.up("filesystem") == 0
+                await asyncio.sleep(0.1)
+        assert most <= 2, most
+        t_term = time.monotonic()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+        exit_after = time.monotonic() - t_term
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        log_file.close()
+    log = (tmp_path / "config.yml.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-2000:]
+    assert "files failed" in log and "does not answer" in log, log[-2000:]
+    HANG_REPORT.append(f"leaf folders hung under serve: reported (files failed, filesystem down) in {down:.2f}s; "
+                       f"walker processes {most} max; SIGTERM exit in {exit_after:.2f}s while still hung")
+
+
+async def test_leaf_folders_hung_and_walkers_unkillable(
+    imm: Immich, hung_media: HangMount, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but a killed walker stays in the kernel (state D) until the mount answers, as on a FUSE
+    mount whose daemon hangs: it is reported, held (the filesystem source stays down), waited for and
+    never replaced; once the mount answers it is reaped and everything recovers."""
+    flags = overrides(imm, **{"media.root": hung_media.root, "intervals.files": "2s"})
+    caplog.set_level("INFO", logger="immich_thumbnail_exporter")
+    async with running_exporter(flags, env=imm.env()) as (ex, url), watching(url, budget=0.5) as w:
+        await settle(ex, w, imm)
+        hung_media.hang(HANG_LEAVES, killable=False)
+        held = await until(lambda: "does not exit after SIGKILL" in (media_stuck() or ""), 30)
+        assert any(state == "D" for _, state in walker_children()), walker_children()
+        await until(lambda: w.up("filesystem") == 0 and not files_series(w), 10)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4:  # rounds go on failing at once: no second pair
+            assert len(walker_children()) <= 2, walker_children()
+            assert w.up("filesystem") == 0
+            await asyncio.sleep(0.1)
+        hung_media.answer()
+        recovered = await until(lambda: healthy(w) and files_ok(ex) and not walker_children(), 40)
+        w.check()
+        assert w.max_walkers <= 2, w.max_walkers
+    assert "does not exit after SIGKILL" in caplog.text and "exited after" in caplog.text, caplog.text[-2000:]
+    HANG_REPORT.append(f"leaf folders hung, walkers unkillable: walker held as stuck after {held:.2f}s, walker "
+                       f"processes {w.max_walkers} max; recovered {recovered:.2f}s after the mount answered")
+
+
+@pytest.mark.parametrize("command", [["scan", "--no-progress"], ["check-config"], ["regenerate"]])
+async def test_commands_on_a_hung_mount_exit_2(imm: Immich, hung_media: HangMount, command: list[str]) -> None:
+    hung_media.hang(HANG_ALL)
+    t0 = time.monotonic()
+    result = await asyncio.to_thread(
+        run_cli, *command, "--media.root", hung_media.root, env=imm.env(), timeout=40
+    )
+    took = time.monotonic() - t0
+    assert result.returncode == 2, (result.returncode, result.stdout[-1000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if hung_media.root in line]
+    assert len(lines) == 1 and "does not answer" in lines[0], result.stderr
+    HANG_REPORT.append(f"{command[0]} on a hung mount: exit 2 in {took:.2f}s: {lines[0]}")
+
+
+def libfaketime() -> str | None:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+    return found[0] if found else None
+
+
+def stamp(parsed: dict[tuple[str, tuple[tuple[str, str], ...]], float], collection: str) -> float | None:
+    return parsed.get(("immich_exporter_collection_last_success_timestamp_seconds", (("collection", collection),)))
+
+
+async def test_wall_clock_stepped_back_and_forward(imm: Immich, tmp_path: Any) -> None:
+    """``serve`` under libfaketime: its wall clock stepped back 10 minutes, then forward 20, as NTP would
+    (the monotonic clock untouched). Every series stays through new rounds of every collection; only the
+    ``*_timestamp_seconds`` values move, and no value is ever negative."""
+    lib = libfaketime()
+    if lib is None:
+        if os.environ.get("CI"):
+            pytest.fail("libfaketime is needed here (scripts/install-system-deps.sh installs Debian's faketime)")
+        pytest.skip("no libfaketime (Debian's faketime)")
+    clock = tmp_path / "clock"
+    clock.write_text("+0\n")
+    cfg = tmp_path / "config.yml"
+    # A files deadline with room: libfaketime slows every clock read, and a round cut short by its
+    # deadline would hide its series for a reason that is not the clock's.
+    cfg.write_text("intervals: {inventory: 3s, files: 6s, queues: 1s}\n")
+    faked = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_CACHE_DURATION": "1",
+             "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    proc, url, log_file = await serve_process(imm, imm.media, cfg, faked)
+    seen: list[str] = []
+    try:
+        async with watching(url) as w:
+            await until(lambda: healthy(w) and stamp(w.last, "files") and stamp(w.last, "inventory"), 30)
+            first = stamp(w.last, "files") or 0.0
+            await until(lambda: (stamp(w.last, "files") or 0.0) > first and healthy(w), 15)
+            series = set(w.last)
+            for step, offset in (("back 10 min", -600), ("forward 20 min", +600)):
+                before = {c: stamp(w.last, c) or 0.0 for c in ("inventory", "files")}
+                clock.write_text(f"{offset:+d}\n")
+
+                def stepped(before: dict[str, float] = before, offset: int = offset) -> bool:
+                    now = {c: stamp(w.last, c) for c in before}
+                    return all(v is not None and (v - before[c]) * offset > 500 for c, v in now.items())
+
+                # A new round of each collection finished under the stepped clock...
+                await until(stepped, 30)
+                # ...and through the next rounds every series is there, none negative.
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 3:
+                    parsed = samples((await fetch(url + "/metrics"))[1])
+                    gone = series - set(parsed)
+                    assert not gone, (step, gone)
+                    negative = {k: v for k, v in parsed.items() if v < 0}
+                    assert not negative, (step, negative)
+                    await asyncio.sleep(0.1)
+                seen.append(step)
+            # Latency is not what this checks (libfaketime itself costs time): every scrape answered.
+            assert not w.failures, w.failures[:5]
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 15)
+        log_file.close()
+    log = (tmp_path / "config.yml.log").read_text(errors="replace")
+    assert "Traceback" not in log, log[-2000:]
+    HANG_REPORT.append(f"wall clock stepped {' then '.join(seen)} under serve: {len(series)} series kept, "
+                       f"none negative")
+    write_report("hang", HANG_REPORT)

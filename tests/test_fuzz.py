@@ -405,14 +405,18 @@ def test_event_entries_never_raise_and_labels_stay_bounded(entries: list[tuple[s
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
 
-    tracker = bull_events.JobCounters(None)  # type: ignore[arg-type]  # no lookups: nothing to read
-    tracker._unknown_jobs("thumbnailGeneration", entries)
-    tracker._apply("thumbnailGeneration", entries, {})
+    from immich_thumbnail_exporter.sources.bullmq_jobs import JobMap, job_events, needs_hash
+
+    tracker = bull_events.JobCounters()
+    jobs = JobMap(50)
+    needs_hash("thumbnailGeneration", entries, jobs, lambda name: True)
+    events, _ = job_events("thumbnailGeneration", entries, jobs, {})  # the reader's one parse, no lookups
+    tracker.deliver(events)
     for (_, job), n in tracker.accepted.items():
         assert n > 0 and (job == bull_events.UNKNOWN or len(job) <= bull_events.MAX_NAME_LENGTH)
     assert len({j for _, j in tracker.accepted} | {j for _, j, _ in tracker.finished}) <= bull_events.MAX_JOB_NAMES + 1
     assert all(o in JOB_OUTCOMES for _, _, o in tracker.finished)
-    assert tracker.tracked_jobs <= bull_events.MAX_TRACKED_JOBS
+    assert len(jobs) <= jobs.limit
 
     class Families(Collector):
         def collect(self) -> Any:

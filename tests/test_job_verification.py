@@ -24,6 +24,7 @@ import asyncpg
 import pytest
 from bullmq import Queue
 
+from immich_thumbnail_exporter import timing
 from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection, Limits, Verifier, verdict
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
@@ -32,6 +33,7 @@ from immich_thumbnail_exporter.demo.seed import THUMB_SIZE, webp
 from immich_thumbnail_exporter.scan.verdict import AssetVerdict
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.sources.redis import EVENTS_CLIENT_NAME
 from immich_thumbnail_exporter.vocabulary import VERIFY_RESULTS
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples
@@ -164,8 +166,11 @@ def test_verdicts() -> None:
     assert verdict(AssetVerdict("a", True, True, problems=both)) == "no_effect"
 
 
-def test_the_bounded_queue_sheds_and_the_rate_holds() -> None:
+def test_the_bounded_queue_sheds_and_the_rate_holds(monkeypatch: pytest.MonkeyPatch) -> None:
     now = 1000.0
+    clock = [now]
+    # The rate limiter keeps time.monotonic(); the test moves that clock with the ``now`` it passes.
+    monkeypatch.setattr(timing.time, "monotonic", lambda: clock[0])
     full = Verifier(Limits(checks_per_second=10, max_pending=5, settle=0.0))
     for i in range(12):
         full.add(FinishedJob(QUEUE, str(i), JOB, str(uuid.uuid4()), False, 0), now)
@@ -174,22 +179,22 @@ def test_the_bounded_queue_sheds_and_the_rate_holds() -> None:
     assert full.counts == {(QUEUE, JOB, "not_checked"): 7 + 1} and full.shed == 7
 
     rate = Verifier(Limits(checks_per_second=2, batch=10, settle=0.0))
-    rate._refilled = now
     for i in range(10):
         rate.add(FinishedJob(QUEUE, str(i), JOB, str(uuid.uuid4()), False, 0), now)
     assert len(rate.take(now)) == 2  # a one-second burst at 2 a second
     assert len(rate.take(now)) == 0
+    clock[0] = now + 0.5
     assert len(rate.take(now + 0.5)) == 1
+    clock[0] = now + 60
     assert len(rate.take(now + 60)) == 2  # an idle minute does not save up more than a second's worth
+    clock[0] = now
 
     # A job that waits longer than max_age is counted not_checked, never checked late.
     old = Verifier(Limits(max_age=5, settle=0.0))
-    old._refilled = now
     old.add(FinishedJob(QUEUE, "1", JOB, str(uuid.uuid4()), False, 0), now)
     assert old.take(now + 6) == [] and old.counts == {(QUEUE, JOB, "not_checked"): 1}
     # ... and a job is not checked before it settled.
     early = Verifier(Limits(settle=1.0))
-    early._refilled = now
     early.add(FinishedJob(QUEUE, "1", JOB, str(uuid.uuid4()), False, 0), now)
     assert early.take(now + 0.5) == [] and len(early.take(now + 1.0)) == 1
 
@@ -285,7 +290,9 @@ async def test_redis_outage_and_busy_database(valkey: EmbeddedValkey, immich_fac
             outcome = await col.collect()
             assert outcome.error and "redis" in outcome.error
             tasks = len(asyncio.all_tasks())
-            await asyncio.sleep(3)  # capped backoff: failing steps pile nothing up
+            failures = col.events.stats.failures
+            # Several failed steps of the reader (capped backoff): they pile nothing up.
+            await wait_for(lambda: col.events.stats.failures >= failures + 3, 20, 0.1)
             assert len(asyncio.all_tasks()) <= tasks + 1
             valkey.start()
             await wait_for(lambda: _redis_state(col, bool), 40, 0.3)
@@ -296,7 +303,8 @@ async def test_redis_outage_and_busy_database(valkey: EmbeddedValkey, immich_fac
                     with immich_worker(valkey, tmp_path):
                         await thumbs.add(JOB, {"id": healthy[0]}, OPTS)
                         await wait_for(lambda: len(col.verifier.pending) == 1, 20)
-                        await asyncio.sleep(1.5)
+                        waits = col.verifier.waits
+                        await wait_for(lambda: col.verifier.waits >= waits + 2, 10, 0.1)  # two checker turns
                         assert len(col.verifier.pending) == 1 and col.verifier.checked == 0
                 s = await settled(col, 1)
             finally:
@@ -310,7 +318,7 @@ async def test_redis_outage_and_busy_database(valkey: EmbeddedValkey, immich_fac
 
 async def _redis_state(col: JobVerificationCollection, kind: type) -> bool:
     await asyncio.sleep(0)
-    state = col._logged.get("redis")
+    state = col.events.state
     return isinstance(state, kind) and (kind is not bool or state is True)
 
 
@@ -348,7 +356,8 @@ async def test_job_between_two_rounds_is_verified(
             s = await wait_for(scraped, 40, 0.5)
             assert results(s) == {"written": 1, "no_effect": 1, "asset_missing": 0, "not_checked": 0}
             assert value(s, "immich_exporter_source_up", source="filesystem") == 1
-            # The queue rounds' connection and the one the follower blocks on: one more, not a pool.
-            assert await _exporter_connections(valkey) <= 2
+            # The queue rounds' connection, and the one event-stream connection the follower shares.
+            assert await _exporter_connections(valkey) <= 1
+            assert await _exporter_connections(valkey, EVENTS_CLIENT_NAME) == 1
     finally:
         await thumbs.close()

@@ -29,6 +29,7 @@ from immich_thumbnail_exporter.demo.embedded import EmbeddedPostgres, EmbeddedVa
 from immich_thumbnail_exporter.sources.bullmq import worker_queue
 from immich_thumbnail_exporter.sources.connections import check_connections
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.sources.redis import CLIENT_NAME, EVENTS_CLIENT_NAME
 from immich_thumbnail_exporter.vocabulary import JOB_OUTCOMES, is_asset_job
 from tests.conftest import ROOT, Immich, make_immich, wait_for
 from tests.faultkit import freeze, thaw
@@ -312,6 +313,17 @@ async def test_restart_counts_nothing_twice(valkey: EmbeddedValkey, immich_db: I
 async def test_trimmed_stream_counts_lost_events(valkey: EmbeddedValkey, immich_db: Immich) -> None:
     config = make_config(valkey, immich_db)
     client = raw(valkey)
+
+    def added_then_trimmed(n: int, maxlen: int) -> None:
+        """``n`` jobs' entries (added + waiting, as BullMQ writes them) and a trim, in one transaction: the
+        reader, woken only once it is done, can never have read what was trimmed."""
+        with client.pipeline(transaction=True) as pipe:
+            for job_id in new_ids(n):
+                pipe.xadd(events_key(), {"event": "added", "jobId": job_id, "name": JOB})
+                pipe.xadd(events_key(), {"event": "waiting", "jobId": job_id})
+            pipe.xtrim(events_key(), maxlen=maxlen, approximate=False)
+            pipe.execute()
+
     async with collection(config) as col, bull_queue(valkey) as queue:
         await collect_ok(col)
         await add_jobs(queue, new_ids(5))  # 10 entries: added + waiting per job
@@ -319,14 +331,12 @@ async def test_trimmed_stream_counts_lost_events(valkey: EmbeddedValkey, immich_
         assert accepted(s) == 5
         assert value(s, "immich_exporter_queue_events_lost_total", queue=QUEUE) == 0
 
-        await add_jobs(queue, new_ids(10))  # 20 unread entries ...
-        client.xtrim(events_key(), maxlen=4, approximate=False)  # ... of which 16 are trimmed
+        added_then_trimmed(10, 4)  # 20 unread entries, of which 16 are trimmed
         s = flat(await collect_ok(col))
         assert value(s, "immich_exporter_queue_events_lost_total", queue=QUEUE) == 16
         assert accepted(s) == 5 + 2  # the two "added" among the 4 entries left
 
-        await add_jobs(queue, new_ids(3))  # 6 unread entries, all trimmed
-        client.xtrim(events_key(), maxlen=0, approximate=False)
+        added_then_trimmed(3, 0)  # 6 unread entries, all trimmed
         s = flat(await collect_ok(col))
         assert value(s, "immich_exporter_queue_events_lost_total", queue=QUEUE) == 16 + 6
         assert accepted(s) == 7
@@ -377,7 +387,7 @@ async def test_malformed_and_unknown_events(valkey: EmbeddedValkey, immich_db: I
         assert accepted(s) == 1
         assert finished(s, "completed", job="unknown") == 2
         assert finished(s, "error", job="unknown") == 1
-        assert col.counters is not None and col.counters.malformed == 2
+        assert col.events is not None and col.events.stats.malformed == 2
 
 
 # -- stalled and orphaned --------------------------------------------------------------------------
@@ -705,10 +715,11 @@ async def _redis_up(col: QueueCollection) -> bool:
     return (await col.collect()).sources.get("redis") is True
 
 
-async def _exporter_connections(valkey: EmbeddedValkey) -> int:
+async def _exporter_connections(valkey: EmbeddedValkey, name: str = CLIENT_NAME) -> int:
+    """The exporter's connections named ``name`` in CLIENT LIST."""
     client = aioredis.Redis.from_url(valkey.url, decode_responses=True)
     try:
-        return sum(1 for c in await client.client_list() if c.get("name") == "immich-thumbnail-exporter")
+        return sum(1 for c in await client.client_list() if c.get("name") == name)
     finally:
         await client.aclose()
 
@@ -730,7 +741,7 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
         return samples(text)
 
     try:
-        async with running_exporter(flags, env) as (_, base):
+        async with running_exporter(flags, env) as (ex, base):
             async def redis_up(expected: float) -> bool:
                 s = await scrape(base)
                 return value(s, "immich_exporter_source_up", source="redis") == expected
@@ -743,9 +754,9 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
             await wait_for(lambda: redis_up(0.0), 20, 0.2)
             s = await scrape(base)
             assert jobs(s, "waiting") is None  # never shown as current while Redis is down
-            for _ in range(10):  # several failing rounds: nothing piles up
+            for _ in range(5):  # several failing rounds (each a new result), scraped: nothing piles up
+                await next_round(ex, "queues")
                 await scrape(base)
-                await asyncio.sleep(0.3)
             assert len(asyncio.all_tasks()) <= tasks_before + 2
 
             valkey.start()  # same port, empty (no persistence)
@@ -765,6 +776,12 @@ async def test_redis_outage_under_a_running_exporter(valkey: EmbeddedValkey, imm
     assert slowest < 1.0, f"/metrics took {slowest:.2f}s at worst"
 
 
+async def next_round(ex: Any, collection: str) -> None:
+    """Wait until the collection publishes its next round (a round counter, not a sleep)."""
+    last = ex.store.result(collection)
+    await wait_for(lambda: ex.store.result(collection) is not last, 20, 0.05)
+
+
 async def _accepted_is(pending: Any, n: int) -> bool:
     return accepted(await pending) == n
 
@@ -772,6 +789,40 @@ async def _accepted_is(pending: Any, n: int) -> bool:
 async def _has_waiting(pending: Any, n: int) -> bool:
     s = await pending
     return jobs(s, "waiting") == n
+
+
+@pytest.mark.asyncio
+async def test_serve_with_remediation_holds_one_event_stream_connection(
+    valkey: EmbeddedValkey, immich_db: Immich, tmp_path: Path
+) -> None:
+    """With remediation enabled, ``serve`` holds one event-stream connection, whatever the number of
+    followers: the job counters, job verification and regeneration's watch share one reader."""
+    env = {"REDIS_URL": valkey.url, "DB_URL": immich_db.dsn}
+    flags = {
+        "intervals.queues": "1s", "collectors.files": "false", "media.root": immich_db.media,
+        "immich.url": "http://127.0.0.1:1", "immich.api_key": "not-used", "remediation.enabled": True,
+        "remediation.interval": "1s", "remediation.state_dir": str(tmp_path / "state"),
+    }
+    async with bull_queue(valkey) as queue:
+        await add_jobs(queue, new_ids(1))
+        async with running_exporter(flags, env) as (ex, base):
+            readers = {id(c.events) for c in ex.runner.collections if getattr(c, "events", None) is not None}
+            assert len(readers) == 1, [c.name for c in ex.runner.collections]
+            reader = next(c.events for c in ex.runner.collections if getattr(c, "events", None) is not None)
+            # Counters, job verification, regeneration's watch: three followers of the one reader.
+            await wait_for(lambda: reader.subscribers >= 3, 20, 0.1)
+            await wait_for(lambda: reader.stats.steps >= 5, 20, 0.1)
+            # Everything added is delivered (to every follower) through that one connection.
+            await add_jobs(queue, new_ids(2))
+            await wait_for(lambda: _accepted_is(fetch_samples(base), 2), 20, 0.2)
+            assert await _exporter_connections(valkey, EVENTS_CLIENT_NAME) == 1
+            assert reader.stats.entries >= 4
+
+
+async def fetch_samples(base: str) -> Samples:
+    status, text, _ = await fetch(f"{base}/metrics")
+    assert status == 200
+    return samples(text)
 
 
 # -- check-config ----------------------------------------------------------------------------------
@@ -791,3 +842,14 @@ async def test_check_connections(valkey: EmbeddedValkey, immich_db: Immich, caps
 
     none = load_config(None, environ={"DB_URL": immich_db.dsn})
     assert await check_connections(none) == []
+
+
+def test_check_config_prints_no_python_warning(valkey: EmbeddedValkey, immich_db: Immich) -> None:
+    """check-config's Redis path, run with every warning an error: no UserWarning from the client."""
+    env = {**os.environ, "REDIS_URL": valkey.url, "DB_URL": immich_db.dsn, "PYTHONWARNINGS": "error"}
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "immich_thumbnail_exporter", "check-config"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "ok: redis" in output
+    assert "Warning" not in output and "Traceback" not in output, output

@@ -225,8 +225,8 @@ class FillingApi(SimulatedApi):
         self.disk = disk
         self.filler: Path | None = None
 
-    async def _asset_jobs(self, request: Any, key: Any, route: Any) -> Any:
-        response = await super()._asset_jobs(request, key, route)
+    async def _asset_jobs(self, request: Any, *args: Any) -> Any:
+        response = await super()._asset_jobs(request, *args)
         if self.filler is None:
             self.filler = fill(self.disk)
         return response

@@ -247,7 +247,7 @@ async def test_a_long_run_of_jobs_stays_bounded(immich_factory: Any, valkey: Emb
     pg = PostgresSource(config.database)
     limits = Limits(checks_per_second=400, max_pending=2000, settle=0.2)
     col = JobVerificationCollection(config, pg, limits)
-    col.follower.max_tracked = MAX_TRACKED
+    col.events.jobs.limit = MAX_TRACKED  # the one job map, shared by every follower of the event reader
     series: list[tuple[float, Resources, int, int]] = []
     before = Resources.now()
     try:
@@ -264,7 +264,7 @@ async def test_a_long_run_of_jobs_stays_bounded(immich_factory: Any, valkey: Emb
             t0 = time.monotonic()
             while not done.done():
                 await col.collect()
-                series.append((time.monotonic() - t0, Resources.now(), col.follower.tracked, len(col.verifier.pending)))
+                series.append((time.monotonic() - t0, Resources.now(), len(col.events.jobs), len(col.verifier.pending)))
                 await asyncio.wait({done}, timeout=2.0)
             out, err = await done
             assert producer.returncode == 0, err.decode()[-2000:]
@@ -283,7 +283,8 @@ async def test_a_long_run_of_jobs_stays_bounded(immich_factory: Any, valkey: Emb
     warm = [s for s in series if s[0] >= JOBS_WARM_UP]
     lines = [
         f"{added} thumbnail jobs in {JOBS_SECONDS:.0f}s through two Immich-like Node workers: {counts}; "
-        f"follower {col.follower.stats}; checker {col.verifier.batches} batches, {col.verifier.shed} shed",
+        f"reader {col.events.stats}, {col.events.jobs.evicted} evicted; follower {col.follower.stats}; "
+        f"checker {col.verifier.batches} batches, {col.verifier.shed} shed",
         "samples: " + "; ".join(f"{t:.0f}s {r.rss / 2**20:.1f}MiB {r.tasks}t {tr}map {p}pending"
                                for t, r, tr, p in series),
     ]
@@ -295,7 +296,7 @@ async def test_a_long_run_of_jobs_stays_bounded(immich_factory: Any, valkey: Emb
     assert sum(counts.values()) == added, lines
     assert counts.get("not_checked", 0) <= 0.05 * added, lines
     assert max(tr for _, _, tr, _ in series) <= MAX_TRACKED, lines
-    assert col.follower.stats.evicted > 0, lines  # the bound was reached, and held
+    assert col.events.jobs.evicted > 0, lines  # the bound was reached, and held
     assert max(p for _, _, _, p in series) <= limits.max_pending, lines
     assert max(r.rss for _, r, _, _ in warm) - warm[0][1].rss <= JOBS_RSS_SLACK, lines
     assert max(r.tasks for _, r, _, _ in warm) <= warm[0][1].tasks + TASK_SLACK, lines

@@ -1,4 +1,9 @@
-"""``serve``: wire sources, collections, the store and the HTTP server, and stop cleanly on SIGTERM."""
+"""``serve``: wire sources, collections, the store and the HTTP server, and stop cleanly on SIGTERM.
+
+Stopping is bounded whatever the backends do: a thread stuck in the kernel on a hung mount is a daemon
+thread of the media pool (``sources/media.py``), which nothing joins, so ``serve`` exits within seconds of
+SIGTERM even while the mount hangs.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from aiohttp import web
 
 from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.collectors.base import Collection
+from immich_thumbnail_exporter.collectors.capacity import CapacityCollection
 from immich_thumbnail_exporter.collectors.files import FilesCollection
 from immich_thumbnail_exporter.collectors.inventory import InventoryCollection
 from immich_thumbnail_exporter.collectors.job_verification import JobVerificationCollection
@@ -28,6 +34,11 @@ from immich_thumbnail_exporter.store import SOURCES, Store
 
 log = logging.getLogger(__name__)
 
+# Seconds the collection loops get to end on SIGTERM (a file check closes its walkers in that time).
+STOP_COLLECTIONS = 3.0
+# The whole stop: well inside the 10 s a container runtime waits between SIGTERM and SIGKILL.
+STOP_TIMEOUT = 8.0
+
 
 def build_collections(config: Config, pg: PostgresSource, feed: ProblemFeed) -> list[Collection]:
     """The enabled collections; the files collection publishes its problems to ``feed``."""
@@ -39,6 +50,7 @@ def build_collections(config: Config, pg: PostgresSource, feed: ProblemFeed) -> 
         log.info("media.root is not set: the files collection is off (database checks only)")
     if files_on:
         collections.append(FilesCollection(config, pg, feed))
+        collections.append(CapacityCollection(config))
     if config.collectors.queues and (config.redis.enabled or config.immich.enabled):
         collections.append(QueueCollection(config, pg))
     if config.collectors.queues and config.redis.enabled and config.media.root:
@@ -95,10 +107,11 @@ class Exporter:
         log.info("listening on %s://%s:%s/ (version %s)", scheme, self.host or "0.0.0.0", self.bound_port, __version__)
 
     async def stop(self) -> None:
-        await self.runner.stop()
+        await self.runner.stop(timeout=STOP_COLLECTIONS)
         if self._web is not None:
             await self._web.cleanup()
-        await self.pg.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.pg.close(), 2)
 
 
 async def until_stopped() -> None:
@@ -122,7 +135,7 @@ async def serve(config: Config, web_config: WebConfig, host: str | None, port: i
     await until_stopped()
     log.info("shutting down")
     try:
-        await asyncio.wait_for(exporter.stop(), 8)
+        await asyncio.wait_for(exporter.stop(), STOP_TIMEOUT)
     except TimeoutError:
         log.warning("shutdown took too long; exiting anyway")
     return 0

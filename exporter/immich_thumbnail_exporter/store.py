@@ -6,6 +6,11 @@ waits on a backend and never runs a query.
 Results name the sources they depend on. A result is shown only while all of those sources are up
 *and* it was produced after each of them last came back: a value from before an outage is never shown
 as current. Collections whose inputs recover are woken at once so their series return quickly.
+
+"After" is decided by the store's own event counter (every publication and every change of a source
+takes the next number), never by a clock: a wall clock stepped back by NTP used to hide every series
+until it caught up again, one stepped forward could have shown a stale one. The wall clock only gives
+the ``*_timestamp_seconds`` values.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class Result:
 @dataclass(frozen=True)
 class SourceState:
     up: bool
-    since: float
+    # The store's event number at which the source last went up or down.
+    since: int
     error: str | None = None
 
 
@@ -61,8 +67,11 @@ class Store:
     def __init__(self, collections: Iterable[str], sources: Iterable[str]) -> None:
         self.collections = tuple(collections)
         self._results: dict[str, Result] = {}
+        # The event number each collection's latest result was published at.
+        self._produced: dict[str, int] = {}
+        self._events = 0
         self._last_success: dict[str, float] = {}
-        self._sources: dict[str, SourceState] = {s: SourceState(False, 0.0, "not checked yet") for s in sources}
+        self._sources: dict[str, SourceState] = {s: SourceState(False, 0, "not checked yet") for s in sources}
         self._listeners: list[Callable[[str], None]] = []
         self.started_at = time.time()
 
@@ -76,7 +85,9 @@ class Store:
         old = self._sources[source]
         if old.up == up and old.error == error:
             return
-        since = time.time() if old.up != up else old.since
+        if old.up != up:
+            self._events += 1
+        since = self._events if old.up != up else old.since
         self._sources = {**self._sources, source: SourceState(up, since, None if up else error)}
         if up and not old.up:
             for listener in self._listeners:
@@ -89,6 +100,8 @@ class Store:
                 self.set_source(source, True)
             else:
                 self.set_source(source, False, state if isinstance(state, str) else "unavailable")
+        self._events += 1
+        self._produced = {**self._produced, result.collection: self._events}
         self._results = {**self._results, result.collection: result}
         if result.success:
             self._last_success = {**self._last_success, result.collection: result.finished_at}
@@ -109,16 +122,21 @@ class Store:
         """True once every enabled collection has finished one round, whatever its outcome."""
         return all(c in self._results for c in self.collections)
 
-    def visible(self, part: Part, produced_at: float) -> bool:
+    def produced(self, collection: str) -> int | None:
+        """The event number the collection's latest result was published at."""
+        return self._produced.get(collection)
+
+    def visible(self, part: Part, produced: int) -> bool:
+        """Every source of ``part`` is up and came up before the result (event ``produced``) was published."""
         for source in part.needs:
             state = self._sources.get(source)
-            if state is None or not state.up or produced_at < state.since:
+            if state is None or not state.up or produced < state.since:
                 return False
         return True
 
     def families(self, now: float | None = None) -> list[Metric]:
         now = time.time() if now is None else now
-        sources, results = self._sources, self._results
+        sources, results, produced = self._sources, self._results, self._produced
         out: list[Metric] = [
             gauge("immich_exporter_build_info", [((__version__,), 1.0)]),
             gauge("immich_exporter_source_up", [((s,), 1.0 if st.up else 0.0) for s, st in sources.items()]),
@@ -139,7 +157,7 @@ class Store:
             if result is None:
                 continue
             for part in result.parts:
-                if not self.visible(part, result.finished_at):
+                if not self.visible(part, produced[name]):
                     continue
                 data.extend(part.families)
                 if part.dynamic is not None:

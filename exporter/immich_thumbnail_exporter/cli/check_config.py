@@ -11,8 +11,8 @@ from immich_thumbnail_exporter.cli.exits import EXIT_OK, fail
 from immich_thumbnail_exporter.config import Config, Loaded, WebSettings, describe
 from immich_thumbnail_exporter.exposition.webconfig import WebConfigError, load_web_config
 from immich_thumbnail_exporter.remediation.room import room_warning
-from immich_thumbnail_exporter.scan.run import media_identity
 from immich_thumbnail_exporter.sources.connections import check_connections
+from immich_thumbnail_exporter.sources.media import probe_filesystem
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 
@@ -60,7 +60,7 @@ async def _check_connections(config: Config) -> list[str]:
         await pg.close()
     if config.media.root:
         try:
-            media_identity(config.media.root)
+            await probe_filesystem(config.media.root, 10.0)
             print(f"ok: media root {config.media.root}")
         except SourceError as exc:
             problems.append(f"media.root: {exc}")

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from immich_thumbnail_exporter import __version__, logs
-from immich_thumbnail_exporter.cli import check_config, config_schema, demo, regenerate, scan, serve
+from immich_thumbnail_exporter.cli import check_config, config_schema, demo, regenerate, report, scan, serve
 from immich_thumbnail_exporter.cli.exits import EXIT_CONFIG, EXIT_OK, EXIT_PROBLEMS, fail
 from immich_thumbnail_exporter.config import LOG_FORMATS, LOG_LEVELS, CollectorSwitches, LogSettings, collect
 
 __all__ = ["COLLECTORS", "COMMANDS", "EXIT_CONFIG", "EXIT_OK", "EXIT_PROBLEMS", "build_parser", "main", "overrides"]
 
-COMMANDS: Final = ("serve", "scan", "regenerate", "check-config", "demo", "config-schema")
+COMMANDS: Final = ("serve", "scan", "regenerate", "report", "check-config", "demo", "config-schema")
 COLLECTORS: Final = tuple(f.name for f in dataclasses.fields(CollectorSwitches))
 
 
@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     regenerate.add_arguments(p)
 
+    p = sub.add_parser("report", help="the restore report: a fresh scan, the queue and the regeneration ledger")
+    _common(p)
+    report.add_arguments(p)
+
     p = sub.add_parser("demo", help="embedded PostgreSQL + Valkey seeded like a post-restore Immich, then serve")
     demo.add_arguments(p)
 
@@ -124,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(loaded.problems)
         if args.command == "scan":
             return scan.run(loaded.config, args)
+        if args.command == "report":
+            return report.run(loaded.config, args)
         return int(regenerate.run_command(loaded.config, args))
     except KeyboardInterrupt:
         return 130

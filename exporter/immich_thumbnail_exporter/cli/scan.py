@@ -8,11 +8,12 @@ import sys
 import time
 
 from immich_thumbnail_exporter.cli.exits import EXIT_OK, EXIT_PROBLEMS, fail
+from immich_thumbnail_exporter.cli.report import measure_space
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import FileStats, ProblemStore
 from immich_thumbnail_exporter.output import scan_report as report
-from immich_thumbnail_exporter.remediation.queue_view import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import Throughput, thumbnail_throughput
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 
@@ -82,14 +83,15 @@ def run(config: Config, args: argparse.Namespace) -> int:
         return fail([str(exc)])
     progress.done()
     throughput = observe_queue(config) if args.format != "csv" else None
+    spaces = measure_space(config) if args.format != "csv" else None
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
     try:
         if args.format == "json":
-            report.write_json(result, out, throughput)
+            report.write_json(result, out, throughput, spaces)
         elif args.format == "csv":
             report.write_csv(result.problems, out)
         else:
-            report.write_table(result, out, args.max_rows, throughput)
+            report.write_table(result, out, args.max_rows, throughput, spaces)
     finally:
         if args.output:
             out.close()

@@ -1,6 +1,7 @@
 """Job counters and durations from BullMQ's per-queue event streams.
 
-``sources/bullmq_events.py`` delivers every new stream entry once; this module counts them:
+``JobCounters`` subscribes to the process's one event reader (``sources/bullmq_reader.py``), which
+delivers every new stream entry once, with what is known of its job; this module counts them:
 
 * ``added`` (``jobId``, ``name``): ``immich_jobs_accepted_total{queue,job_name}``;
 * ``completed`` (``returnvalue``): ``immich_jobs_finished_total{outcome}`` from the job's return value
@@ -11,32 +12,27 @@
 
 Times come from the stream entries' ids, which are the Redis server's clock in milliseconds, so wait
 and run times need no clock agreement with Immich. A job whose ``added`` event was not seen (it was
-queued before the exporter started) is looked up in its job hash when it starts (``name``,
-``timestamp``); a job whose hash is already gone when it finishes (``removeOnComplete``) and that was
-never seen starting is counted with ``job_name="unknown"`` and no duration. The job names seen are kept
-in a bounded LRU.
+queued before the exporter started) is known from its job hash, read by the reader when it starts
+(``name``, ``timestamp``); a job whose hash is already gone when it finishes (``removeOnComplete``) and
+that was never seen starting is counted with ``job_name="unknown"`` and no duration. Distinct job names
+are bounded per queue.
 
 A new process, or a new collection, starts its counters at 0 (Prometheus treats that as a counter
 reset) and does not count events from before it started; events that happen while no exporter runs
-are not counted by anyone.
+are not counted by anyone. Counting does no I/O: the reader did it.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily, Metric
 
 from immich_thumbnail_exporter.metrics import counter, family
-from immich_thumbnail_exporter.sources.bullmq import BullMQ, JobHash, loads
-from immich_thumbnail_exporter.sources.bullmq_events import Entry, parse_id
+from immich_thumbnail_exporter.sources.bullmq import loads
+from immich_thumbnail_exporter.sources.bullmq_jobs import JobEvent, JobInfo
 from immich_thumbnail_exporter.vocabulary import COMPLETED, ERROR, JOB_STATUSES
-
-log = logging.getLogger(__name__)
 
 # Seconds to hours: a thumbnail normally takes well under a second to a few seconds to make, a video's
 # preview longer; waits range from nothing to many hours behind a full "All" regeneration.
@@ -44,8 +40,6 @@ BUCKETS: tuple[float, ...] = (
     0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400,
 )
 
-MAX_LOOKUPS_PER_ROUND = 1000  # job hashes read for jobs whose ``added`` event was not seen
-MAX_TRACKED_JOBS = 50_000  # LRU of jobs seen added or started and not yet finished
 MAX_JOB_NAMES = 200  # distinct ``job_name`` label values per queue; more become "unknown"
 MAX_NAME_LENGTH = 100
 UNKNOWN = "unknown"
@@ -103,65 +97,34 @@ def _le(bound: float) -> str:
     return str(float(bound))
 
 
-@dataclass
-class _Job:
-    name: str | None = None
-    added_ms: int | None = None
-    active_ms: int | None = None
-    started: bool = False
-    # From the job hash when the events were not seen (ms, clocks of whoever wrote them).
-    processed_on: int | None = None
-    finished_on: int | None = None
-
-
 class JobCounters:
-    """Counters and histograms for the life of the collection, fed entry by entry (an ``EventSink``)."""
+    """Counters and histograms for the life of the collection: a subscriber of the event reader."""
 
-    def __init__(self, bullmq: BullMQ) -> None:
-        self.bullmq = bullmq
+    reads_ahead = False
+    # The queue collection says which queues to follow (those it discovers); the counters count the
+    # events of every queue followed, by whichever part of the exporter, from the moment it is followed.
+    queues: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
         self.accepted: dict[tuple[str, str], int] = {}
         self.finished: dict[tuple[str, str, str], int] = {}
         self.wait: dict[tuple[str, str], Histogram] = {}
         self.run: dict[tuple[str, str], Histogram] = {}
-        self.malformed = 0
-        self.lookups_left = MAX_LOOKUPS_PER_ROUND
-        self._jobs: OrderedDict[tuple[str, str], _Job] = OrderedDict()
         self._names: dict[str, set[str]] = {}
 
-    def new_round(self) -> None:
-        self.lookups_left = MAX_LOOKUPS_PER_ROUND
+    # -- Subscriber ----------------------------------------------------------------------------------
+    def takes(self, queue: str) -> bool:
+        return True
 
-    # -- EventSink -----------------------------------------------------------------------------------
-    async def entries(self, queue: str, entries: list[Entry], deadline: float) -> int:
-        lookups = self._unknown_jobs(queue, entries)[: self.lookups_left]
-        self.lookups_left -= len(lookups)
-        looked_up: dict[str, _Job] = {}
-        if lookups and time.monotonic() < deadline:
-            found = await self.bullmq.jobs(queue, lookups, deadline)
-            looked_up = {job_id: _from_hash(h) for job_id, h in found.items() if not h.gone}
-        return self._apply(queue, entries, looked_up)
+    def wants(self, queue: str, name: str) -> bool:
+        return False  # an ``added`` entry names the job; its data says nothing the counters use
 
     def forget(self, queue: str) -> None:
-        for key in [k for k in self._jobs if k[0] == queue]:
-            del self._jobs[key]
+        """Counters live on: what was counted happened."""
 
-    def _unknown_jobs(self, queue: str, entries: list[Entry]) -> list[str]:
-        """Jobs that start or finish in this batch without an ``added`` event seen for them."""
-        known: set[str] = set()
-        unknown: list[str] = []
-        for _, fields in entries:
-            if not isinstance(fields, dict):
-                continue
-            event, job_id = fields.get("event"), fields.get("jobId")
-            if not job_id:
-                continue
-            if event == "added":
-                known.add(job_id)
-            elif event in ("active", "completed", "failed") and job_id not in known:
-                if (queue, job_id) not in self._jobs:
-                    unknown.append(job_id)
-                known.add(job_id)
-        return unknown
+    def deliver(self, events: Sequence[JobEvent]) -> None:
+        for e in events:
+            self._count(e)
 
     # -- counting ------------------------------------------------------------------------------------
     def _label(self, queue: str, name: str | None) -> str:
@@ -175,65 +138,28 @@ class JobCounters:
         names.add(name)
         return name
 
-    def _track(self, queue: str, job_id: str, job: _Job) -> None:
-        self._jobs[(queue, job_id)] = job
-        self._jobs.move_to_end((queue, job_id))
-        while len(self._jobs) > MAX_TRACKED_JOBS:
-            self._jobs.popitem(last=False)
-
-    def _apply(self, queue: str, entries: list[Entry], looked_up: dict[str, _Job]) -> int:
-        malformed = 0
-        for entry_id, fields in entries:
-            try:
-                ms, _ = parse_id(str(entry_id))
-            except ValueError:
-                malformed += 1
-                continue
-            if not isinstance(fields, dict) or not isinstance(fields.get("event"), str):
-                malformed += 1
-                continue
-            event = fields["event"]
-            if event not in ("added", "active", "completed", "failed"):
-                continue
-            job_id = fields.get("jobId")
-            if not job_id:
-                malformed += 1
-                continue
-            key = (queue, job_id)
-            if event == "added":
-                name = fields.get("name")
-                label = self._label(queue, name)
-                self.accepted[(queue, label)] = self.accepted.get((queue, label), 0) + 1
-                self._track(queue, job_id, _Job(name=label, added_ms=ms))
-                continue
-            job = self._jobs.get(key) or looked_up.pop(job_id, None)
-            if event == "active":
-                if job is None:
-                    job = _Job()
-                if not job.started and job.added_ms is not None:
-                    self._observe(self.wait, queue, job, (ms - job.added_ms) / 1000.0)
-                job.started = True
-                job.active_ms = ms
-                self._track(queue, job_id, job)
-                continue
-            # completed / failed: the job is done (a retried attempt is "waiting"/"delayed", not "failed").
-            self._jobs.pop(key, None)
-            outcome = ERROR if event == "failed" else outcome_of(fields.get("returnvalue"))
+    def _count(self, e: JobEvent) -> None:
+        queue, job, ms = e.queue, e.job, e.at_ms
+        if e.event == "added":
+            label = self._label(queue, job.name if job is not None else None)
+            self.accepted[(queue, label)] = self.accepted.get((queue, label), 0) + 1
+        elif e.event == "active":
+            if job is not None and not job.started and job.added_ms is not None:
+                self._observe(self.wait, queue, job, (ms - job.added_ms) / 1000.0)
+        elif e.event in ("completed", "failed"):
+            outcome = ERROR if e.event == "failed" else outcome_of(e.fields.get("returnvalue"))
             label = self._label(queue, job.name) if job is not None else UNKNOWN
-            fkey = (queue, label, outcome)
-            self.finished[fkey] = self.finished.get(fkey, 0) + 1
-            if job is not None:
-                if job.active_ms is not None:
-                    self._observe(self.run, queue, job, (ms - job.active_ms) / 1000.0)
-                elif job.processed_on is not None:
-                    end = job.finished_on if job.finished_on is not None else ms
-                    self._observe(self.run, queue, job, (end - job.processed_on) / 1000.0)
-        self.malformed += malformed
-        if malformed:
-            log.debug("skipped %d malformed entries in the event stream of %s", malformed, queue)
-        return malformed
+            key = (queue, label, outcome)
+            self.finished[key] = self.finished.get(key, 0) + 1
+            if job is None:
+                return
+            if job.active_ms is not None:
+                self._observe(self.run, queue, job, (ms - job.active_ms) / 1000.0)
+            elif job.processed_on is not None:
+                end = job.finished_on if job.finished_on is not None else ms
+                self._observe(self.run, queue, job, (end - job.processed_on) / 1000.0)
 
-    def _observe(self, hists: dict[tuple[str, str], Histogram], queue: str, job: _Job, seconds: float) -> None:
+    def _observe(self, hists: dict[tuple[str, str], Histogram], queue: str, job: JobInfo, seconds: float) -> None:
         key = (queue, self._label(queue, job.name))
         hist = hists.get(key)
         if hist is None:
@@ -241,7 +167,7 @@ class JobCounters:
         hist.observe(seconds)
 
     # -- exposition ----------------------------------------------------------------------------------
-    def families(self, lost: dict[str, int]) -> list[Metric]:
+    def families(self, lost: Mapping[str, int]) -> list[Metric]:
         """The counters and histograms; ``lost``: entries per queue trimmed before they were read."""
         fams: list[Metric] = [
             counter("immich_jobs_accepted", [((q, j), float(n)) for (q, j), n in sorted(self.accepted.items())]),
@@ -255,11 +181,3 @@ class JobCounters:
                 fam.add_metric([q, j], hist.buckets(), hist.sum)
             fams.append(fam)
         return fams
-
-    @property
-    def tracked_jobs(self) -> int:
-        return len(self._jobs)
-
-
-def _from_hash(h: JobHash) -> _Job:
-    return _Job(name=h.name, added_ms=h.timestamp, processed_on=h.processed_on, finished_on=h.finished_on)

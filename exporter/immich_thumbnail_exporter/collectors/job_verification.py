@@ -14,12 +14,15 @@ the files on disk: missing, empty, corrupt, refused path) and counts
   because more jobs finished than ``Limits.checks_per_second`` allows (the bounded queue was full), it
   waited longer than ``Limits.max_age`` behind a busy or absent database, or a path was refused.
 
-Two background tasks do the work, so a scrape or a round never waits on them: the follower
-(``sources/bullmq_follow.py``: a blocking XREAD on one Redis connection of its own) and the checker
+The work runs in the background, so a scrape or a round never waits on it: the follower
+(``sources/bullmq_follow.py``, a subscriber of the process's one event reader, ``sources/bullmq_reader.py``)
+hands each finished job to the verifier as it is read, and the checker task
 (``scan.targeted.check_assets``: batches of at most ``Limits.batch`` assets, one query for their rows,
-no walk of the tree). Both
-survive outages: they report the source down, back off (capped) and carry on. ``collect`` only
-publishes the counters and the sources' states.
+no walk of the tree) checks them. Both survive outages: the reader and the checker report the source
+down, back off (capped) and carry on. ``collect`` only publishes the counters and the sources' states.
+
+Face thumbnail jobs (``PersonGenerateThumbnail``) are delivered by the follower with ``kind="person"``
+only when asked for (``JobFollower(kinds=...)``); this collection counts per-asset jobs.
 """
 
 from __future__ import annotations
@@ -28,20 +31,23 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from math import floor
 
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.metrics import counter
-from immich_thumbnail_exporter.scan.run import probe_filesystem
 from immich_thumbnail_exporter.scan.targeted import AssetVerdict, check_assets, media_mapper
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
+from immich_thumbnail_exporter.sources.health import SourceStates
+from immich_thumbnail_exporter.sources.media import probe_filesystem
 from immich_thumbnail_exporter.sources.paths import PathMapper
-from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
-from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.sources.schema import Schema, SchemaError
+from immich_thumbnail_exporter.sources.postgres import PostgresSource
+from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.store import Part
+from immich_thumbnail_exporter.timing import Backoff, RateLimiter
 from immich_thumbnail_exporter.vocabulary import (
     ASSET_MISSING,
     NO_EFFECT,
@@ -66,7 +72,6 @@ class Limits:
     batch: int = 200  # assets per check (one query for their rows)
     settle: float = 1.0  # seconds after the finish event before the asset is checked
     max_age: float = 600.0  # a job still unchecked this long after it finished is counted not_checked
-    block: float = 1.0  # seconds one XREAD may block
 
 
 def verdict(check: AssetVerdict) -> str:
@@ -79,6 +84,14 @@ def verdict(check: AssetVerdict) -> str:
     if all(reason == "path_refused" for _, reason, _ in problems):
         return NOT_CHECKED  # a path the exporter refuses to open: it cannot say
     return NO_EFFECT
+
+
+def verified_samples(
+    names: Iterable[tuple[str, str]], counts: Mapping[tuple[str, str, str], int]
+) -> list[tuple[tuple[str, str, str], float]]:
+    """Every result of every (queue, job name) seen, 0 until counted: a series exists from the first job."""
+    pairs = set(names) | {(q, j) for q, j, _ in counts}
+    return [((q, j, r), float(counts.get((q, j, r), 0))) for q, j in sorted(pairs) for r in VERIFY_RESULTS]
 
 
 @dataclass(slots=True)
@@ -98,8 +111,10 @@ class Verifier:
         self.shed = 0  # not_checked because the queue was full or the job waited too long
         self.checked = 0
         self.batches = 0
-        self._tokens = max(limits.checks_per_second, 1.0)
-        self._refilled = time.monotonic()
+        self.waits = 0  # times the checker waited for a busy database: a counter tests can wait on
+        # At most one second's worth of checks at once: an idle minute does not save up a minute's worth.
+        rate = max(limits.checks_per_second, 1e-3)
+        self._limiter = RateLimiter(rate, burst=floor(max(rate, 1.0)))
 
     def count(self, job: FinishedJob, result: str) -> None:
         key = (job.queue, job.name, result)
@@ -123,14 +138,10 @@ class Verifier:
     def take(self, now: float) -> list[_Pending]:
         """The jobs due now, as many as the rate allows (expired ones are counted not_checked)."""
         self.expire(now)
-        rate = self.limits.checks_per_second
-        self._tokens = min(max(rate, 1.0), self._tokens + max(0.0, now - self._refilled) * rate)
-        self._refilled = now
-        n = min(int(self._tokens), self.limits.batch)
         batch: list[_Pending] = []
-        while self.pending and len(batch) < n and self.pending[0].due <= now:
+        while (self.pending and len(batch) < self.limits.batch and self.pending[0].due <= now
+               and self._limiter.allow()):
             batch.append(self.pending.popleft())
-        self._tokens -= len(batch)
         return batch
 
     def put_back(self, batch: list[_Pending]) -> None:
@@ -140,8 +151,7 @@ class Verifier:
         """Seconds until something may be taken."""
         if not self.pending:
             return 0.25
-        wait_rate = 0.0 if self._tokens >= 1 else (1 - self._tokens) / max(self.limits.checks_per_second, 1e-3)
-        return min(0.25, max(0.01, self.pending[0].due - now, wait_rate))
+        return min(0.25, max(0.01, self.pending[0].due - now, self._limiter.delay()))
 
     def record(self, batch: list[_Pending], results: dict[str, str]) -> None:
         self.batches += 1
@@ -164,81 +174,62 @@ class JobVerificationCollection:
         self.limits = limits or Limits()
         self.interval = float(config.intervals.queues)
         self.timeout = max(1.0, min(self.interval * 0.8, 10.0))
-        self.redis = RedisSource(config.redis, connections=1)
-        self.follower = JobFollower(self.redis, config.redis.prefix, THUMBNAIL_JOBS_BY_QUEUE, block=self.limits.block)
         self.verifier = Verifier(self.limits)
+        # The process's one event reader (shared with the queue counters and regeneration).
+        self.events = EventReader.attach(config.redis)
+        self.follower = JobFollower(self.events, THUMBNAIL_JOBS_BY_QUEUE, sink=self._finished)
         self._mapping: tuple[Schema, PathMapper] | None = None
         self.root = config.media.root
-        self._tasks: list[asyncio.Task[None]] = []
-        # Latest state per source, as the tasks saw it (None: not used since the last round).
-        self._states: dict[str, bool | str | None] = {"redis": None, "postgres": None, "filesystem": None}
+        self._task: asyncio.Task[None] | None = None
+        # Each source's state as the checker saw it (None: not used since the last round).
+        self._states: dict[str, bool | str | None] = {"postgres": None, "filesystem": None}
         self._errors: dict[str, str] = {}
-        self._logged: dict[str, bool | str] = {}
+        self.health = SourceStates(log, "thumbnail job verification")
+
+    def _finished(self, job: FinishedJob) -> None:
+        self.verifier.add(job, time.monotonic())
 
     # -- the round: publish only ---------------------------------------------------------------------
+    def start(self) -> None:
+        """The checker task and the event reader (each once); ``collect`` calls it."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._check_loop(), name="job-verification-check")
+        self.events.start()
+
     async def collect(self) -> Outcome:
-        if not self._tasks:
-            self._start()
+        self.start()
         sources = {s: v for s, v in self._states.items() if v is not None}
-        self._states = {s: None for s in self._states}
+        self._states = dict.fromkeys(self._states)
+        errors = dict(self._errors)
+        redis = self.events.state
+        if redis is not None:
+            sources["redis"] = redis
+            if isinstance(redis, str):
+                errors["redis"] = redis
         fams = (counter("immich_thumbnail_jobs_verified", self._samples()),)
-        error = "; ".join(f"{s}: {e}" for s, e in sorted(self._errors.items())) or None
+        error = "; ".join(f"{s}: {e}" for s, e in sorted(errors.items())) or None
         return Outcome((Part(self.sources, fams),), sources, error)
 
     def _samples(self) -> list[tuple[tuple[str, str, str], float]]:
-        pairs = set(self.follower.names) | {(q, j) for q, j, _ in self.verifier.counts}
-        return [
-            ((q, j, r), float(self.verifier.counts.get((q, j, r), 0)))
-            for q, j in sorted(pairs) for r in VERIFY_RESULTS
-        ]
-
-    def _start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._follow_loop(), name="job-verification-follow"),
-            asyncio.create_task(self._check_loop(), name="job-verification-check"),
-        ]
+        return verified_samples(self.follower.names, self.verifier.counts)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        task, self._task = self._task, None
+        if task is not None:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-        self._tasks = []
-        await self.redis.close()
-
-    # -- following -----------------------------------------------------------------------------------
-    async def _follow_loop(self) -> None:
-        backoff = 1.0
-        while True:
-            try:
-                finished = await asyncio.wait_for(self.follower.step(), self.limits.block + self.redis.timeout + 1)
-            except asyncio.CancelledError:
-                raise
-            except (SourceError, TimeoutError) as exc:
-                message = str(exc) if isinstance(exc, SourceError) else "no answer to XREAD in time"
-                self._set("redis", message)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            except Exception:  # a bug: say so, keep following
-                log.exception("following the thumbnail queues failed unexpectedly")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
-                continue
-            backoff = 1.0
-            self._set("redis", True)
-            now = time.monotonic()
-            for job in finished:
-                self.verifier.add(job, now)
+            await asyncio.wait([task], timeout=5)
+        self.follower.close()
+        await self.events.release()
 
     # -- checking ------------------------------------------------------------------------------------
     async def _check_loop(self) -> None:
-        backoff = 1.0
+        backoff = Backoff(1.0, MAX_BACKOFF)
         while True:
             now = time.monotonic()
             if self.pg.saturated():
                 # The file check holds every connection: wait for one instead of queueing behind it.
                 self.verifier.expire(now)
+                self.verifier.waits += 1
                 await asyncio.sleep(1.0)
                 continue
             batch = self.verifier.take(now)
@@ -254,10 +245,9 @@ class JobVerificationCollection:
                 self.verifier.put_back(batch)
                 self._mapping = None  # a schema change or a moved media location is looked up again
                 self._failed(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                await asyncio.sleep(backoff.failed())
                 continue
-            backoff = 1.0
+            backoff.succeeded()
             self._errors.pop("internal", None)
             self.verifier.record(batch, results)
 
@@ -282,30 +272,20 @@ class JobVerificationCollection:
         return self._mapping
 
     def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, QueryError):
-            # The server answered but refused (a missing GRANT): not an outage; the probe says whether it is.
-            self._errors["postgres"] = f"verification query failed: {exc}"
-            log.warning("thumbnail job verification: %s", exc)
-        elif isinstance(exc, SourceError):
-            self._set(exc.source, str(exc))
-        elif isinstance(exc, SchemaError):
-            self._errors["postgres"] = f"unsupported schema: {exc}"
-        elif isinstance(exc, TimeoutError):
-            self._errors["postgres"] = "a verification batch did not finish in time"
+        failure = self.health.failed(exc, "a verification batch did not finish in time")
+        if failure.source is not None and failure.state is not None:
+            self._set(failure.source, failure.state)
+        elif failure.unexpected:
+            self._errors["internal"] = failure.error.removeprefix("internal error: ")
         else:
-            log.error("thumbnail job verification failed unexpectedly: %s", describe_error(exc))
-            self._errors["internal"] = describe_error(exc)
+            # Answered but refused (a missing GRANT), an unsupported schema, a timeout: the round fails
+            # with that line, but the database is not called down (its probe says whether it is).
+            self._errors["postgres"] = failure.error.removeprefix("postgres: ")
 
     def _set(self, source: str, state: bool | str) -> None:
-        previous = self._logged.get(source)
-        self._states[source] = self._logged[source] = state
+        self._states[source] = self.health.set(source, state)
         if state is True:
             self._errors.pop(source, None)
-            if previous not in (None, True):
-                log.info("thumbnail job verification: %s is back", source)
-            return
-        assert isinstance(state, str)
-        if previous != state:
-            log.warning("thumbnail job verification: %s not usable: %s", source, state)
-        self._errors[source] = state
-
+        else:
+            assert isinstance(state, str)
+            self._errors[source] = state

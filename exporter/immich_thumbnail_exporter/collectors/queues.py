@@ -2,7 +2,8 @@
 failing that, from Immich's API.
 
 Every round (``intervals.queues``) it reads, through ``sources/bullmq.py`` (a bounded number of
-pipelined read commands per queue) and ``sources/bullmq_events.py`` (the event streams):
+pipelined read commands per queue), and waits until the process's one event reader
+(``sources/bullmq_reader.py``) has delivered every event written so far:
 
 * ``immich_queue_jobs{state}``, ``immich_queue_paused``: the lists' lengths and the ``paused`` field of
   ``meta``;
@@ -11,7 +12,8 @@ pipelined read commands per queue) and ``sources/bullmq_events.py`` (the event s
 * ``immich_queue_stalled_jobs``: active jobs (up to ``ACTIVE_SAMPLE``) whose lock is gone and that have
   not finished;
 * ``immich_queue_orphaned_jobs``: waiting and active jobs (up to ``redis.orphan_sample`` per queue) of
-  per-asset job types whose ``data.id`` is not an asset in the database (one PostgreSQL query per round);
+  per-asset job types whose ``data.id`` is not an asset in the database (one PostgreSQL query per round,
+  ``sources/bullmq_orphans.py``);
 * ``immich_queue_workers``: ``CLIENT LIST`` connections named like BullMQ workers of the queue;
 * the job counters and histograms (``collectors/job_events.py``).
 
@@ -27,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client.core import Metric
 from redis.exceptions import ResponseError
@@ -37,12 +39,15 @@ from immich_thumbnail_exporter.collectors.job_events import JobCounters
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.sources.bullmq import BullMQ, QueueSample
-from immich_thumbnail_exporter.sources.bullmq_events import EventStreams
+from immich_thumbnail_exporter.sources.bullmq_orphans import assets_present
+from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
+from immich_thumbnail_exporter.sources.health import SourceStates
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi, QueueStats
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, QueryError, SourceError, describe_error
 from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error
 from immich_thumbnail_exporter.sources.schema import SchemaError
 from immich_thumbnail_exporter.store import Part
+from immich_thumbnail_exporter.timing import left
 from immich_thumbnail_exporter.vocabulary import QUEUE_STATES
 
 log = logging.getLogger(__name__)
@@ -53,24 +58,69 @@ DISCOVERY_RETRY = 60.0  # ... while none has been found
 API_SLOW_POLL = 300.0  # API re-check after an auth error, and auth check while Redis serves the data
 VERSION_INTERVAL = 300.0
 ORPHAN_MAX_AGE = 600.0  # seconds the last orphan counts stand in while PostgreSQL's pool is busy
+FLOOR = 0.05
 API_NOT_CHECKED = "not checked yet"
 
 
-class _AgeFamilies:
+class AgeFamilies:
     """``Part.dynamic``: oldest-job ages computed at scrape time from the jobs' timestamps."""
 
     def __init__(self, oldest: Sequence[tuple[str, str, int | None]]) -> None:
         self.oldest = tuple(oldest)
 
     def __call__(self, now: float) -> Iterable[Metric]:
-        samples = []
-        for queue, state, ms in self.oldest:
-            age = 0.0 if ms is None else max(0.0, now - ms / 1000.0)
-            samples.append(((queue, state), age))
-        return [gauge("immich_queue_oldest_job_age_seconds", samples)]
+        return [gauge("immich_queue_oldest_job_age_seconds",
+                      [((queue, state), age_seconds(ms, now)) for queue, state, ms in self.oldest])]
 
 
+def age_seconds(ms: int | None, now: float) -> float:
+    """A job's age from BullMQ's wall-clock ms timestamp; never negative (a clock stepped back, or one
+    host's clock ahead of the other's, must not make a job younger than new)."""
+    return 0.0 if ms is None else max(0.0, now - ms / 1000.0)
 
+
+def queue_families(
+    queues: Sequence[str], samples: Mapping[str, QueueSample], workers: Mapping[str, int] | None
+) -> list[Metric]:
+    """Depth, pause state, stalled jobs and (when CLIENT LIST answered) workers, from one round's samples."""
+    fams = [
+        gauge("immich_queue_jobs", [
+            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in QUEUE_STATES
+        ]),
+        gauge("immich_queue_paused", [((q,), 1.0 if samples[q].paused else 0.0) for q in queues]),
+        gauge("immich_queue_stalled_jobs", [((q,), float(samples[q].stalled)) for q in queues]),
+    ]
+    if workers is not None:
+        fams.append(gauge("immich_queue_workers", [((q,), float(workers.get(q, 0))) for q in queues]))
+    return fams
+
+
+def oldest_jobs(queues: Sequence[str], samples: Mapping[str, QueueSample]) -> list[tuple[str, str, int | None]]:
+    """(queue, state, ms timestamp) of the oldest waiting and active jobs, turned into ages at scrape time."""
+    return [(q, "waiting", samples[q].oldest_waiting_ms) for q in queues] + [
+        (q, "active", samples[q].oldest_active_ms) for q in queues
+    ]
+
+
+def orphans_family(queues: Sequence[str], orphaned: Mapping[str, int], sampled: int | None) -> Metric:
+    """``sampled``: the per-queue sample size when some queue had more jobs than were checked."""
+    suffix = (
+        f" Sampled: at most {sampled} waiting or active jobs per queue are checked each round, so this can "
+        "undercount." if sampled is not None else ""
+    )
+    return gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
+                 help_suffix=suffix)
+
+
+def api_families(stats: Sequence[QueueStats]) -> list[Metric]:
+    """Depth and pause state from Immich's API, with the same labels as from Redis."""
+    rows = sorted(stats, key=lambda s: s.name)
+    return [
+        gauge("immich_queue_jobs", [
+            ((s.name, state), float(s.counts[state])) for s in rows for state in QUEUE_STATES if state in s.counts
+        ]),
+        gauge("immich_queue_paused", [((s.name,), 1.0 if s.paused else 0.0) for s in rows]),
+    ]
 
 
 class QueueCollection:
@@ -90,8 +140,12 @@ class QueueCollection:
         self.prefix = config.redis.prefix
         self.redis = RedisSource(config.redis) if config.redis.enabled else None
         self.bullmq = BullMQ(self.redis, self.prefix) if self.redis is not None else None
-        self.streams = EventStreams(self.redis, self.prefix) if self.redis is not None else None
-        self.counters = JobCounters(self.bullmq) if self.bullmq is not None else None
+        # The process's one event reader (shared with job verification and regeneration).
+        self.events = EventReader.attach(config.redis) if self.redis is not None else None
+        self.counters = JobCounters() if self.events is not None else None
+        if self.events is not None and self.counters is not None:
+            self.events.subscribe(self.counters)
+        self.states = SourceStates(log, "queues")
         self.api = ImmichApi(config.immich) if config.immich.enabled else None
         self.queues: tuple[str, ...] = ()
         self.discovery_interval = DISCOVERY_INTERVAL
@@ -100,8 +154,7 @@ class QueueCollection:
         self._baseline_complete = False
         self._last_orphans: tuple[float, dict[str, int]] | None = None
         self._orphans_error: str | None = None
-        self._redis_state: bool | str | None = None
-        # Immich API bookkeeping
+        # Immich API bookkeeping (its own wording and levels: an auth error is an error, said once)
         self._api_state: bool | str = API_NOT_CHECKED
         self._api_auth_error: str | None = None
         self._api_next_poll = 0.0
@@ -125,16 +178,11 @@ class QueueCollection:
                 except ResponseError as exc:
                     raise SourceError("redis", f"{self.redis.target}: {describe_redis_error(exc)}") from None
             except SourceError as exc:
-                state = str(exc)
-                sources["redis"] = state
+                sources["redis"] = self.states.set("redis", str(exc))
                 errors.append(f"redis: {exc}")
-                if self._redis_state != state:
-                    log.warning("Redis is not usable: %s", exc)
             else:
                 redis_ok = True
-                sources["redis"] = True
-                if self._redis_state not in (None, True):
-                    log.info("Redis %s is back", self.redis.target)
+                sources["redis"] = self.states.set("redis", True)
                 parts.extend(redis_parts)
                 if pg_state is not None:
                     sources["postgres"] = pg_state
@@ -142,7 +190,6 @@ class QueueCollection:
                         errors.append(f"postgres: {pg_state}")
                 if self._orphans_error:
                     errors.append(f"postgres: {self._orphans_error}")
-            self._redis_state = sources["redis"]
         if self.api is not None:
             api_deadline = min(deadline + 0.5, start + self.timeout - 0.05)
             api_parts, api_state = await self._collect_api(depth=not redis_ok, deadline=api_deadline)
@@ -154,60 +201,50 @@ class QueueCollection:
 
     # -- Redis ---------------------------------------------------------------------------------------
     async def _collect_redis(self, deadline: float) -> tuple[list[Part], bool | str | None]:
-        assert self.bullmq is not None and self.streams is not None and self.counters is not None
+        assert self.bullmq is not None and self.events is not None and self.counters is not None
+        assert self.redis is not None
         if time.monotonic() >= self._next_discovery or not self.queues:
             await self._discover(self.bullmq, deadline)
         queues = self.queues
         samples = await self.bullmq.sample(queues, deadline, self.config.redis.orphan_sample)
         workers = await self.bullmq.workers(queues, deadline)
-        self.counters.new_round()
-        stats = await self.streams.poll(queues, deadline, self.counters)
-        if stats.behind:
-            log.debug("event streams not fully read this round: %s", ", ".join(stats.behind))
+        # The counters show every event written before this round, unless the reader is behind (or down:
+        # it says so itself); a counter that lags a round is still true.
+        if not await self.events.catch_up(self.redis, queues, deadline):
+            log.debug("the event reader has not caught up this round (%s)", self.events.state)
 
-        jobs = gauge("immich_queue_jobs", [
-            ((q, state), float(samples[q].counts.get(state, 0))) for q in queues for state in QUEUE_STATES
-        ])
-        paused = gauge("immich_queue_paused", [((q,), 1.0 if samples[q].paused else 0.0) for q in queues])
-        stalled = gauge("immich_queue_stalled_jobs", [((q,), float(samples[q].stalled)) for q in queues])
-        fams: list[Metric] = [jobs, paused, stalled]
-        if workers is not None:
-            fams.append(gauge("immich_queue_workers", [((q,), float(workers.get(q, 0))) for q in queues]))
-        oldest = [(q, "waiting", samples[q].oldest_waiting_ms) for q in queues]
-        oldest += [(q, "active", samples[q].oldest_active_ms) for q in queues]
+        lost = {q: self.events.lost.get(q, 0) for q in queues}
         parts = [
-            Part(frozenset({"redis"}), tuple(fams), dynamic=_AgeFamilies(oldest)),
-            Part(frozenset({"redis"}), tuple(self.counters.families(self.streams.lost))),
+            Part(frozenset({"redis"}), tuple(queue_families(queues, samples, workers)),
+                 dynamic=AgeFamilies(oldest_jobs(queues, samples))),
+            Part(frozenset({"redis"}), tuple(self.counters.families(lost))),
         ]
         orphaned, pg_state = await self._orphans(samples, deadline)
         if orphaned is not None:
             truncated = any(samples[q].truncated for q in queues)
-            suffix = (
-                f" Sampled: at most {self.config.redis.orphan_sample} waiting or active jobs per queue are "
-                "checked each round, so this can undercount." if truncated else ""
-            )
-            parts.append(Part(
-                frozenset({"redis", "postgres"}),
-                (gauge("immich_queue_orphaned_jobs", [((q,), float(orphaned.get(q, 0))) for q in queues],
-                       help_suffix=suffix),),
-            ))
+            parts.append(Part(frozenset({"redis", "postgres"}), (
+                orphans_family(queues, orphaned, self.config.redis.orphan_sample if truncated else None),
+            )))
         return parts, pg_state
 
     async def _discover(self, bullmq: BullMQ, deadline: float) -> None:
-        assert self.streams is not None
+        assert self.events is not None
         queues, complete = await bullmq.discover(deadline)
         if queues != self.queues:
             log.info("BullMQ queues under %s: %s", self.prefix, ", ".join(queues) or "none yet")
+        new: set[str] = set()
         if self._discovered_once:
             # A queue that did not exist at the first (complete) discovery has existed only while we
             # were watching: its whole event stream is new, so it is read from its start.
-            for queue in set(queues) - set(self.queues):
-                if self._baseline_complete:
-                    self.streams.begin_at_start(queue)
+            if self._baseline_complete:
+                new = set(queues) - set(self.queues)
         else:
             self._discovered_once = True
             self._baseline_complete = complete
         self.queues = queues
+        # Followed for good: a queue missing from one discovery (its keys gone for a moment, after a
+        # FLUSHALL) still has its events counted when they come back, before the next discovery sees it.
+        self.events.follow(queues, from_start=new)
         self._next_discovery = time.monotonic() + (self.discovery_interval if queues else DISCOVERY_RETRY)
 
     async def _orphans(
@@ -228,8 +265,8 @@ class QueueCollection:
         try:
             if self.pg.saturated():
                 return self._previous_orphans(queues, "every PostgreSQL connection is busy"), None
-            limit = min(float(self.config.database.statement_timeout), max(0.2, _left(deadline) - 0.3))
-            present = await asyncio.wait_for(self._assets_present(wanted, limit), _left(deadline))
+            limit = min(float(self.config.database.statement_timeout), max(0.2, left(deadline) - 0.3))
+            present = await asyncio.wait_for(assets_present(self.pg, wanted, limit), left(deadline, FLOOR))
         except QueryError as exc:
             # The server answered but refused (a missing GRANT on the asset table): no orphan counts this
             # round, and the round fails with that line, but PostgreSQL is not down (its probe says so).
@@ -254,15 +291,6 @@ class QueueCollection:
             return None
         log.debug("orphaned jobs not checked this round (%s): showing the last check's counts", why)
         return {q: last[1].get(q, 0) for q in queues}
-
-    async def _assets_present(self, asset_ids: list[str], timeout: float) -> set[str]:
-        schema = await self.pg.schema()
-        table = schema.assets.replace('"', '""')
-        async with self.pg.connection() as conn:
-            rows = await conn.fetch(
-                f'SELECT id::text AS id FROM "{table}" WHERE id = ANY($1::uuid[])', asset_ids, timeout=timeout
-            )
-        return {str(r["id"]) for r in rows}
 
     # -- Immich API ----------------------------------------------------------------------------------
     async def _collect_api(self, depth: bool, deadline: float) -> tuple[list[Part], bool | str]:
@@ -299,6 +327,7 @@ class QueueCollection:
             else:
                 await asyncio.wait_for(api.ping(), limit())
         except ApiAuthError as exc:
+            # The key will not fix itself: an error, said once, and asked again only every API_SLOW_POLL s.
             if self._api_auth_error is None:
                 log.error("Immich API: %s; asking again every %.0fs", exc, API_SLOW_POLL)
             self._api_auth_error = str(exc)
@@ -328,19 +357,15 @@ class QueueCollection:
         return parts, True
 
     def _api_part(self, stats: list[QueueStats]) -> Part:
-        rows = sorted(stats, key=lambda s: s.name)
-        jobs = gauge("immich_queue_jobs", [
-            ((s.name, state), float(s.counts[state])) for s in rows for state in QUEUE_STATES if state in s.counts
-        ])
-        paused = gauge("immich_queue_paused", [((s.name,), 1.0 if s.paused else 0.0) for s in rows])
-        return Part(frozenset({"immich_api"}), (jobs, paused))
+        return Part(frozenset({"immich_api"}), tuple(api_families(stats)))
 
     async def close(self) -> None:
+        if self.events is not None:
+            if self.counters is not None:
+                self.events.unsubscribe(self.counters)
+            await self.events.release()
         if self.redis is not None:
             await self.redis.close()
         if self.api is not None:
             await self.api.close()
 
-
-def _left(deadline: float) -> float:
-    return max(0.05, deadline - time.monotonic())

@@ -126,6 +126,11 @@ anything is still broken. Immich lets a key regenerate only its own user's asset
 And the face thumbnails (Immich remakes one when its feature face is set again):
 {faces}
 
+Then the restore report, one self-contained file (the scan, free space, the queues and every attempt):
+
+  {_program()} report --media.root {shlex.quote(media)} --state-dir {shlex.quote(state)} \\
+    --format html --output restore-report.html
+
 Press Ctrl-C to stop and clean up.
 """
 

@@ -8,6 +8,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
 from immich_thumbnail_exporter.findings import Problem, ProblemStore
@@ -20,6 +21,58 @@ if TYPE_CHECKING:
 PROBLEM_FIELDS = (
     "asset_id", "owner_id", "asset_type", "kind", "reason", "path", "original_path", "original_exists",
 )
+
+
+@dataclass(frozen=True)
+class Space:
+    """The filesystem holding one of Immich's storage folders (statvfs; avail: an unprivileged writer's)."""
+
+    folder: str
+    size_bytes: int
+    avail_bytes: int
+    device: int = 0
+
+
+def by_filesystem(spaces: Sequence[Space]) -> list[tuple[list[str], Space]]:
+    """Folders grouped by the filesystem holding them (first-seen order): one free-space figure each."""
+    groups: dict[int, tuple[list[str], Space]] = {}
+    for s in spaces:
+        key = s.device or -len(groups) - 1  # unknown device: its own group
+        if key in groups:
+            groups[key][0].append(s.folder)
+        else:
+            groups[key] = ([s.folder], s)
+    return list(groups.values())
+
+
+def needed_bytes(result: ScanResult) -> int | None:
+    """Bytes regenerating every missing file takes: each kind's mean file size on disk times the files of
+    that kind missing (a kind with no file on disk yet has no mean and counts 0). None without sizes."""
+    stats = result.stats
+    if stats is None or not stats.sizes_known:
+        return None
+    missing: Counter[str] = Counter()
+    for kind, n in result.counts.no_record.items():
+        missing[kind] += n
+    for (kind, reason), n in stats.missing.items():
+        if reason != "no_record":
+            missing[kind] += n
+    total = 0.0
+    for kind in KINDS:
+        if stats.files[kind] > 0:
+            total += stats.bytes[kind] / stats.files[kind] * missing[kind]
+    return round(total)
+
+
+def capacity(result: ScanResult, spaces: Sequence[Space] | None) -> dict[str, Any]:
+    """Bytes needed to regenerate what is missing, beside the free space of each storage folder.
+
+    ``spaces`` None: not measured (no media root), so ``free_bytes`` is null rather than empty."""
+    return {
+        "bytes_needed": needed_bytes(result),
+        "free_bytes": None if spaces is None else {s.folder: s.avail_bytes for s in spaces},
+        "size_bytes": None if spaces is None else {s.folder: s.size_bytes for s in spaces},
+    }
 
 
 def human_bytes(n: float) -> str:
@@ -162,8 +215,13 @@ def summary(result: ScanResult, throughput: Throughput | str | None = None) -> d
     return out
 
 
-def write_json(result: ScanResult, out: TextIO, throughput: Throughput | str | None = None) -> None:
-    doc = {"summary": summary(result, throughput), "problems": [p.to_dict() for p in result.problems]}
+def write_json(
+    result: ScanResult, out: TextIO, throughput: Throughput | str | None = None,
+    spaces: Sequence[Space] | None = None,
+) -> None:
+    head = summary(result, throughput)
+    head["capacity"] = capacity(result, spaces)
+    doc = {"summary": head, "problems": [p.to_dict() for p in result.problems]}
     json.dump(doc, out, indent=2)
     out.write("\n")
 
@@ -197,6 +255,21 @@ def write_review(regen: dict[str, Any], out: TextIO) -> None:
           f"{est['rate_per_second']:g} jobs/s; {est['basis']})\n")
 
 
+def write_capacity(cap: dict[str, Any], out: TextIO, spaces: Sequence[Space] | None) -> None:
+    need = cap["bytes_needed"]
+    out.write("  Needed to regenerate every missing file: "
+              + ("unknown (sizes not read)" if need is None else human_bytes(need)) + "\n")
+    free = cap["free_bytes"]
+    if free is None:
+        return
+    if not free:
+        out.write("  Free space: no storage folder could be measured\n")
+        return
+    out.write("  Free space: " + "; ".join(
+        f"{', '.join(f + '/' for f in folders)} {human_bytes(s.avail_bytes)} of {human_bytes(s.size_bytes)}"
+        for folders, s in by_filesystem(spaces or [])) + "\n")
+
+
 def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
     writer = csv.writer(out)
     writer.writerow(PROBLEM_FIELDS)
@@ -206,7 +279,8 @@ def write_csv(problems: Iterable[Problem], out: TextIO) -> None:
 
 
 def write_table(
-    result: ScanResult, out: TextIO, max_rows: int | None = None, throughput: Throughput | str | None = None
+    result: ScanResult, out: TextIO, max_rows: int | None = None, throughput: Throughput | str | None = None,
+    spaces: Sequence[Space] | None = None,
 ) -> None:
     s = summary(result, throughput)
     w = out.write
@@ -247,6 +321,7 @@ def write_table(
     w(f"Regeneration can fix {regen['can_fix']} problem(s); {regen['cannot_fix_original_missing']} have no "
       "original file and need a restore from backup\n")
     write_review(s["regeneration"], out)
+    write_capacity(capacity(result, spaces), out, spaces)
     total = result.problems.total
     w(f"\nProblem assets: {total}\n")
     if not total:

@@ -56,7 +56,6 @@ from immich_thumbnail_exporter.remediation.decision import (
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.select import Failure, Options, RunState, Selector
 from immich_thumbnail_exporter.remediation.submit import (
@@ -76,6 +75,7 @@ from immich_thumbnail_exporter.remediation.why import (
     diagnose,
     skip_text,
 )
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError

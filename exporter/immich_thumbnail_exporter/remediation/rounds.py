@@ -57,11 +57,11 @@ from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
 from immich_thumbnail_exporter.remediation.original import check_originals, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
 from immich_thumbnail_exporter.remediation.why import Why, attempt_over, attempt_reasons, skip_text
 from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource

@@ -34,11 +34,11 @@ from immich_thumbnail_exporter.remediation.decision import (
 )
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, Entry, Ledger
-from immich_thumbnail_exporter.remediation.queue_view import queued_assets
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.submit import Candidate
 from immich_thumbnail_exporter.remediation.why import SKIP_TEXT, ago, diagnose, skip_text
 from immich_thumbnail_exporter.scan.run import run_scan
+from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource

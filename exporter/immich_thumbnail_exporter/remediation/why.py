@@ -12,11 +12,11 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from immich_thumbnail_exporter.remediation import queue_view
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen, JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, Entry
-from immich_thumbnail_exporter.remediation.queue_view import JobState, QueueHealth
 from immich_thumbnail_exporter.scan.verdict import AssetVerdict
+from immich_thumbnail_exporter.sources import bullmq_queue as queue_view
+from immich_thumbnail_exporter.sources.bullmq_queue import JobState, QueueHealth
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.vocabulary import THUMBNAIL_QUEUE

@@ -5,8 +5,13 @@ At a million assets, listing 356k folders and ``lstat`` of 2M files is 60% of th
 the walk runs in two helper processes, each taking every other ``thumbs/<owner>/<xx>`` subtree, reading
 each folder in bulk (``listdir``, ``lstat`` mapped in C) and working ahead into a bounded buffer while
 PostgreSQL counts and sorts. They send frames (paths joined by NUL, sizes, flags) that cost the exporter a
-``split``. Nothing here touches the file system in the event loop: the two top levels are listed in a
-worker thread, the rest in the helpers (or in a thread when they cannot be started).
+``split``. Nothing here touches the file system in the event loop: the two top levels are listed in the
+media pool (``sources/media.py``), the rest in the helpers (or in the pool when they cannot be started).
+
+On a hung mount a helper can be stuck in the kernel where even SIGKILL waits for the mount: it is then
+reported, held in the media pool (the filesystem source is down while it lives) and waited for, never
+replaced: no walk starts while one is stuck, so there is never more than one pair. A helper that sends
+nothing for ``stall`` seconds fails the walk, and the folder it was on is handed to the filesystem probe.
 
 The helpers are this process's children, and asyncio's child watcher is the one that waits for them.
 ``asyncio.subprocess.Process.kill`` polls the child first (``Popen.send_signal``), which reaps it when it
@@ -30,6 +35,7 @@ from collections.abc import AsyncIterator, Iterator
 from immich_thumbnail_exporter.logs import warn_once
 from immich_thumbnail_exporter.scan import walk_child as _walker
 from immich_thumbnail_exporter.scan.walk_child import UNREADABLE_DIR, Frame, list_level, walk_tree
+from immich_thumbnail_exporter.sources.media import POOL, MediaStuck, media_call, media_stuck, process_alive
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,14 @@ WALKER_COMMAND = (
     [nice, "-n", "10", sys.executable, "-I", "-S", WALKER] if (nice := shutil.which("nice"))
     else [sys.executable, "-I", "-S", WALKER]
 )
+
+
+# Seconds a helper may send nothing while it is waited for before the walk is called stuck.
+STALL = 30.0
+# Seconds a killed helper is given to exit before it is reported stuck and left to the kernel.
+EXIT_WAIT = 5.0
+# Helpers that outlived their kill, each with the task that waits for it (so it is reaped once it exits).
+_stuck: dict[int, asyncio.Task[None]] = {}
 
 
 class WalkerError(OSError):
@@ -81,16 +95,17 @@ class _Child:
 class DiskWalk:
     """Every entry under ``thumbs/`` in bytewise path order, as frames ``(paths, sizes, flags)``.
 
-    The first two levels (``thumbs/``, ``thumbs/<owner>/``) are listed here, in a worker thread; each
+    The first two levels (``thumbs/``, ``thumbs/<owner>/``) are listed here, in the media pool; each
     directory below them (``thumbs/<owner>/<xx>``, a 256th of an owner's files) is a unit walked by a
     helper process, units dealt round-robin so the helpers take turns and work in parallel. Files found
     on the first two levels (rare: strays, old flat layouts) are stat-ed while planning. Without helper
-    processes (``workers=0``, or when they cannot be started) the units are walked in a thread instead.
+    processes (``workers=0``, or when they cannot be started) the units are walked in the media pool instead.
     """
 
     def __init__(self, root: bytes, verify_headers: bool = False, workers: int | None = None,
-                 buffer_bytes: int = WALKER_BUFFER, sizes: bool = True) -> None:
+                 buffer_bytes: int = WALKER_BUFFER, sizes: bool = True, stall: float = STALL) -> None:
         self.root = root
+        self.stall = stall
         self.verify_headers = verify_headers
         # Header checks read every file: sizes come with them.
         self.sizes = sizes or verify_headers
@@ -114,7 +129,7 @@ class DiskWalk:
                 self._segments.append((paths, array("q", [s for _, s, _ in inline]), bytes(f for _, _, f in inline)))
                 inline.clear()
 
-        top = await asyncio.to_thread(list_level, self.root, THUMBS, headers)
+        top = await media_call(list_level, self.root, THUMBS, headers)
         if top is None:
             inline.append((THUMBS + b"/", 0, UNREADABLE_DIR))
             flush()
@@ -124,7 +139,7 @@ class DiskWalk:
                 inline.append((THUMBS + b"/" + key, size, flag))
                 continue
             rel = THUMBS + b"/" + key[:-1]
-            level = await asyncio.to_thread(list_level, self.root, rel, headers)
+            level = await media_call(list_level, self.root, rel, headers)
             if level is None:
                 inline.append((rel + b"/", 0, UNREADABLE_DIR))
                 continue
@@ -141,6 +156,10 @@ class DiskWalk:
         if self._started:
             return
         self._started = True
+        # A helper of an earlier walk still stuck in the kernel: no second pair beside it.
+        why = media_stuck()
+        if why is not None:
+            raise MediaStuck(why)
         await self._plan()
         if not self._units or self.workers < 1:
             self.workers = 0
@@ -177,10 +196,18 @@ class DiskWalk:
         size = _walker.FRAME.size
         while True:
             try:
-                unit, count, blob, last = _walker.decode(await out.readexactly(size))
-                body = await out.readexactly(blob + 9 * count)
+                unit, count, blob, last = _walker.decode(await asyncio.wait_for(out.readexactly(size), self.stall))
+                body = await asyncio.wait_for(out.readexactly(blob + 9 * count), self.stall)
             except asyncio.IncompleteReadError:
                 raise WalkerError(f"file walker exited unexpectedly: {await self._stderr(proc)}") from None
+            except TimeoutError:
+                folder = self._folder(k)
+                POOL.suspect(folder)
+                raise MediaStuck(f"the file walker got no answer from {folder} for {self.stall:.0f}s") from None
+            except asyncio.CancelledError:
+                # Cut short (the round's deadline) while waiting on this folder: the probe looks into it.
+                POOL.suspect(self._folder(k))
+                raise
             if unit != k:
                 raise WalkerError(f"file walker out of step: unit {unit}, expected {k}")
             if count:
@@ -190,6 +217,9 @@ class DiskWalk:
                 yield [prefix + p for p in body[:blob].split(b"\0")], sizes, body[blob + 8 * count :]
             if last:
                 return
+
+    def _folder(self, k: int) -> str:
+        return os.fsdecode(self.root + b"/" + self._units[k])
 
     @staticmethod
     async def _stderr(proc: asyncio.subprocess.Process) -> str:
@@ -210,7 +240,7 @@ class DiskWalk:
                     yield frame
             else:
                 gen = walk_tree(self.root, self._units[seg], self.verify_headers, sizes=self.sizes)
-                while (walked := await asyncio.to_thread(_next_frame, gen)) is not None:
+                while (walked := await media_call(_next_frame, gen, timeout=self.stall)) is not None:
                     yield walked
 
     @property
@@ -224,10 +254,44 @@ class DiskWalk:
         children, self._children = self._children, []
         for child in children:
             child.kill()
-        for child in children:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(child.proc.wait(), 5)
+        waits = [asyncio.ensure_future(child.proc.wait()) for child in children]
+        try:
+            if waits:
+                # Together: a stop is bounded by one EXIT_WAIT however many helpers there are.
+                await asyncio.wait(waits, timeout=EXIT_WAIT)
+        finally:
+            for child, waiting in zip(children, waits, strict=True):
+                if waiting.done():
+                    child.release()
+                else:
+                    waiting.cancel()
+                    _hold_stuck(child)
+
+
+def _hold_stuck(child: _Child) -> None:
+    """A killed helper that does not exit is in the kernel, waiting on the mount: say so once, keep the
+    filesystem source down while it lives, and reap it when the mount lets it go."""
+    pid = child.proc.pid
+    what = f"file walker pid {pid} does not exit after SIGKILL: stuck in the kernel on the media folder"
+    log.warning("%s; no new file check starts until it is gone", what)
+    POOL.hold(pid, what, lambda: process_alive(pid))
+
+    async def reap() -> None:
+        t0 = asyncio.get_running_loop().time()
+        try:
+            await child.proc.wait()
+        finally:
+            POOL.release(pid)
+            _stuck.pop(pid, None)
             child.release()
+        log.info("file walker pid %d exited after %.0fs more", pid, asyncio.get_running_loop().time() - t0)
+
+    _stuck[pid] = asyncio.get_running_loop().create_task(reap(), name=f"reap-walker-{pid}")
+
+
+def stuck_walkers() -> list[int]:
+    """Helpers that outlived their kill and are still waited for."""
+    return list(_stuck)
 
 
 def _next_frame(frames: Iterator[Frame]) -> Frame | None:

@@ -28,6 +28,7 @@ from immich_thumbnail_exporter.scan.file_sql import FACE_TABLE_SQL, files_sql, p
 from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.merge import Merge
 from immich_thumbnail_exporter.scan.verdict import original_exists
+from immich_thumbnail_exporter.sources.media import media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.vocabulary import PERSON_KIND
@@ -125,7 +126,7 @@ async def merge_stream(
                     i = merge.merge(batch, i)
                     if merge.deferred:
                         items = merge.take_deferred()
-                        merge.settle(items, await asyncio.to_thread(merge.resolve, items))
+                        merge.settle(items, await media_call(merge.resolve, items))
                     if merge.needs_frame:
                         merge.push_frame(await anext(frames, None))
                     # A slice done: let scrapes through (reading a frame may not have yielded).
@@ -174,7 +175,7 @@ async def _report(
     found = [(c, assets[c[0]]) for c in candidates if c[0] in assets and assets[c[0]][4]]
     if not found:
         return
-    originals = await asyncio.to_thread(_originals, mapper, in_root, [asset[3] for _, asset in found])
+    originals = await media_call(_originals, mapper, in_root, [asset[3] for _, asset in found])
     for ((asset_id, kind, reason, path), asset), exists in zip(found, originals, strict=True):
         stats.missing[(kind, reason)] += 1
         stats.problems_total += 1

@@ -10,7 +10,8 @@ followed up to ``MAX_LINKS``, as the kernel does.
 Facts come out in the walk's terms (``scan/walk_child.py``): ``(size, flag)`` with size -1 for "not there",
 so that a path looked at here is judged exactly as the walk would have judged it (``verdict.file_reason``).
 
-Every call here blocks on the file system: callers run them in a worker thread, never in the event loop.
+Every call here blocks on the file system: callers run them in the media pool (``sources/media.py``),
+never in the event loop nor in asyncio's default executor.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def real_root(root: bytes) -> bytes | None:
 class InRoot:
     """Lexical, in-root resolution and lookups under one media root (bytes paths relative to it).
 
-    Not thread-safe: one worker thread at a time (its folder cache is unlocked)."""
+    Not thread-safe: one thread at a time (the media pool has one) (its folder cache is unlocked)."""
 
     def __init__(self, root: bytes, real: bytes | None = None) -> None:
         self.root = root.rstrip(b"/") or b"/"

@@ -1,12 +1,12 @@
 """``checks.check_originals``: count eligible assets whose original is gone, listing each folder once.
 
 The originals stream comes sorted by path (``file_sql.originals_sql``), so each folder is resolved (inside
-the media root: ``InRoot``, never through a link out of it) and listed once, in a worker thread.
+the media root: ``InRoot``, never through a link out of it) and listed once, in the media pool
+(``sources/media.py``), a few hundred rows per call so that no single call holds it long.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -16,16 +16,20 @@ import asyncpg
 from immich_thumbnail_exporter.findings import FileStats
 from immich_thumbnail_exporter.scan.file_sql import originals_sql
 from immich_thumbnail_exporter.scan.inroot import MISSING, InRoot
+from immich_thumbnail_exporter.sources.media import media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.schema import Schema
 
+# Rows looked up in one media-pool call: each may list a folder.
+ROWS_PER_CALL = 256
+
 
 class Cancelled(Exception):
-    """The check was cancelled while a worker thread was listing folders for it."""
+    """The check was cancelled while the media pool was listing folders for it."""
 
 
 class _Lister:
-    """The folder being looked at and its names; runs in one worker thread at a time."""
+    """The folder being looked at and its names; runs in the media pool's one thread."""
 
     def __init__(self, mapper: PathMapper, stats: FileStats) -> None:
         self.mapper = mapper
@@ -89,7 +93,8 @@ async def check_originals(
     cursor = await conn.cursor(originals_sql(schema), timeout=timeout)
     try:
         while rows := await cursor.fetch(fetch_size, timeout=timeout):
-            missing += await asyncio.to_thread(lister.check, rows)
+            for k in range(0, len(rows), ROWS_PER_CALL):
+                missing += await media_call(lister.check, rows[k : k + ROWS_PER_CALL])
     except BaseException:
         lister.cancel = True
         raise

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from immich_thumbnail_exporter.scan.inroot import InRoot
 from immich_thumbnail_exporter.scan.inventory import count, count_and_stream_records, media_location
 from immich_thumbnail_exporter.scan.originals import check_originals
 from immich_thumbnail_exporter.scan.verdict import original_exists
+from immich_thumbnail_exporter.sources.media import media_call, probe_filesystem
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 
@@ -39,41 +39,6 @@ class ScanResult:
     notes: list[str] = field(default_factory=list)
 
 
-def media_identity(root: str) -> tuple[int, int]:
-    """Check the media folder is there and readable; return the identity of its thumbs/ folder.
-
-    An unmounted volume looks like an empty folder: we refuse to call every thumbnail missing when the
-    folder itself is gone, so a missing ``thumbs`` folder is an error of the filesystem source.
-    """
-    thumbs = os.path.join(root, "thumbs")
-    try:
-        st = os.stat(thumbs)
-        names = os.listdir(thumbs)
-    except FileNotFoundError:
-        if not os.path.isdir(root):
-            raise SourceError("filesystem", f"media root {root} does not exist") from None
-        raise SourceError(
-            "filesystem", f"{thumbs} does not exist: is media.root the folder Immich mounts at /data?"
-        ) from None
-    except OSError as exc:
-        raise SourceError("filesystem", f"cannot read {thumbs}: {exc.strerror or exc}") from None
-    # Immich keeps a .immich marker in every media folder and refuses to start without it: a thumbs/
-    # without one is an empty mount point or a wrong path, not a library whose thumbnails all vanished.
-    if ".immich" not in names:
-        raise SourceError(
-            "filesystem",
-            f"{thumbs}/.immich (Immich's mount marker) is missing: is the media folder mounted at {root}?",
-        )
-    return st.st_dev, st.st_ino
-
-
-async def probe_filesystem(root: str, timeout: float) -> tuple[int, int]:
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(media_identity, root), timeout)
-    except TimeoutError:
-        raise SourceError("filesystem", f"media root {root} did not answer within {timeout:.0f}s") from None
-
-
 # Settings for the exporter's own transactions: no parallel workers (a scan's queries take one core of
 # Immich's database, not three), and room for the file stream's sort.
 GENTLE = "SET LOCAL max_parallel_workers_per_gather = 0"
@@ -91,7 +56,7 @@ async def _add_with_originals(mapper: PathMapper | None, found: list[Problem], p
             disk = InRoot(mapper.root_bytes)
             return [original_exists(mapper, p.original_path, disk) for p in found]
 
-        for problem, exists in zip(found, await asyncio.to_thread(look), strict=True):
+        for problem, exists in zip(found, await media_call(look), strict=True):
             problems.add(replace(problem, original_exists=exists))
         return
     for problem in found:
@@ -167,7 +132,7 @@ async def run_scan(
     free. ``serve`` passes False: there the pool is shared with the other collections, which must never
     wait for a connection behind a long file check.
     """
-    started = time.time()
+    started, t0 = time.time(), time.monotonic()
     timeout = config.database.statement_timeout
     schema = await pg.schema()
     root = config.media.root if check_files else None
@@ -243,7 +208,7 @@ async def run_scan(
         if second is not None:
             await second
         if mapper is None:
-            result.duration = time.time() - started
+            result.duration = time.monotonic() - t0
             return result
     finally:
         if disk is not None:
@@ -254,5 +219,5 @@ async def run_scan(
         raise SourceError(
             "filesystem", f"{root}/thumbs changed during the scan (unmounted?): results discarded"
         )
-    result.duration = time.time() - started
+    result.duration = time.monotonic() - t0
     return result

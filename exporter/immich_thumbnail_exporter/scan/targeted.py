@@ -2,7 +2,7 @@
 
 For ``regenerate`` and remediation (``remediation.check.Checker``), and for verifying what a finished
 thumbnail job left behind. Per batch of ids: one query (``file_sql.targeted_sql``: the assets and their
-``asset_file`` rows together), then every file of the batch looked at in one worker-thread call
+``asset_file`` rows together), then every file of the batch looked at in one media-pool call
 (``verdict.judge_asset``: a row for each kind the asset must have, each path mapped through
 ``PathMapper``, the file present, not empty, its first bytes matching its extension, readable; links
 followed inside the media root only). Nothing touches the disk in the event loop.
@@ -13,7 +13,6 @@ followed inside the media root only). Nothing touches the disk in the event loop
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -29,6 +28,7 @@ from immich_thumbnail_exporter.scan.verdict import (
     judge_asset,
     judge_person,
 )
+from immich_thumbnail_exporter.sources.media import media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.schema import Schema
@@ -81,8 +81,8 @@ async def check_assets(
 
     One query per ``batch_size`` ids (a pooled connection, each statement bounded by ``timeout``,
     ``database.statement_timeout`` by default), no walk; the files of a batch are looked at in one
-    worker-thread call, bounded in time. Raises what ``PostgresSource`` raises when the database fails,
-    and ``TimeoutError`` when the disk does not answer.
+    media-pool call, bounded in time. Raises what ``PostgresSource`` raises when the database fails,
+    and ``MediaStuck`` (a ``SourceError`` of ``filesystem``) when the disk does not answer.
     """
     given = list(asset_ids)
     canonical = {a: _canonical(a) for a in given}
@@ -98,7 +98,7 @@ async def check_assets(
         assets = [AssetRow(r[0], r[1], r[2], r[3], bool(r[4]), [(f[0], f[1], f[2] == "true") for f in r[6]],
                            edited=bool(r[5])) for r in rows]
         budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
-        found.update(await asyncio.wait_for(asyncio.to_thread(_judge, mapper, disk, assets, headers), budget))
+        found.update(await media_call(_judge, mapper, disk, assets, headers, timeout=budget))
     out: dict[str, AssetVerdict] = {}
     for a in given:
         c = canonical[a]
@@ -132,7 +132,7 @@ async def check_people(
     names no person (or a database without face thumbnails); else its stored path, its feature face's
     asset and original, and its problem: ``no_record`` (``thumbnailPath`` is ``''``), ``path_refused`` or
     a file reason; ``written`` when it has none. Bounded as ``check_assets``: one query per batch, the
-    files of a batch looked at in one worker-thread call with a time limit.
+    files of a batch looked at in one media-pool call with a time limit.
     """
     given = list(person_ids)
     canonical = {p: _canonical(p) for p in given}
@@ -151,8 +151,7 @@ async def check_people(
                 rows = await conn.fetch(sql, [uuid.UUID(p) for p in chunk], timeout=statement_timeout)
             people = [PersonRow(r[0], r[1], r[2] or "", r[3], r[4]) for r in rows]
             budget = max(MIN_SECONDS, len(chunk) * SECONDS_PER_ASSET)
-            found.update(await asyncio.wait_for(
-                asyncio.to_thread(_judge_people, mapper, disk, people, headers), budget))
+            found.update(await media_call(_judge_people, mapper, disk, people, headers, timeout=budget))
     out: dict[str, PersonVerdict] = {}
     for p in given:
         c = canonical[p]

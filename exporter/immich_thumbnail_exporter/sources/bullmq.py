@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from immich_thumbnail_exporter.sources.redis import RedisSource, describe_redis_error, is_permission_error
+from immich_thumbnail_exporter.timing import left
 from immich_thumbnail_exporter.vocabulary import KNOWN_QUEUES, is_asset_job
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DISCOVERY_SCAN_COUNT = 1000
 MAX_SCAN_CALLS = 500  # at most ~500k keys examined per discovery
 MAX_QUEUES = 64
+FLOOR = 0.05  # seconds: a last read still gets a chance (and its own timeout) near the deadline
 AGE_SAMPLE = 5  # ids at the head of wait / paused / prioritized checked for the oldest waiting job
 ACTIVE_SAMPLE = 100  # active jobs checked for locks (stalled) and the oldest active job
 JOB_FIELDS = ("timestamp", "processedOn", "finishedOn", "name", "data")
@@ -115,8 +116,53 @@ def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _left(deadline: float) -> float:
-    return max(0.05, deadline - time.monotonic())
+
+# -- BullMQ's key layout: the one table of which state is a list and which a sorted set ----------------
+
+LIST, ZSET = "list", "zset"
+# Key suffix -> kind. Workers take from the right end of a list (BullMQ pushes on the left) and from the
+# lowest score of a sorted set.
+LAYOUT: dict[str, str] = {
+    "wait": LIST, "active": LIST, "paused": LIST,
+    "delayed": ZSET, "prioritized": ZSET, "completed": ZSET, "failed": ZSET,
+}
+# The ``state`` label of each key (only ``wait`` is spelled differently).
+STATE_OF = {suffix: ("waiting" if suffix == "wait" else suffix) for suffix in LAYOUT}
+
+
+def size(pipe: Any, key: str, suffix: str) -> None:
+    """Queue the length of a state's key (LLEN or ZCARD) on a pipeline."""
+    if LAYOUT[suffix] == LIST:
+        pipe.llen(key)
+    else:
+        pipe.zcard(key)
+
+
+def head(pipe: Any, key: str, suffix: str, n: int) -> None:
+    """Queue the ``n`` next jobs of a state's key on a pipeline; ``head_ids`` puts the answer in order."""
+    if LAYOUT[suffix] == LIST:
+        pipe.lrange(key, -n, -1)
+    else:
+        pipe.zrange(key, 0, n - 1)
+
+
+def member(pipe: Any, key: str, suffix: str, job_id: str) -> None:
+    """Queue where a job is in a state's key (LPOS from the left, ZRANK from the lowest score; None when
+    it is not there) on a pipeline."""
+    if LAYOUT[suffix] == LIST:
+        pipe.lpos(key, job_id)
+    else:
+        pipe.zrank(key, job_id)
+
+
+def head_ids(suffix: str, answer: Any) -> list[str]:
+    """The ids ``head`` read, the next job to be taken first."""
+    ids = _ids(answer)
+    return ids[::-1] if LAYOUT[suffix] == LIST else ids
+
+
+# The states counted for ``immich_queue_jobs``, in the order they are read.
+COUNTED = tuple(LAYOUT)
 
 
 # -- plain data ----------------------------------------------------------------------------------------
@@ -196,14 +242,16 @@ class BullMQ:
                 return list(await pipe.execute(raise_on_error=False))
 
         try:
-            scanned, complete = await self.source.run(f"SCAN MATCH {pattern}", _scan, max(0.5, _left(deadline) / 2))
+            scanned, complete = await self.source.run(
+                f"SCAN MATCH {pattern}", _scan, max(0.5, left(deadline, FLOOR) / 2)
+            )
             found |= scanned
             if not complete:
                 log.info("queue discovery stopped after %d SCAN calls; using the queues found so far", MAX_SCAN_CALLS)
         except ResponseError as exc:
             log.warning("the Redis server refuses SCAN (%s): following Immich's known queues only",
                         describe_redis_error(exc))
-        known = await self.source.run("EXISTS", _known, _left(deadline))
+        known = await self.source.run("EXISTS", _known, left(deadline, FLOOR))
         found |= {name for name, n in zip(KNOWN_QUEUES, known, strict=True) if _count(n) > 0}
         if len(found) > MAX_QUEUES:
             log.warning("%d queues found under %s:, following the first %d", len(found), prefix, MAX_QUEUES)
@@ -215,53 +263,41 @@ class BullMQ:
         prefix = self.prefix
         orphan_sample = max(0, orphan_sample)
         wait_n = max(AGE_SAMPLE, orphan_sample)
-        per_queue = 12
+        per_queue = len(COUNTED) + 5
 
         async def _first(client: aioredis.Redis) -> list[Any]:
             async with client.pipeline(transaction=False) as pipe:
                 for q in queues:
                     b = f"{prefix}:{q}"
-                    pipe.llen(f"{b}:wait")
-                    pipe.llen(f"{b}:active")
-                    pipe.llen(f"{b}:paused")
-                    pipe.zcard(f"{b}:delayed")
-                    pipe.zcard(f"{b}:prioritized")
-                    pipe.zcard(f"{b}:completed")
-                    pipe.zcard(f"{b}:failed")
+                    for suffix in COUNTED:
+                        size(pipe, f"{b}:{suffix}", suffix)
                     pipe.hget(f"{b}:meta", "paused")
-                    # BullMQ pushes new jobs on the left and takes them from the right: the right end
-                    # holds the next (normally oldest) jobs.
-                    pipe.lrange(f"{b}:wait", -wait_n, -1)
-                    pipe.lrange(f"{b}:paused", -wait_n, -1)
-                    pipe.zrange(f"{b}:prioritized", 0, AGE_SAMPLE - 1)
-                    pipe.lrange(f"{b}:active", -ACTIVE_SAMPLE, -1)
+                    head(pipe, f"{b}:wait", "wait", wait_n)
+                    head(pipe, f"{b}:paused", "paused", wait_n)
+                    head(pipe, f"{b}:prioritized", "prioritized", AGE_SAMPLE)
+                    head(pipe, f"{b}:active", "active", ACTIVE_SAMPLE)
                 return list(await pipe.execute(raise_on_error=False))
 
-        first = await self.source.run("queue counts", _first, _left(deadline)) if queues else []
+        first = await self.source.run("queue counts", _first, left(deadline, FLOOR)) if queues else []
         samples: dict[str, QueueSample] = {}
         wanted: dict[str, dict[str, set[str]]] = {}
         for i, q in enumerate(queues):
             row = first[i * per_queue:(i + 1) * per_queue]
-            (wait, active, paused_n, delayed, prioritized, completed, failed, paused,
-             wait_ids, paused_ids, prio_ids, active_ids) = row
+            counts, (paused, wait_ids, paused_ids, prio_ids, active_ids) = row[:len(COUNTED)], row[len(COUNTED):]
             s = QueueSample()
-            s.counts = {
-                "waiting": _count(wait), "active": _count(active), "paused": _count(paused_n),
-                "delayed": _count(delayed), "prioritized": _count(prioritized),
-                "completed": _count(completed), "failed": _count(failed),
-            }
+            s.counts = {STATE_OF[suffix]: _count(n) for suffix, n in zip(COUNTED, counts, strict=True)}
             s.paused = paused_flag(paused)
             samples[q] = s
-            w_ids = _ids(wait_ids)[::-1]
-            p_ids = _ids(paused_ids)[::-1]
-            pr_ids = _ids(prio_ids)
-            a_ids = _ids(active_ids)[::-1]
-            head = w_ids[:AGE_SAMPLE] + p_ids[:AGE_SAMPLE] + pr_ids
+            w_ids = head_ids("wait", wait_ids)
+            p_ids = head_ids("paused", paused_ids)
+            pr_ids = head_ids("prioritized", prio_ids)
+            a_ids = head_ids("active", active_ids)
+            first_ids = w_ids[:AGE_SAMPLE] + p_ids[:AGE_SAMPLE] + pr_ids
             orphans = (a_ids + w_ids + p_ids + pr_ids)[:orphan_sample]
             total = s.counts["waiting"] + s.counts["paused"] + s.counts["prioritized"] + s.counts["active"]
             s.checked = len(orphans)
             s.truncated = total > len(orphans)
-            wanted[q] = {"head": set(head), "active": set(a_ids), "orphan": set(orphans)}
+            wanted[q] = {"head": set(first_ids), "active": set(a_ids), "orphan": set(orphans)}
 
         if not any(w["head"] or w["active"] or w["orphan"] for w in wanted.values()):
             return samples
@@ -277,7 +313,7 @@ class BullMQ:
                         pipe.exists(f"{prefix}:{q}:{job_id}:lock")
                 return list(await pipe.execute(raise_on_error=False))
 
-        second = await self.source.run("job hashes", _second, _left(deadline))
+        second = await self.source.run("job hashes", _second, left(deadline, FLOOR))
         pos = 0
         for q in queues:
             w, s = wanted[q], samples[q]
@@ -342,7 +378,7 @@ class BullMQ:
         async def _list(client: aioredis.Redis) -> list[dict[str, Any]]:
             return list(await client.client_list())
 
-        clients = await self.source.run("CLIENT LIST", _list, _left(deadline))
+        clients = await self.source.run("CLIENT LIST", _list, left(deadline, FLOOR))
         return count_workers((str(c.get("name") or "") for c in clients), self.prefix, queues)
 
     async def jobs(
@@ -361,7 +397,7 @@ class BullMQ:
                     pipe.hmget(key, fields)
                 return list(await pipe.execute(raise_on_error=False))
 
-        results = await self.source.run(f"HMGET {len(keys)} job hashes", _hmget, _left(deadline))
+        results = await self.source.run(f"HMGET {len(keys)} job hashes", _hmget, left(deadline, FLOOR))
         return dict(zip(job_ids, (job_hash(r) for r in results), strict=True))
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import (
@@ -35,7 +36,6 @@ from redis.exceptions import (
     ConnectionError as RedisConnectionError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 try:  # redis-py 7+: no "maintenance notifications" handshake (a managed-cloud feature) on our connections
     from redis.maint_notifications import MaintNotificationsConfig
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 SOURCE = "redis"
 CLIENT_NAME = "immich-thumbnail-exporter"
+# The one connection that follows BullMQ's event streams (a blocking XREAD), named apart from the pooled
+# ones so that an operator (and a test) can count it in CLIENT LIST.
+EVENTS_CLIENT_NAME = f"{CLIENT_NAME}:events"
 T = TypeVar("T")
 
 
@@ -130,11 +133,17 @@ class RedisSource:
 
     name = SOURCE
 
-    def __init__(self, config: RedisConfig, connections: int = 4) -> None:
+    def __init__(self, config: RedisConfig, connections: int = 4, name: str = CLIENT_NAME) -> None:
         self.config = config
         # At most this many connections at once (a blocking XREAD needs one of its own: ``connections=1``).
         self.connections = connections
+        self.name = name
         self._client: aioredis.Redis | None = None
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+
+    def on_close(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run ``hook`` when this source is closed: what was built on it (a subscription) ends with it."""
+        self._on_close.append(hook)
 
     async def __aenter__(self) -> RedisSource:
         return self
@@ -172,8 +181,9 @@ class RedisSource:
             "health_check_interval": 10,
             # One immediate retry for a connection that went stale; never the library's backoff, which
             # would hide an outage behind several seconds of sleeping.
+            # The asyncio client's own Retry: redis-py 8 warns about the synchronous one.
             "retry": Retry(NoBackoff(), 1),
-            "client_name": CLIENT_NAME,
+            "client_name": self.name,
             "decode_responses": True,
             "encoding_errors": "replace",
             "protocol": 2,
@@ -279,6 +289,9 @@ class RedisSource:
             await _close_quietly(client)
 
     async def close(self) -> None:
+        hooks, self._on_close = self._on_close, []
+        for hook in hooks:
+            await hook()
         await self.reset()
 
 
