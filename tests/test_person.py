@@ -28,12 +28,14 @@ from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
 from immich_thumbnail_exporter.demo.seed import jpeg
 from immich_thumbnail_exporter.findings import ProblemStore
 from immich_thumbnail_exporter.output.scan_report import write_csv, write_json, write_table
-from immich_thumbnail_exporter.remediation.people import PeopleOptions, PersonJobs, regenerate_people
+from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.scan.targeted import check_people, media_mapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.vocabulary import PERSON_THUMBNAIL_JOB_NAMES
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 
@@ -217,26 +219,32 @@ async def test_face_thumbnails_in_metrics_and_problems(immich_factory: Callable[
 
 
 async def test_person_jobs_are_followed_in_the_event_stream(valkey: EmbeddedValkey) -> None:
-    """A ``PersonGenerateThumbnail`` job naming an expected person confirms it, and its completion is
-    seen; a job of another name, or for a person nobody asked for, confirms nothing."""
+    """A ``JobWatch`` for ``PersonGenerateThumbnail`` (a subscriber of the one event reader, beside the
+    assets' watch, on one connection): a job naming an expected person confirms it and its completion is
+    seen; a job of another name, or for a person nobody asked for, confirms nothing, and the person whose
+    window ends with only an asset job naming its id is ``not_queued``."""
     config = load_config(None, environ={}, overrides={"database.url": "postgresql://unused/x", "redis.url": valkey.url})
     source = RedisSource(config.redis)
     queue = Queue("thumbnailGeneration", {"connection": valkey.url, "prefix": "immich_bull"})
     wanted, other, never = str(uuid.uuid4()), str(uuid.uuid4()), str(uuid.uuid4())
-    watch = PersonJobs(source, "immich_bull")
+    assets = JobWatch(source, "immich_bull")
+    watch = JobWatch(source, "immich_bull", PERSON_THUMBNAIL_JOB_NAMES)
     try:
+        assert watch.reader is assets.reader and watch.reader.subscribers == 2
         await watch.start()
-        watch.expect(wanted, 30.0)
-        watch.expect(never, 0.5)
+        watch.expect([wanted], 30.0)
+        watch.expect([never], 0.5)
         opts = {"removeOnComplete": True, "removeOnFail": False, "priority": 1}
         await queue.add("AssetGenerateThumbnails", {"id": never}, opts)  # an asset job naming the same id
         await queue.add("PersonGenerateThumbnail", {"id": other}, opts)
         job = await queue.add("PersonGenerateThumbnail", {"id": wanted}, opts)
         await wait_for(lambda: _polled(watch, wanted), timeout=20)
-        assert watch.jobs[wanted].job_id == str(job.id)
-        assert other not in watch.jobs and never not in watch.jobs
-        ended: list[str] = []
-        await wait_for(lambda: _ended(watch, ended, [never]), timeout=20)
+        seen = watch.job_of(wanted)
+        assert seen is not None and seen.job_id == str(job.id)
+        assert watch.job_of(other) is None and watch.job_of(never) is None
+        settled: list[str] = []
+        await wait_for(lambda: _settled(watch, settled), timeout=20)
+        assert settled == [never]
 
         done = asyncio.Event()
 
@@ -250,26 +258,29 @@ async def test_person_jobs_are_followed_in_the_event_stream(valkey: EmbeddedValk
             await wait_for(lambda: _finished(watch, wanted), timeout=20)
         finally:
             await worker.close()
-        assert watch.jobs[wanted].outcome == "completed"
+        finished = watch.job_of(wanted)
+        assert finished is not None and finished.outcome == "completed"
     finally:
         await queue.close()
         await source.close()
+    assert watch.reader.subscribers == 0
 
 
-async def _polled(watch: PersonJobs, person: str) -> bool:
+async def _polled(watch: JobWatch, person: str) -> bool:
     await watch.poll(block=0.2)
-    return person in watch.jobs
+    return watch.job_of(person) is not None
 
 
-async def _ended(watch: PersonJobs, ended: list[str], want: list[str]) -> bool:
+async def _settled(watch: JobWatch, settled: list[str]) -> bool:
     await watch.poll(block=0.1)
-    ended.extend(watch.ended())
-    return ended == want
+    settled.extend(sorted((await watch.settle()).not_queued))
+    return not watch.pending
 
 
-async def _finished(watch: PersonJobs, person: str) -> bool:
+async def _finished(watch: JobWatch, person: str) -> bool:
     await watch.poll(block=0.2)
-    return watch.jobs[person].finished_at is not None
+    job = watch.job_of(person)
+    return job is not None and job.finished
 
 
 @pytest.mark.parametrize("build", ["v1.136+", "v3.1.0"])

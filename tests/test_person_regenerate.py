@@ -23,6 +23,7 @@ from immich_thumbnail_exporter.demo.seed import Plan, jpeg
 from immich_thumbnail_exporter.demo.simulation.api import ApiKey, SimulatedApi
 from immich_thumbnail_exporter.demo.simulation.worker import SimulatedWorker
 from immich_thumbnail_exporter.findings import ProblemStore
+from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import Ledger
 from immich_thumbnail_exporter.remediation.people import PeopleOptions, regenerate_people
 from immich_thumbnail_exporter.remediation.report import RunReport
@@ -31,6 +32,7 @@ from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.sources.immich_api import ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
+from immich_thumbnail_exporter.vocabulary import PERSON_THUMBNAIL_JOB_NAMES
 from tests.conftest import Immich, wait_for
 from tests.remediation_kit import cli
 
@@ -74,7 +76,8 @@ async def run(config: Config, opts: PeopleOptions, state: Path) -> tuple[RunRepo
     try:
         await run_scan(pg, config, store)
         found = sum(1 for p in store if p.kind == "person")
-        await regenerate_people(config, pg, report, opts, problems=store, ledger=ledger, api=api, redis=redis)
+        watch = JobWatch(redis, config.redis.prefix, PERSON_THUMBNAIL_JOB_NAMES)
+        await regenerate_people(config, pg, report, opts, problems=store, ledger=ledger, api=api, watch=watch)
         return report, found
     finally:
         store.close()

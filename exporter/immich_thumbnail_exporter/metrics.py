@@ -45,8 +45,6 @@ _DEFS = [
     Def("immich_thumbnail_orphaned_files", "gauge", (), "Files under thumbs/ that nothing in the database references."),
     Def("immich_thumbnail_orphaned_bytes", "gauge", (),
         "Bytes of files under thumbs/ that nothing in the database references."),
-    Def("immich_person_thumbnails_missing", "gauge", ("reason",),
-        "Face (person) thumbnails whose person.thumbnailPath names a file that is missing or broken."),
     Def("immich_media_filesystem_size_bytes", "gauge", ("folder",),
         "Size of the filesystem holding each of Immich's storage folders (thumbs, upload, library, ...)."),
     Def("immich_media_filesystem_avail_bytes", "gauge", ("folder",),

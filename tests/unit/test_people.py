@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from immich_thumbnail_exporter.remediation.decision import Policy, QueueSeen, decide
+from immich_thumbnail_exporter.remediation.jobwatch import JobSeen
 from immich_thumbnail_exporter.remediation.ledger import Entry
 from immich_thumbnail_exporter.remediation.original import OriginalVerdict
 from immich_thumbnail_exporter.remediation.people import (
-    PersonJob,
     explain_person,
     person_reasons,
     person_text,
@@ -91,14 +91,15 @@ OK = OriginalVerdict(FACE, "original_ok", "fine")
 
 
 @pytest.mark.parametrize(("verdict", "job", "original", "code"), [
-    (MISSING, PersonJob("7", P, time.time(), "completed"), OK, "no_effect"),
-    (MISSING, PersonJob("7", P, time.time(), "completed"), BAD, "original_checksum_mismatch"),
-    (MISSING, PersonJob("7", P, time.time(), "failed", "boom"), None, "job_failed"),
-    (MISSING, PersonJob("7", P), None, "job_waiting"),
+    (MISSING, JobSeen("7", P, 0.0, finished_at=time.time(), outcome="completed"), OK, "no_effect"),
+    (MISSING, JobSeen("7", P, 0.0, finished_at=time.time(), outcome="completed"), BAD, "original_checksum_mismatch"),
+    (MISSING, JobSeen("7", P, 0.0, finished_at=time.time(), outcome="failed", failed_reason="boom"), None,
+     "job_failed"),
+    (MISSING, JobSeen("7", P, 0.0), None, "job_waiting"),
     (MISSING, None, None, "queue_unknown"),
     (replace(MISSING, face_asset_id=None), None, None, "no_face"),
 ])
-def test_explain_person(verdict: PersonVerdict, job: PersonJob | None, original: OriginalVerdict | None,
+def test_explain_person(verdict: PersonVerdict, job: JobSeen | None, original: OriginalVerdict | None,
                         code: str) -> None:
     why = explain_person(verdict, job, original)
     assert why.code == code, why

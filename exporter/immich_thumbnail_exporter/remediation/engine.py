@@ -468,7 +468,7 @@ class Regenerator:
             limit=opts.limit,
         )
         await regenerate_people(run.config, run.pg, run.report, people, problems=run.person_problems,
-                                ledger=run.ledger, api=run.api, redis=run.redis, clock=run.clock,
+                                ledger=run.ledger, api=run.api, watch=run.person_watch, clock=run.clock,
                                 limiter=self.limiter)
 
     async def _originals(self) -> None:

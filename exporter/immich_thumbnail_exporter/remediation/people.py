@@ -23,9 +23,9 @@ One run, ``regenerate_people`` (called by the engine for ``--kind person``, and 
 3. ask, one person per request, at ``rate`` per second: each claimed in the ledger *before* it is sent
    (``Ledger.claim``, kinds ``{"person"}``: the ledger row's id is the person's), rolled back when Immich
    refuses or fails;
-4. confirm that a ``PersonGenerateThumbnail`` job naming the person appeared (``PersonJobs``: the thumbnail
-   queue's event stream, read through ``sources.bullmq_events``; ``JobWatch`` knows the asset jobs only),
-   else ``not_queued``;
+4. confirm that a ``PersonGenerateThumbnail`` job naming the person appeared, else ``not_queued``: a
+   ``JobWatch`` built for ``PERSON_THUMBNAIL_JOB_NAMES`` (the caller's; one more subscriber of the
+   process's one event reader, as the assets' watch is) and the assets' ``Confirmer``;
 5. with ``wait``: wait for each job to finish, check the file again and settle the attempt in the ledger
    (fixed, still_missing, gave_up), saying why it is still broken: the job ran without effect, failed,
    is still waiting;
@@ -66,36 +66,26 @@ from immich_thumbnail_exporter.remediation.decision import (
     Seen,
     decide,
 )
+from immich_thumbnail_exporter.remediation.jobwatch import JobSeen, JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, Entry, Ledger
 from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
-from immich_thumbnail_exporter.remediation.submit import request_result
+from immich_thumbnail_exporter.remediation.submit import Confirmer, request_result
 from immich_thumbnail_exporter.remediation.why import Why, ago, skip_text
 from immich_thumbnail_exporter.scan.targeted import check_people, media_mapper
 from immich_thumbnail_exporter.scan.verdict import PATH_REFUSED, PersonVerdict
-from immich_thumbnail_exporter.sources.bullmq import BullMQ
-from immich_thumbnail_exporter.sources.bullmq_events import read_streams, stream_ends
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.paths import PathMapper
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
-from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.sources.schema import Schema
 from immich_thumbnail_exporter.timing import RateLimiter
-from immich_thumbnail_exporter.vocabulary import (
-    FILE_REASONS,
-    ORIGINAL_BROKEN,
-    PERSON_KIND,
-    PERSON_THUMBNAIL_JOB_NAMES,
-    THUMBNAIL_QUEUE,
-)
+from immich_thumbnail_exporter.vocabulary import FILE_REASONS, ORIGINAL_BROKEN, PERSON_KIND
 
 log = logging.getLogger(__name__)
 
 KINDS = frozenset({PERSON_KIND})
 # How often the event stream is read while waiting.
 POLL = 0.25
-# Entries per read of the event stream.
-BATCH = 1_000
 
 # The sentences for the decision's reasons (``decision.REASONS``) about a person, where they differ from
 # an asset's (``why.SKIP_TEXT``), and for the file reasons a person is not asked for by default.
@@ -172,85 +162,6 @@ def person_text(reason: str, verdict: PersonVerdict | None = None) -> str:
     return SKIP_TEXT.get(reason) or skip_text(reason)
 
 
-@dataclass
-class PersonJob:
-    job_id: str
-    person_id: str
-    finished_at: float | None = None
-    outcome: str | None = None  # completed, failed
-    failed_reason: str | None = None
-
-
-@dataclass
-class PersonJobs:
-    """The ``PersonGenerateThumbnail`` jobs of the people asked for, from the thumbnail queue's event
-    stream: each ``added`` job's hash is read at once (Immich removes it when the job completes) to learn
-    the person it names; later entries say when it finished. Bounded to the people expected."""
-
-    source: RedisSource
-    prefix: str
-    cursor: str | None = None
-    expected: dict[str, float] = field(default_factory=dict)  # person -> monotonic end of its window
-    jobs: dict[str, PersonJob] = field(default_factory=dict)  # person -> its latest job
-    unreadable: int = 0  # added person jobs whose hash was gone before it was read
-
-    @property
-    def key(self) -> str:
-        return f"{self.prefix}:{THUMBNAIL_QUEUE}:events"
-
-    async def start(self) -> None:
-        if self.cursor is None:
-            self.cursor = (await stream_ends(self.source, [self.key]))[0]
-
-    def expect(self, person_id: str, window: float) -> None:
-        self.expected[person_id] = time.monotonic() + window
-        self.jobs.pop(person_id, None)
-
-    async def poll(self, block: float = 0.0) -> None:
-        await self.start()
-        assert self.cursor is not None
-        block_ms = max(1, int(block * 1000)) if block > 0 else 0
-        while True:
-            read = await read_streams(self.source, {self.key: self.cursor}, BATCH, block_ms)
-            entries = [(eid, f if isinstance(f, dict) else {}) for eid, f in read.get(self.key, [])]
-            if not entries:
-                return
-            self.cursor = entries[-1][0]
-            await self._apply(entries)
-            if len(entries) < BATCH:
-                return
-            block_ms = 0
-
-    async def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> None:
-        added = [f["jobId"] for _, f in entries
-                 if f.get("event") == "added" and f.get("name") in PERSON_THUMBNAIL_JOB_NAMES and f.get("jobId")]
-        if added and self.expected:
-            hashes = await BullMQ(self.source, self.prefix).jobs(
-                THUMBNAIL_QUEUE, added, time.monotonic() + self.source.timeout, times=False)
-            for job_id in added:
-                person = hashes[job_id].asset_id if job_id in hashes else None  # data.id: the person's
-                if person is None:
-                    self.unreadable += 1
-                elif person in self.expected:
-                    del self.expected[person]
-                    self.jobs[person] = PersonJob(job_id, person)
-        by_id = {j.job_id: j for j in self.jobs.values()}
-        for eid, f in entries:
-            job = by_id.get(f.get("jobId", ""))
-            if job is not None and f.get("event") in ("completed", "failed"):
-                job.finished_at = int(eid.split("-", 1)[0]) / 1000.0 if eid.split("-", 1)[0].isdigit() else time.time()
-                job.outcome = str(f.get("event"))
-                job.failed_reason = f.get("failedReason") if job.outcome == "failed" else None
-
-    def ended(self) -> list[str]:
-        """People whose window ended with no job seen; their windows are closed."""
-        now = time.monotonic()
-        out = [p for p, deadline in self.expected.items() if deadline <= now]
-        for p in out:
-            del self.expected[p]
-        return out
-
-
 def _row(person_id: str, result: str, problems: str = "", attempts: int = 0, detail: str = "",
          why: str | None = None, reason: str | None = None) -> Row:
     return Row(person_id, result, problems, (PERSON_KIND,), attempts, detail, why, reason)
@@ -287,15 +198,16 @@ async def regenerate_people(
     problems: Iterable[Problem] = (),
     ledger: Ledger | None = None,
     api: ImmichApi | None = None,
-    redis: RedisSource | None = None,
+    watch: JobWatch | None = None,
     clock: RetryClock | None = None,
     limiter: RateLimiter | None = None,
 ) -> Counter[str]:
     """One ``regenerate --kind person`` run (or one of serve's rounds); its rows go into ``report``.
 
     ``problems``: the scan's rows (those of kind ``person`` are taken); ``opts.people`` adds ids asked for
-    by name. With ``opts.apply`` it needs ``ledger`` and ``api``; ``redis`` (the Immich Redis, read only)
-    confirms each request queued a job, and without it nothing is called ``not_queued``. ``clock`` and
+    by name. With ``opts.apply`` it needs ``ledger`` and ``api``; ``watch`` (a ``JobWatch`` for
+    ``PERSON_THUMBNAIL_JOB_NAMES``, the caller's: it lives as long as the caller's Redis) confirms each
+    request queued a job, and without it nothing is called ``not_queued``. ``clock`` and
     ``limiter``: the caller's (serve shares its retry clock and rate limit with the assets'). Raises what
     the sources raise when the database or the media folder fails (the engine reports those as for assets).
     """
@@ -323,24 +235,14 @@ async def regenerate_people(
             follow.append(pid)
     if write:
         assert ledger is not None and api is not None
-        watch = PersonJobs(redis, config.redis.prefix) if redis is not None else None
-        watch_error: str | None = None
-        if watch is not None:
-            try:
-                await watch.start()
-            except SourceError as exc:
-                watch, watch_error = None, str(exc)
-        submitted = await _ask(run, api, ask, watch, limiter or RateLimiter(opts.rate))
-        tracked = [*follow, *submitted]
-        if watch is not None:
-            try:
-                tracked = await _confirm(run, watch, tracked)
-            except SourceError as exc:
-                watch, watch_error = None, str(exc)
-        if watch_error is not None:
-            report.notes.append(f"face thumbnail jobs not confirmed: {watch_error}")
+        confirmer = Confirmer(watch, ledger, opts.confirm_within, opts.max_attempts)
+        await confirmer.start()  # before the first request: only later jobs can be its answer
+        submitted = await _ask(run, api, ask, confirmer, limiter or RateLimiter(opts.rate))
+        tracked = await _confirm(run, confirmer, [*follow, *submitted])
+        if confirmer.error is not None:
+            report.notes.append(f"face thumbnail jobs not confirmed: {confirmer.error}")
         if opts.wait and tracked:
-            await _settle(run, tracked, watch)
+            await _settle(run, tracked, confirmer.watch)
     await _originals(run)
     return run.verified
 
@@ -409,7 +311,7 @@ def _act(run: _Run, pid: str, entry: Entry | None, selected: bool) -> str:
     return "reset" if d.reset else "ask"
 
 
-async def _ask(run: _Run, api: ImmichApi, ask: list[tuple[PersonVerdict, bool]], watch: PersonJobs | None,
+async def _ask(run: _Run, api: ImmichApi, ask: list[tuple[PersonVerdict, bool]], confirmer: Confirmer,
                limiter: RateLimiter) -> list[str]:
     """One request per person, each in the ledger before it is sent. Returns the people Immich accepted."""
     ledger, report, opts = run.ledger, run.report, run.opts
@@ -420,6 +322,7 @@ async def _ask(run: _Run, api: ImmichApi, ask: list[tuple[PersonVerdict, bool]],
         claims = ledger.claim({v.person_id: KINDS}, claimed_at, opts.max_attempts, [v.person_id] if reset else ())
         if not claims:
             continue  # another process holds it, or its attempt is still open
+        await confirmer.meanwhile(limiter.delay())  # the pause read from the event stream, not slept
         await limiter.acquire()
         assert v.face_asset_id is not None
         try:
@@ -436,30 +339,17 @@ async def _ask(run: _Run, api: ImmichApi, ask: list[tuple[PersonVerdict, bool]],
         run.clock.requested(v.person_id, claimed_at)
         report.requests["accepted"] += 1
         accepted.append(v.person_id)
-        if watch is not None:
-            watch.expect(v.person_id, opts.confirm_within)
-            await watch.poll()
+        confirmer.accepted([v.person_id])
         report.set(_row(v.person_id, "submitted", v.describe(), claims[0].prev_attempts + 1,
                         f"PUT /api/people/{v.person_id} accepted"))
     return accepted
 
 
-async def _confirm(run: _Run, watch: PersonJobs, tracked: list[str]) -> list[str]:
-    """Wait until each person asked for has its job or its window has ended; record both. Returns the
-    people still to verify (those with a job, or not known to have none)."""
-    ledger, report = run.ledger, run.report
-    assert ledger is not None
-    not_queued: list[str] = []
-    while watch.expected:
-        await watch.poll(block=POLL)
-        not_queued += watch.ended()
-    queued = {p: j.job_id for p, j in watch.jobs.items()}
-    if queued:
-        ledger.queued(queued, time.time())
-    if watch.unreadable:
-        # A job whose data was gone before it was read may be one of theirs: say nothing on no evidence.
-        return tracked
-    outcomes = ledger.not_queued(not_queued, time.time(), run.opts.max_attempts)
+async def _confirm(run: _Run, confirmer: Confirmer, tracked: list[str]) -> list[str]:
+    """Wait until each person asked for has its job or its window has ended; record both (the assets'
+    ``Confirmer``). Returns the people still to verify (those with a job, or not known to have none)."""
+    report = run.report
+    _, outcomes = await confirmer.settle()
     run.verified.update(outcomes.values())
     for p, outcome in outcomes.items():
         row = report.rows.get(p)
@@ -468,18 +358,24 @@ async def _confirm(run: _Run, watch: PersonJobs, tracked: list[str]) -> list[str
     return [p for p in tracked if p not in outcomes]
 
 
-async def _settle(run: _Run, tracked: list[str], watch: PersonJobs | None) -> None:
+async def _settle(run: _Run, tracked: list[str], watch: JobWatch | None) -> None:
     """Wait for the jobs to finish (or ``wait_seconds``), check each face thumbnail again and settle its
     attempt (``decision.decide``), saying why one is still broken."""
     ledger, report, opts = run.ledger, run.report, run.opts
     assert ledger is not None
     deadline = time.monotonic() + opts.wait_seconds
     if watch is not None:
-        def unfinished() -> list[str]:
-            return [p for p in tracked if p in watch.jobs and watch.jobs[p].finished_at is None]
+        following = watch
 
-        while unfinished() and time.monotonic() < deadline:
-            await watch.poll(block=POLL)
+        def unfinished() -> list[str]:
+            return [p for p in tracked if (job := following.job_of(p)) is not None and not job.finished]
+
+        try:
+            while unfinished() and time.monotonic() < deadline:
+                await following.poll(block=min(POLL, max(0.0, deadline - time.monotonic())))
+        except SourceError as exc:
+            run.report.notes.append(f"face thumbnail jobs not followed to their end: {exc}")
+            watch = None
     verdicts = await check_people(run.pg, run.schema, run.mapper, tracked)
     run.verdicts.update(verdicts)
     entries = ledger.get(tracked)
@@ -488,7 +384,7 @@ async def _settle(run: _Run, tracked: list[str], watch: PersonJobs | None) -> No
         v, entry = verdicts[p], entries.get(p)
         if entry is None:
             continue
-        job = watch.jobs.get(p) if watch is not None else None
+        job = watch.job_of(p) if watch is not None else None
         why = None if v.written else explain_person(v, job, None)
         over = job is not None and job.finished_at is not None
         # Asked for already: whatever is still broken counts as asked for.
@@ -545,7 +441,7 @@ async def _originals(run: _Run) -> None:
     explain_rows(run.report, whys, run.ledger if run.write else None)
 
 
-def explain_person(verdict: PersonVerdict, job: PersonJob | None, original: Any) -> Why:
+def explain_person(verdict: PersonVerdict, job: JobSeen | None, original: Any) -> Why:
     """Why a face thumbnail is still broken after its request. Pure: the person's check, its job as the
     event stream told it (None: not seen), and its feature face's original (an ``OriginalVerdict``)."""
     if verdict.face_asset_id is None:

@@ -66,7 +66,7 @@ from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError,
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.timing import RateLimiter
-from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_THUMBNAIL_JOB_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,9 @@ class Remediator:
         self.redis = RedisSource(config.redis) if config.redis.enabled else None
         self.prefix = config.redis.prefix
         self.watch = JobWatch(self.redis, self.prefix) if self.redis is not None else None
+        # Face thumbnails' confirmations: one more subscriber of the same reader, not a connection.
+        self.person_watch = JobWatch(self.redis, self.prefix, PERSON_THUMBNAIL_JOB_NAMES) \
+            if self.redis is not None and PERSON_KIND in rem.kinds else None
         self.requests: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.ledger: Ledger | None = None
@@ -404,7 +407,8 @@ class Remediator:
         )
         report = RunReport("apply")
         verified = await regenerate_people(self.config, self.pg, report, opts, problems=self._person_problems,
-                                           ledger=self.ledger, api=self.api, redis=self.redis, clock=self.clock,
+                                           ledger=self.ledger, api=self.api, watch=self.person_watch,
+                                           clock=self.clock,
                                            limiter=self.limiter)
         self.requests.update(report.requests)
         self.verified.update(verified)

@@ -42,7 +42,7 @@ from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, REASONS
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_THUMBNAIL_JOB_NAMES, REASONS
 
 
 class Failure(Exception):
@@ -102,6 +102,8 @@ class RunState:
     prefix: str
     watch: JobWatch | None
     report: RunReport
+    # ``--kind person``'s confirmations: a watch of ``PersonGenerateThumbnail`` jobs on the same reader.
+    person_watch: JobWatch | None = None
     ledger: Ledger | None = None
     clock: RetryClock = field(default_factory=RetryClock)
     # Submitted, awaiting verification -> kinds.
@@ -125,6 +127,8 @@ class RunState:
             prefix=config.redis.prefix,
             watch=JobWatch(redis, config.redis.prefix) if redis is not None and opts.apply else None,
             report=RunReport("apply" if opts.apply else "dry_run"),
+            person_watch=JobWatch(redis, config.redis.prefix, PERSON_THUMBNAIL_JOB_NAMES)
+            if redis is not None and opts.apply and opts.people else None,
         )
 
     def policy(self) -> Policy:
