@@ -69,9 +69,9 @@ _DEFS = [
         "Jobs finished, by outcome: completed (no status reported, as Immich's processor does), success, "
         "skipped, failed (a status the server passed) or error (thrown)."),
     Def("immich_thumbnail_jobs_verified", "counter", ("queue", "job_name", "result"),
-        "Finished per-asset thumbnail jobs, their asset checked in the database and on disk afterwards: written, "
-        "no_effect (a file still missing or broken), asset_missing (not an asset to make thumbnails for), "
-        "not_checked (asset not learned in time, or check shed under load)."),
+        "Finished per-asset (and face) thumbnail jobs, their asset (or person) checked in the database and on disk "
+        "afterwards: written, no_effect (a file still missing or broken), asset_missing (not an asset to make "
+        "thumbnails for, or no such person), not_checked (not learned in time, or check shed under load)."),
     Def("immich_job_wait_seconds", "histogram", ("queue", "job_name"), "Time from a job being added to it starting."),
     Def("immich_job_run_seconds", "histogram", ("queue", "job_name"), "Time from a job starting to it finishing."),
     Def("immich_regeneration_requests", "counter", ("result",),
