@@ -29,7 +29,7 @@ from immich_thumbnail_exporter.collectors.job_verification import JobVerificatio
 from immich_thumbnail_exporter.collectors.queues import QueueCollection
 from immich_thumbnail_exporter.config import Config, load_config
 from immich_thumbnail_exporter.demo.embedded import EmbeddedValkey
-from immich_thumbnail_exporter.demo.seed import THUMB_SIZE, webp
+from immich_thumbnail_exporter.demo.seed import PERSON_SIZE, THUMB_SIZE, Plan, jpeg, webp
 from immich_thumbnail_exporter.scan.verdict import AssetVerdict
 from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
@@ -53,6 +53,7 @@ from tests.test_queues import (
 JOB = "AssetGenerateThumbnails"
 EDITOR = "editor"
 EDIT_JOB = "AssetEditThumbnailGeneration"
+PERSON_JOB = "PersonGenerateThumbnail"
 OPTS = {"attempts": 3, "removeOnComplete": True, "removeOnFail": False}
 
 
@@ -152,6 +153,17 @@ def _present(path: str) -> bool:
     return os.path.lexists(path)
 
 
+async def face_thumbnails(imm: Immich) -> dict[str, str]:
+    """Each person's face thumbnail: person id -> its local path (stored under /data, v1.136+)."""
+    conn = await asyncpg.connect(imm.dsn)
+    try:
+        rows = await conn.fetch('SELECT id::text AS p, "thumbnailPath" AS path FROM person '
+                                "WHERE \"thumbnailPath\" <> ''")
+    finally:
+        await conn.close()
+    return {r["p"]: imm.media + r["path"].removeprefix("/data") for r in rows}
+
+
 # -- the rule ----------------------------------------------------------------------------------------
 
 
@@ -226,7 +238,7 @@ async def test_every_result_with_exact_counts(valkey: EmbeddedValkey, immich_fac
                 for asset in [*healthy[:3], fixed, *broken, str(uuid.uuid4()), str(uuid.uuid4())]:
                     await thumbs.add(JOB, {"id": asset}, OPTS)
                 await thumbs.add(JOB, {"id": "not-a-uuid"}, OPTS)  # data naming no asset: not checked
-                await thumbs.add("PersonGenerateThumbnail", {"id": str(uuid.uuid4())}, OPTS)  # not per asset
+                await thumbs.add(PERSON_JOB, {"id": str(uuid.uuid4())}, OPTS)  # a face job: no such person
                 await thumbs.add("AssetGenerateThumbnailsQueueAll", {"force": False}, OPTS)  # not per asset
                 await editor.add(EDIT_JOB, {"id": healthy[0]}, OPTS)
                 await editor.add("AssetEditApply", {"id": healthy[0]}, OPTS)  # the editor's other work
@@ -234,14 +246,15 @@ async def test_every_result_with_exact_counts(valkey: EmbeddedValkey, immich_fac
                 raw(valkey).xadd(f"{PREFIX}:{QUEUE}:events", {"event": "added", "jobId": "9000", "name": JOB})
                 raw(valkey).xadd(f"{PREFIX}:{QUEUE}:events", {"event": "completed", "jobId": "9000",
                                                              "returnvalue": "null"})
-                s = await settled(col, 11)
+                s = await settled(col, 12)
                 await wait_for(lambda: raw(valkey).llen(f"{PREFIX}:{QUEUE}:wait") == 0, 10)
         # Three healthy assets and the one the handler wrote; two whose job changed nothing; two assets the
         # database does not have; a job without an asset and one whose data was gone.
         assert results(s) == {"written": 4, "no_effect": 2, "asset_missing": 2, "not_checked": 2}
         assert results(s, EDIT_JOB, EDITOR) == {"written": 1, "no_effect": 0, "asset_missing": 0, "not_checked": 0}
+        assert results(s, PERSON_JOB) == {"written": 0, "no_effect": 0, "asset_missing": 1, "not_checked": 0}
         assert not {j for (n, lab), _ in s.items() if n.startswith("immich_thumbnail_jobs")
-                    for k, j in lab if k == "job_name"} - {JOB, EDIT_JOB}
+                    for k, j in lab if k == "job_name"} - {JOB, EDIT_JOB, PERSON_JOB}
         assert _present(plan[fixed][0][0])
         # BullMQ's own view: every job completed, no status reported.
         q = flat(await queues.collect())
@@ -253,6 +266,33 @@ async def test_every_result_with_exact_counts(valkey: EmbeddedValkey, immich_fac
         await editor.close()
         await queues.close()
         await queues_pg.close()
+
+
+@pytest.mark.asyncio
+async def test_face_thumbnail_jobs_are_verified(valkey: EmbeddedValkey, immich_factory: Any, tmp_path: Path) -> None:
+    """``PersonGenerateThumbnail`` jobs (data ``{"id": personId}``) on an Immich-like worker: the person whose
+    face thumbnail the handler writes counts written, the one whose handler fails (caught, the job completes
+    with null) no_effect, by the person file check, under the face job's own name."""
+    imm: Immich = await immich_factory("v1.136+", Plan(assets=12, persons=4, person_thumbnail_missing=2))
+    paths = await face_thumbnails(imm)
+    lost = sorted(p for p, path in paths.items() if not _present(path))
+    assert len(lost) == 2, paths
+    fixed, broken = lost
+    plan = {fixed: [[paths[fixed], base64.b64encode(jpeg(PERSON_SIZE)).decode()]]}  # nothing for ``broken``
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    config = make_config(valkey, imm)
+    thumbs = Queue(QUEUE, {"connection": valkey.url, "prefix": PREFIX})
+    try:
+        async with verification(config) as col:
+            with immich_worker(valkey, tmp_path, WRITE_PLAN=str(tmp_path / "plan.json")):
+                for person in (fixed, broken):
+                    await thumbs.add(PERSON_JOB, {"id": person}, OPTS)
+                s = await settled(col, 2)
+        assert results(s, PERSON_JOB) == {"written": 1, "no_effect": 1, "asset_missing": 0, "not_checked": 0}
+        assert results(s)["written"] is None  # no asset job ran: no asset series
+        assert _present(paths[fixed]) and not _present(paths[broken])
+    finally:
+        await thumbs.close()
 
 
 @pytest.mark.asyncio

@@ -795,13 +795,15 @@ async def _has_waiting(pending: Any, n: int) -> bool:
 async def test_serve_with_remediation_holds_one_event_stream_connection(
     valkey: EmbeddedValkey, immich_db: Immich, tmp_path: Path
 ) -> None:
-    """With remediation enabled, ``serve`` holds one event-stream connection, whatever the number of
-    followers: the job counters, job verification and regeneration's watch share one reader."""
+    """With remediation enabled (face thumbnails too), ``serve`` holds one event-stream connection, whatever
+    the number of followers: the job counters, job verification and regeneration's two watches (asset
+    jobs, ``PersonGenerateThumbnail`` jobs) share one reader."""
     env = {"REDIS_URL": valkey.url, "DB_URL": immich_db.dsn}
     flags = {
         "intervals.queues": "1s", "collectors.files": "false", "media.root": immich_db.media,
         "immich.url": "http://127.0.0.1:1", "immich.api_key": "not-used", "remediation.enabled": True,
         "remediation.interval": "1s", "remediation.state_dir": str(tmp_path / "state"),
+        "remediation.kinds": "thumbnail, preview, person",
     }
     async with bull_queue(valkey) as queue:
         await add_jobs(queue, new_ids(1))
@@ -809,8 +811,8 @@ async def test_serve_with_remediation_holds_one_event_stream_connection(
             readers = {id(c.events) for c in ex.runner.collections if getattr(c, "events", None) is not None}
             assert len(readers) == 1, [c.name for c in ex.runner.collections]
             reader = next(c.events for c in ex.runner.collections if getattr(c, "events", None) is not None)
-            # Counters, job verification, regeneration's watch: three followers of the one reader.
-            await wait_for(lambda: reader.subscribers >= 3, 20, 0.1)
+            # Counters, job verification, regeneration's two watches: four followers of the one reader.
+            await wait_for(lambda: reader.subscribers >= 4, 20, 0.1)
             await wait_for(lambda: reader.stats.steps >= 5, 20, 0.1)
             # Everything added is delivered (to every follower) through that one connection.
             await add_jobs(queue, new_ids(2))

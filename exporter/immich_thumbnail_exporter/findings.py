@@ -15,7 +15,13 @@ ASSET_TYPES = ("image", "video")
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """One missing or broken thumbnail-type file of one asset (the rows of ``/problems`` and ``scan``)."""
+    """One missing or broken thumbnail-type file of one asset (the rows of ``/problems`` and ``scan``).
+
+    A face thumbnail's row (``kind`` ``person``) has the same fields, read for the person: ``asset_id`` is
+    the person's id, ``owner_id`` the person's owner, ``asset_type`` ``person``, ``path`` the stored
+    ``person."thumbnailPath"``, and ``original_path`` / ``original_exists`` the original of the asset that
+    holds the person's current feature face (what Immich crops the face from; None when the person has
+    none)."""
 
     asset_id: str
     owner_id: str
@@ -52,6 +58,8 @@ class FileStats:
     orphaned_files: int = 0
     orphaned_bytes: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    # Face thumbnails missing or broken, by reason (every person counts: no eligibility rule applies).
+    person_missing: Counter[str] = field(default_factory=Counter)
     # False when the walk read no sizes (``checks.file_sizes: false``): bytes and file_empty are unknown.
     sizes_known: bool = True
     originals_missing: int | None = None

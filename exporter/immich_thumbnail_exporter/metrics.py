@@ -36,14 +36,15 @@ _DEFS = [
         "Eligible assets with no asset_job_status row: Immich's Missing job never queues them."),
     Def("immich_assets_original_missing", "gauge", (),
         "Eligible assets whose original file is gone: regenerating thumbnails cannot fix them."),
+    Def("immich_person_thumbnails_missing", "gauge", ("reason",),
+        "Face (person) thumbnails whose person.thumbnailPath names a file that is missing or broken, by reason: "
+        "Immich's Missing job never remakes them."),
     Def("immich_thumbnail_files", "gauge", ("kind",), "Thumbnail-type files on disk referenced by the database."),
     Def("immich_thumbnail_bytes", "gauge", ("kind",),
         "Bytes of thumbnail-type files on disk referenced by the database."),
     Def("immich_thumbnail_orphaned_files", "gauge", (), "Files under thumbs/ that nothing in the database references."),
     Def("immich_thumbnail_orphaned_bytes", "gauge", (),
         "Bytes of files under thumbs/ that nothing in the database references."),
-    Def("immich_person_thumbnails_missing", "gauge", ("reason",),
-        "Face (person) thumbnails whose person.thumbnailPath names a file that is missing or broken."),
     Def("immich_media_filesystem_size_bytes", "gauge", ("folder",),
         "Size of the filesystem holding each of Immich's storage folders (thumbs, upload, library, ...)."),
     Def("immich_media_filesystem_avail_bytes", "gauge", ("folder",),
@@ -68,9 +69,9 @@ _DEFS = [
         "Jobs finished, by outcome: completed (no status reported, as Immich's processor does), success, "
         "skipped, failed (a status the server passed) or error (thrown)."),
     Def("immich_thumbnail_jobs_verified", "counter", ("queue", "job_name", "result"),
-        "Finished per-asset thumbnail jobs, their asset checked in the database and on disk afterwards: written, "
-        "no_effect (a file still missing or broken), asset_missing (not an asset to make thumbnails for), "
-        "not_checked (asset not learned in time, or check shed under load)."),
+        "Finished per-asset (and face) thumbnail jobs, their asset (or person) checked in the database and on disk "
+        "afterwards: written, no_effect (a file still missing or broken), asset_missing (not an asset to make "
+        "thumbnails for, or no such person), not_checked (not learned in time, or check shed under load)."),
     Def("immich_job_wait_seconds", "histogram", ("queue", "job_name"), "Time from a job being added to it starting."),
     Def("immich_job_run_seconds", "histogram", ("queue", "job_name"), "Time from a job starting to it finishing."),
     Def("immich_regeneration_requests", "counter", ("result",),

@@ -14,6 +14,20 @@ RECORD_KINDS = ("thumbnail", "preview")
 REASONS = ("no_record", "file_missing", "file_empty", "file_corrupt", "file_unreadable")
 FILE_REASONS = tuple(r for r in REASONS if r != "no_record")
 
+# Face (person) thumbnails: ``person."thumbnailPath"``, judged by the same file rule as an asset's files.
+# A problem row of this kind names the person (``Problem.asset_id`` holds the person's id); it is never
+# an asset's kind (``KINDS``), so nothing that asks Immich for an asset's thumbnails ever sees it.
+PERSON_KIND = "person"
+# Every ``kind`` a problem row (``/problems``, ``scan``) can have.
+PROBLEM_KINDS = (*KINDS, PERSON_KIND)
+# ``immich_person_thumbnails_missing{reason}``: a person's row always names a path (Immich's "Missing"
+# job already remakes the ones whose path is ``''``), so only the disk's reasons apply.
+PERSON_REASONS = FILE_REASONS
+# The job that writes a face thumbnail, on the thumbnail queue, data ``{"id": <personId>}`` (v1.137+; the
+# same job was ``generate-person-thumbnail`` before).
+PERSON_THUMBNAIL_JOB = "PersonGenerateThumbnail"
+PERSON_THUMBNAIL_JOB_NAMES = frozenset({PERSON_THUMBNAIL_JOB, "generate-person-thumbnail"})
+
 # BullMQ job states as the ``state`` label names them (Immich's API has no "prioritized" count).
 QUEUE_STATES = ("waiting", "active", "delayed", "prioritized", "paused", "failed", "completed")
 
@@ -95,7 +109,24 @@ WHY = (
     "no_effect",  # its job finished (or left the queue) and the files are still missing
     "no_job",  # no job names it in the queue
     "queue_unknown",  # Redis is not configured or could not be read
+    # Its original (a face thumbnail: its feature face's asset's original) is why (``remediation/original.py``).
+    "original_missing", "original_unreadable", "original_corrupt", "original_checksum_mismatch",
+    "no_face",  # a person with no feature face: Immich has nothing to crop its thumbnail from
 )
+
+# Why an asset is still broken, as its original says (``remediation/original.py``): the original read once,
+# inside the media root, for the few assets still broken after their attempts. The ``original_*`` codes
+# other than ``original_ok`` and ``original_unchecked`` are reasons regeneration cannot fix the asset.
+ORIGINAL_OK = "original_ok"  # there, readable, an image or video by its header, its SHA-1 the asset's checksum
+ORIGINAL_MISSING = "original_missing"  # no file at the asset's originalPath
+ORIGINAL_UNREADABLE = "original_unreadable"  # there, and cannot be read (permissions, I/O error, not a file)
+ORIGINAL_CORRUPT = "original_corrupt"  # empty, or its first bytes are neither an image nor a video
+ORIGINAL_CHECKSUM_MISMATCH = "original_checksum_mismatch"  # its content's SHA-1 is not asset.checksum
+ORIGINAL_UNCHECKED = "original_unchecked"  # not read: outside the media root, or no answer in time
+ORIGINAL_RESULTS = (ORIGINAL_OK, ORIGINAL_MISSING, ORIGINAL_UNREADABLE, ORIGINAL_CORRUPT, ORIGINAL_CHECKSUM_MISMATCH,
+                    ORIGINAL_UNCHECKED)
+# The codes that explain why regenerating cannot help.
+ORIGINAL_BROKEN = (ORIGINAL_MISSING, ORIGINAL_UNREADABLE, ORIGINAL_CORRUPT, ORIGINAL_CHECKSUM_MISMATCH)
 
 # Immich v3's own integrity report (table ``integrity_report``): its entry types, the ``type`` label.
 INTEGRITY_TYPES = ("missing_file", "untracked_file", "checksum_mismatch")

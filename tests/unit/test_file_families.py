@@ -47,35 +47,49 @@ FILES = ['immich_thumbnail_files{kind="thumbnail"} 7.0', 'immich_thumbnail_files
 BYTES = ['immich_thumbnail_bytes{kind="thumbnail"} 700.0', 'immich_thumbnail_bytes{kind="preview"} 8000.0',
          'immich_thumbnail_bytes{kind="fullsize"} 0.0']
 REFUSED = ['immich_exporter_paths_refused{kind="thumbnail"} 1.0', 'immich_exporter_paths_refused{kind="preview"} 0.0',
-           'immich_exporter_paths_refused{kind="fullsize"} 0.0']
+           'immich_exporter_paths_refused{kind="fullsize"} 0.0', 'immich_exporter_paths_refused{kind="person"} 0.0']
+
+
+def people(sized: bool = True, **values: float) -> list[str]:
+    """Every face-thumbnail series, in order, 0 unless given by reason (people count whatever the asset)."""
+    reasons = ("file_missing", "file_empty", "file_corrupt", "file_unreadable") if sized else (
+        "file_missing", "file_corrupt", "file_unreadable")
+    return [f'immich_person_thumbnails_missing{{reason="{r}"}} {float(values.get(r, 0))}' for r in reasons]
 
 
 @pytest.mark.parametrize(
     ("stats", "check_originals", "expected"),
     [
         (found(), False, [*missing(**FOUND), *FILES, *BYTES, "immich_thumbnail_orphaned_files 2.0",
-                          "immich_thumbnail_orphaned_bytes 50.0", *REFUSED]),
+                          "immich_thumbnail_orphaned_bytes 50.0", *REFUSED, *people()]),
+        # Face thumbnails: their own family, and their refused paths under kind="person".
+        (found(person_missing=Counter({"file_missing": 2, "file_corrupt": 1}),
+               refused=Counter({"thumbnail": 1, "person": 3})), False,
+         [*missing(**FOUND), *FILES, *BYTES, "immich_thumbnail_orphaned_files 2.0",
+          "immich_thumbnail_orphaned_bytes 50.0", *REFUSED[:3], 'immich_exporter_paths_refused{kind="person"} 3.0',
+          *people(file_missing=2, file_corrupt=1)]),
         # Originals checked: their count follows; not checked (None) it is left out even when asked.
         (found(originals_missing=4), True,
          [*missing(**FOUND), *FILES, *BYTES, "immich_thumbnail_orphaned_files 2.0",
-          "immich_thumbnail_orphaned_bytes 50.0", *REFUSED, "immich_assets_original_missing 4.0"]),
+          "immich_thumbnail_orphaned_bytes 50.0", *REFUSED, *people(), "immich_assets_original_missing 4.0"]),
         (found(originals_missing=None), True, [*missing(**FOUND), *FILES, *BYTES,
                                                "immich_thumbnail_orphaned_files 2.0",
-                                               "immich_thumbnail_orphaned_bytes 50.0", *REFUSED]),
+                                               "immich_thumbnail_orphaned_bytes 50.0", *REFUSED, *people()]),
         (found(originals_missing=4), False, [*missing(**FOUND), *FILES, *BYTES,
                                              "immich_thumbnail_orphaned_files 2.0",
-                                             "immich_thumbnail_orphaned_bytes 50.0", *REFUSED]),
+                                             "immich_thumbnail_orphaned_bytes 50.0", *REFUSED, *people()]),
         # No sizes read: no bytes and no file_empty, rather than zeros that would claim there are none.
         (found(sizes_known=False, bytes=Counter(), orphaned_bytes=0,
                missing=Counter({("thumbnail", "file_missing"): 3, ("preview", "file_corrupt"): 2})), False,
          [*missing(False, thumbnail__file_missing=3, preview__file_corrupt=2), *FILES,
-          "immich_thumbnail_orphaned_files 2.0", *REFUSED]),
+          "immich_thumbnail_orphaned_files 2.0", *REFUSED, *people(False)]),
         # Nothing wrong: every series still there, at 0.
         (FileStats(), False, [*missing(), *(f.rsplit(" ", 1)[0] + " 0.0" for f in FILES),
                               *(b.rsplit(" ", 1)[0] + " 0.0" for b in BYTES), "immich_thumbnail_orphaned_files 0.0",
-                              "immich_thumbnail_orphaned_bytes 0.0", *(r.rsplit(" ", 1)[0] + " 0.0" for r in REFUSED)]),
+                              "immich_thumbnail_orphaned_bytes 0.0", *(r.rsplit(" ", 1)[0] + " 0.0" for r in REFUSED),
+                              *people()]),
     ],
-    ids=["found", "originals", "originals-unchecked", "originals-off", "no-sizes", "clean"],
+    ids=["found", "people", "originals", "originals-unchecked", "originals-off", "no-sizes", "clean"],
 )
 def test_file_families(stats: FileStats, check_originals: bool, expected: list[str]) -> None:
     assert lines(render(file_families(result(stats), check_originals))) == expected

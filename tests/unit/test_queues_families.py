@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.core import Metric
 
 from immich_thumbnail_exporter.collectors.job_events import MAX_JOB_NAMES, UNKNOWN, JobCounters, outcome_of
-from immich_thumbnail_exporter.collectors.job_verification import Limits, Verifier, verified_samples
+from immich_thumbnail_exporter.collectors.job_verification import Limits, Verifier, verdict, verified_samples
 from immich_thumbnail_exporter.collectors.queues import (
     AgeFamilies,
     age_seconds,
@@ -27,6 +27,7 @@ from immich_thumbnail_exporter.collectors.queues import (
 )
 from immich_thumbnail_exporter.config import load_config
 from immich_thumbnail_exporter.metrics import counter
+from immich_thumbnail_exporter.scan.verdict import PersonVerdict
 from immich_thumbnail_exporter.sources.bullmq import JobHash, QueueSample
 from immich_thumbnail_exporter.sources.bullmq_events import OK, REREAD, STOP, Cursor, continuity, parse_id
 from immich_thumbnail_exporter.sources.bullmq_follow import ASSET, PERSON, FinishedJob, JobFollower
@@ -290,12 +291,15 @@ def deliver(f: JobFollower, entries: list[tuple[str, Any]], hashes: dict[str, Jo
     f.deliver(events)
 
 
-@pytest.mark.parametrize(("kinds", "expected"), [
-    (frozenset({ASSET}), [("1", JOB, A1, ASSET, False), ("3", "unknown", None, ASSET, True)]),
+@pytest.mark.parametrize(("kinds", "expected", "names"), [
+    (frozenset({ASSET}), [("1", JOB, A1, ASSET, False), ("3", "unknown", None, ASSET, True)], {(Q, JOB)}),
+    # Job verification's follower: face jobs too, and their own verified series.
     (frozenset({ASSET, PERSON}), [("1", JOB, A1, ASSET, False), ("2", "PersonGenerateThumbnail", PERSON_ID, PERSON,
-                                                                   False), ("3", "unknown", None, ASSET, True)]),
+                                                                   False), ("3", "unknown", None, ASSET, True)],
+     {(Q, JOB), (Q, "PersonGenerateThumbnail")}),
 ])
-def test_the_follower_hands_back_finished_thumbnail_jobs(kinds: frozenset[str], expected: list[Any]) -> None:
+def test_the_follower_hands_back_finished_thumbnail_jobs(kinds: frozenset[str], expected: list[Any],
+                                                         names: set[tuple[str, str]]) -> None:
     f, got = follower(kinds)
     deliver(f, [
         entry(1, event="added", jobId="1", name=JOB),
@@ -307,7 +311,38 @@ def test_the_follower_hands_back_finished_thumbnail_jobs(kinds: frozenset[str], 
         "3": JobHash(None, None)})
     assert [(j.job_id, j.name, j.entity_id, j.kind, j.failed) for j in got] == expected
     assert all(j.asset_id is None for j in got if j.kind == PERSON)
-    assert f.names == {(Q, JOB)}  # face jobs never make verified series of their own
+    assert f.names == names
+    assert f.wants(Q, "PersonGenerateThumbnail") == (PERSON in kinds)  # no face job's data read for nothing
+
+
+@pytest.mark.parametrize(("results", "expected"), [
+    # An asset and a person with the same id are told apart by the job's kind.
+    ({(ASSET, A1): "written", (PERSON, A1): "no_effect"},
+     {(Q, JOB, "written"): 1, (Q, "PersonGenerateThumbnail", "no_effect"): 1}),
+    # No answer for an id: not in the database.
+    ({(ASSET, A1): "written"}, {(Q, JOB, "written"): 1, (Q, "PersonGenerateThumbnail", "asset_missing"): 1}),
+])
+def test_the_verifier_counts_face_jobs_by_their_person(results: dict[tuple[str, str], str],
+                                                       expected: dict[tuple[str, str, str], int]) -> None:
+    verifier = Verifier(Limits(settle=0.0))
+    verifier.add(FinishedJob(Q, "1", JOB, A1, False, 0), 0.0)
+    verifier.add(FinishedJob(Q, "2", "PersonGenerateThumbnail", A1, False, 0, PERSON), 0.0)
+    verifier.add(FinishedJob(Q, "3", "PersonGenerateThumbnail", None, False, 0, PERSON), 0.0)  # not learned
+    verifier.record(verifier.take(1.0), results)
+    assert verifier.counts == {**expected, (Q, "PersonGenerateThumbnail", "not_checked"): 1}
+
+
+@pytest.mark.parametrize(("check", "result"), [
+    (PersonVerdict(PERSON_ID, exists=False), "asset_missing"),
+    (PersonVerdict(PERSON_ID, True, "o", "/p.jpeg", A1), "written"),
+    (PersonVerdict(PERSON_ID, True, "o", "/p.jpeg", A1, problems=[("person", "file_missing", "/p.jpeg")]),
+     "no_effect"),
+    (PersonVerdict(PERSON_ID, True, "o", "", A1, problems=[("person", "no_record", "")]), "no_effect"),
+    (PersonVerdict(PERSON_ID, True, "o", "/../x", A1, problems=[("person", "path_refused", "/../x")]),
+     "not_checked"),
+])
+def test_a_face_job_is_judged_by_its_person(check: PersonVerdict, result: str) -> None:
+    assert verdict(check) == result
 
 
 # -- the client ------------------------------------------------------------------------------------

@@ -16,20 +16,22 @@ from immich_thumbnail_exporter.config import Config, duration_argument
 from immich_thumbnail_exporter.output.regenerate_report import write_json, write_table
 from immich_thumbnail_exporter.remediation.engine import Failure, Options, regenerate
 from immich_thumbnail_exporter.remediation.report import EXIT_ERROR
-from immich_thumbnail_exporter.sources.immich_access import preflight
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.sources.immich_access import FACES, REGENERATION, preflight
+from immich_thumbnail_exporter.vocabulary import KINDS, PROBLEM_KINDS, REASONS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("regenerate")
     g.add_argument("--apply", action="store_true",
                    help="really ask Immich (otherwise a dry run that prints what it would do)")
-    g.add_argument("--kind", action="append", choices=KINDS, metavar="KIND",
-                   help="only problems of this kind: thumbnail, preview, fullsize (repeatable; default all)")
+    g.add_argument("--kind", action="append", choices=PROBLEM_KINDS, metavar="KIND",
+                   help="only problems of this kind: thumbnail, preview, fullsize, or person for face "
+                   "thumbnails (repeatable; default thumbnail, preview and fullsize)")
     g.add_argument("--reason", action="append", choices=REASONS, metavar="REASON",
                    help="only problems with this reason (repeatable; default all; file_unreadable is only "
                    "submitted when named here)")
-    g.add_argument("--asset", action="append", metavar="ID", help="only this asset (repeatable)")
+    g.add_argument("--asset", action="append", metavar="ID",
+                   help="only this asset (repeatable); with only --kind person, this person")
     g.add_argument("--limit", type=int, metavar="N", help="submit at most N assets in this run")
     g.add_argument("--batch-size", type=int, metavar="N",
                    help="assets per request (default remediation.batch_size)")
@@ -101,7 +103,7 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     try:
         opts = options_from_args(config, args)
         if opts.apply and config.immich.enabled:  # know the key before the first request (sources/immich_access)
-            lines, refused = asyncio.run(preflight(config.immich))
+            lines, refused = asyncio.run(key_preflight(config, opts))
             for line in lines:
                 print(line, file=sys.stderr)
             if refused is not None:
@@ -117,3 +119,16 @@ def run_command(config: Config, args: argparse.Namespace) -> int:
     for error in report.errors:
         print(f"error: {error}", file=sys.stderr)
     return report.exit_code()
+
+
+async def key_preflight(config: Config, opts: Options) -> tuple[list[str], str | None]:
+    """The key checked for what the run asks: regeneration for asset kinds, face thumbnails for
+    ``person``. The key's lines once; the first feature it cannot do stops the run."""
+    features = ([REGENERATION] if opts.asset_kinds else []) + ([FACES] if opts.people else [])
+    shown: list[str] = []
+    for feature in features:
+        lines, refused = await preflight(config.immich, feature)
+        shown = shown or lines
+        if refused is not None:
+            return shown, refused
+    return shown, None

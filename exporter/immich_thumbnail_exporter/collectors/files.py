@@ -11,7 +11,7 @@ from immich_thumbnail_exporter.metrics import gauge
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.store import Part
-from immich_thumbnail_exporter.vocabulary import FILE_REASONS, KINDS
+from immich_thumbnail_exporter.vocabulary import FILE_REASONS, KINDS, PERSON_KIND, PERSON_REASONS
 
 
 def file_families(result: ScanResult, check_originals: bool) -> list[Metric]:
@@ -23,14 +23,17 @@ def file_families(result: ScanResult, check_originals: bool) -> list[Metric]:
     immich_thumbnail_orphaned_bytes 12000
     immich_assets_original_missing 1
     immich_exporter_paths_refused{kind="thumbnail"} 1
+    immich_exporter_paths_refused{kind="person"} 0
+    immich_person_thumbnails_missing{reason="file_missing"} 2
 
     With ``checks.file_sizes: false`` the walk reads no sizes: the two ``_bytes`` families and the
-    ``file_empty`` series are left out rather than shown as 0.
+    ``file_empty`` series (of assets and of people) are left out rather than shown as 0.
     """
     stats = result.stats
     assert stats is not None
     sized = stats.sizes_known
     reasons = FILE_REASONS if sized else tuple(r for r in FILE_REASONS if r != "file_empty")
+    person_reasons = tuple(r for r in PERSON_REASONS if sized or r != "file_empty")
     fams = [
         gauge("immich_asset_files_missing", [
             ((k, r), float(stats.missing[(k, r)])) for k in KINDS for r in reasons
@@ -39,7 +42,8 @@ def file_families(result: ScanResult, check_originals: bool) -> list[Metric]:
         *([gauge("immich_thumbnail_bytes", [((k,), float(stats.bytes[k])) for k in KINDS])] if sized else []),
         gauge("immich_thumbnail_orphaned_files", [((), float(stats.orphaned_files))]),
         *([gauge("immich_thumbnail_orphaned_bytes", [((), float(stats.orphaned_bytes))])] if sized else []),
-        gauge("immich_exporter_paths_refused", [((k,), float(stats.refused[k])) for k in KINDS]),
+        gauge("immich_exporter_paths_refused", [((k,), float(stats.refused[k])) for k in (*KINDS, PERSON_KIND)]),
+        gauge("immich_person_thumbnails_missing", [((r,), float(stats.person_missing[r])) for r in person_reasons]),
     ]
     if check_originals and stats.originals_missing is not None:
         fams.append(gauge("immich_assets_original_missing", [((), float(stats.originals_missing))]))

@@ -1,4 +1,4 @@
-"""The ``job_verification`` collection: what every per-asset thumbnail job really left behind.
+"""The ``job_verification`` collection: what every per-asset (and face) thumbnail job really left behind.
 
 On a real Immich every thumbnail job completes with no status (its processor catches the handler's
 errors), so BullMQ cannot say whether the files were made. This collection can: shortly after each job
@@ -9,7 +9,8 @@ the files on disk: missing, empty, corrupt, refused path) and counts
 * ``written``: every thumbnail-type file the asset should have is there and sound;
 * ``no_effect``: the job finished and a file is still missing or broken;
 * ``asset_missing``: the job named an asset that is not in the database (the "not found" noise after a
-  restore), or one Immich makes no thumbnails for (deleted, or the hidden half of a live photo);
+  restore), or one Immich makes no thumbnails for (deleted, or the hidden half of a live photo); for a
+  face job, a person that is not in the database;
 * ``not_checked``: the job's asset could not be learned while the job existed, the check was shed
   because more jobs finished than ``Limits.checks_per_second`` allows (the bounded queue was full), it
   waited longer than ``Limits.max_age`` behind a busy or absent database, or a path was refused.
@@ -18,11 +19,15 @@ The work runs in the background, so a scrape or a round never waits on it: the f
 (``sources/bullmq_follow.py``, a subscriber of the process's one event reader, ``sources/bullmq_reader.py``)
 hands each finished job to the verifier as it is read, and the checker task
 (``scan.targeted.check_assets``: batches of at most ``Limits.batch`` assets, one query for their rows,
-no walk of the tree) checks them. Both survive outages: the reader and the checker report the source
-down, back off (capped) and carry on. ``collect`` only publishes the counters and the sources' states.
+no walk of the tree; ``check_people`` likewise for the people of face jobs) checks them. Both survive
+outages: the reader and the checker report the source down, back off (capped) and carry on. ``collect``
+only publishes the counters and the sources' states.
 
-Face thumbnail jobs (``PersonGenerateThumbnail``) are delivered by the follower with ``kind="person"``
-only when asked for (``JobFollower(kinds=...)``); this collection counts per-asset jobs.
+Face thumbnail jobs (``PersonGenerateThumbnail``, data ``{"id": personId}``): the follower hands them
+over with ``kind="person"``; the person's face thumbnail is checked by the same file rule
+(``check_people``: ``person."thumbnailPath"``, the file present, not empty, a real image) and counted
+under the same family with the job's own name: written, no_effect, asset_missing (no such person),
+not_checked.
 """
 
 from __future__ import annotations
@@ -38,8 +43,14 @@ from math import floor
 from immich_thumbnail_exporter.collectors.base import Outcome
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.metrics import counter
-from immich_thumbnail_exporter.scan.targeted import AssetVerdict, check_assets, media_mapper
-from immich_thumbnail_exporter.sources.bullmq_follow import FinishedJob, JobFollower
+from immich_thumbnail_exporter.scan.targeted import (
+    AssetVerdict,
+    PersonVerdict,
+    check_assets,
+    check_people,
+    media_mapper,
+)
+from immich_thumbnail_exporter.sources.bullmq_follow import ASSET, PERSON, FinishedJob, JobFollower
 from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
 from immich_thumbnail_exporter.sources.health import SourceStates
 from immich_thumbnail_exporter.sources.media import probe_filesystem
@@ -74,8 +85,9 @@ class Limits:
     max_age: float = 600.0  # a job still unchecked this long after it finished is counted not_checked
 
 
-def verdict(check: AssetVerdict) -> str:
-    """The result for one checked asset (the file check's rule, ``scan.targeted``), read for a finished job."""
+def verdict(check: AssetVerdict | PersonVerdict) -> str:
+    """The result for one checked asset, or person (the file check's rule, ``scan.targeted``), read for a
+    finished job. A person has no eligibility rule: there is one, or there is not."""
     if not check.exists or not check.eligible:
         return ASSET_MISSING
     problems = check.broken()
@@ -121,7 +133,7 @@ class Verifier:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def add(self, job: FinishedJob, now: float) -> None:
-        if job.asset_id is None:
+        if job.entity_id is None:
             self.count(job, NOT_CHECKED)
         elif len(self.pending) >= self.limits.max_pending:
             self.shed += 1
@@ -153,11 +165,12 @@ class Verifier:
             return 0.25
         return min(0.25, max(0.01, self.pending[0].due - now, self._limiter.delay()))
 
-    def record(self, batch: list[_Pending], results: dict[str, str]) -> None:
+    def record(self, batch: list[_Pending], results: Mapping[tuple[str, str], str]) -> None:
+        """Count each job's result: ``results`` by (kind, asset or person id)."""
         self.batches += 1
         for item in batch:
-            assert item.job.asset_id is not None
-            self.count(item.job, results.get(item.job.asset_id, ASSET_MISSING))
+            assert item.job.entity_id is not None
+            self.count(item.job, results.get((item.job.kind, item.job.entity_id), ASSET_MISSING))
             self.checked += 1
 
 
@@ -177,7 +190,8 @@ class JobVerificationCollection:
         self.verifier = Verifier(self.limits)
         # The process's one event reader (shared with the queue counters and regeneration).
         self.events = EventReader.attach(config.redis)
-        self.follower = JobFollower(self.events, THUMBNAIL_JOBS_BY_QUEUE, sink=self._finished)
+        self.follower = JobFollower(self.events, THUMBNAIL_JOBS_BY_QUEUE, frozenset({ASSET, PERSON}),
+                                    sink=self._finished)
         self._mapping: tuple[Schema, PathMapper] | None = None
         self.root = config.media.root
         self._task: asyncio.Task[None] | None = None
@@ -237,7 +251,7 @@ class JobVerificationCollection:
                 await asyncio.sleep(self.verifier.next_due(now))
                 continue
             try:
-                results = await self._check([p.job.asset_id for p in batch if p.job.asset_id])
+                results = await self._check([p.job for p in batch])
             except asyncio.CancelledError:
                 self.verifier.put_back(batch)
                 raise
@@ -251,19 +265,28 @@ class JobVerificationCollection:
             self._errors.pop("internal", None)
             self.verifier.record(batch, results)
 
-    async def _check(self, asset_ids: Iterable[str]) -> dict[str, str]:
+    async def _check(self, jobs: Iterable[FinishedJob]) -> dict[tuple[str, str], str]:
         """One batch: the media folder must answer first (an unmounted volume would make every file look
-        missing), then the rows of every asset in one go and the files they name."""
+        missing), then the rows of every asset (and person) in one go and the files they name. Returns
+        each result by (kind, id)."""
         await probe_filesystem(self.root, FS_PROBE_TIMEOUT)
         self._set("filesystem", True)
-        ids = sorted(set(asset_ids))
+        ids: dict[str, set[str]] = {ASSET: set(), PERSON: set()}
+        for job in jobs:
+            if job.entity_id is not None:
+                ids[job.kind].add(job.entity_id)
         timeout = float(self.config.database.statement_timeout)
         schema, mapper = await asyncio.wait_for(self.prepare(), timeout + 30)
-        checks = await asyncio.wait_for(
-            check_assets(self.pg, schema, mapper, ids, batch_size=self.limits.batch, timeout=timeout), timeout + 30
-        )
+        out: dict[tuple[str, str], str] = {}
+        for kind, check in ((ASSET, check_assets), (PERSON, check_people)):
+            if not ids[kind]:
+                continue
+            checks: Mapping[str, AssetVerdict | PersonVerdict] = await asyncio.wait_for(
+                check(self.pg, schema, mapper, sorted(ids[kind]), batch_size=self.limits.batch, timeout=timeout),
+                timeout + 30)
+            out.update(((kind, i), verdict(c)) for i, c in checks.items())
         self._set("postgres", True)
-        return {a: verdict(c) for a, c in checks.items()}
+        return out
 
     async def prepare(self) -> tuple[Schema, PathMapper]:
         """The schema and the media mapping, looked up once (again after a failed batch)."""

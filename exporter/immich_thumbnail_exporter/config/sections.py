@@ -28,7 +28,7 @@ from immich_thumbnail_exporter.config.types import (
     auto_or_absolute_path,
     http_url,
 )
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import PROBLEM_KINDS, REASONS
 
 LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 LOG_FORMATS: Final = ("logfmt", "json")
@@ -165,8 +165,8 @@ class RemediationConfig(_Section):
 
     enabled: Switch = False
     """Needs immich.url and immich.api_key: regeneration goes through Immich's API only."""
-    kinds: Annotated[tuple[str, ...], OneOf("kind", KINDS)] = ("thumbnail", "preview", "fullsize")
-    """Kinds of problem remediation may act on."""
+    kinds: Annotated[tuple[str, ...], OneOf("kind", PROBLEM_KINDS)] = ("thumbnail", "preview", "fullsize")
+    """Kinds of problem remediation may act on; add person for face thumbnails (PUT /api/people/{id})."""
     batch_size: Annotated[Integer, Between(1, 1000, "expected 1 to 1000")] = 50
     """Assets per request."""
     max_per_round: Annotated[Integer, Between(1, None, "expected 1 or more")] = 500

@@ -23,7 +23,7 @@ from immich_thumbnail_exporter import __version__
 from immich_thumbnail_exporter.exposition.webconfig import WebConfig
 from immich_thumbnail_exporter.findings import ProblemFeed
 from immich_thumbnail_exporter.store import Store, StoreCollector
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import PROBLEM_KINDS, REASONS
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +102,14 @@ def _bad_request(message: str) -> web.Response:
 
 
 async def problems(request: web.Request) -> web.Response:
+    """The last file check's problem rows (``Problem.to_dict``). A face thumbnail's row has ``kind``
+    ``person`` and the same fields, read for the person: ``asset_id`` is the person's id, ``asset_type``
+    ``person``, ``path`` its ``thumbnailPath``, ``original_*`` the original of its feature face's asset."""
     store = request.app[STORE]
     query = request.query
     kind, reason = query.get("kind"), query.get("reason")
-    if kind is not None and kind not in KINDS:
-        return _bad_request(f"kind must be one of {', '.join(KINDS)}")
+    if kind is not None and kind not in PROBLEM_KINDS:
+        return _bad_request(f"kind must be one of {', '.join(PROBLEM_KINDS)}")
     if reason is not None and reason not in REASONS:
         return _bad_request(f"reason must be one of {', '.join(REASONS)}")
     try:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from immich_thumbnail_exporter.findings import FolderSpace, Problem, ProblemStore
 from immich_thumbnail_exporter.scan.run import ScanResult
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_REASONS, REASONS
 
 if TYPE_CHECKING:
     from immich_thumbnail_exporter.remediation.queue_view import Throughput
@@ -80,7 +80,8 @@ def regeneration_review(problems: ProblemStore | Sequence[Problem]) -> dict[str,
     does not change. Everything else is fixable by asking Immich to regenerate the asset: one job per asset.
     """
     # Iterated twice (a ProblemStore re-reads its spill file): never all problems in memory at once.
-    lost = {p.asset_id for p in problems if p.original_exists is False}
+    # Face thumbnails (kind person) are people, not assets: ``regenerate --kind person`` remakes them.
+    lost = {p.asset_id for p in problems if p.original_exists is False and p.kind != PERSON_KIND}
     can: Counter[str] = Counter()
     original_missing: Counter[str] = Counter()
     unreadable: Counter[str] = Counter()
@@ -88,6 +89,8 @@ def regeneration_review(problems: ProblemStore | Sequence[Problem]) -> dict[str,
     assets_unreadable: set[str] = set()
     unchecked = 0
     for p in problems:
+        if p.kind == PERSON_KIND:
+            continue
         if p.asset_id in lost:
             original_missing[p.reason] += 1
         elif p.reason == "file_unreadable":
@@ -195,6 +198,9 @@ def summary(result: ScanResult, throughput: Throughput | str | None = None) -> d
         out["paths_refused"] = sum(stats.refused.values())
         out["originals_missing"] = stats.originals_missing
         out["database_rows"] = stats.rows
+        out["person_thumbnails_missing"] = {
+            r: stats.person_missing[r] for r in PERSON_REASONS if r != "file_empty" or stats.sizes_known
+        }
     return out
 
 
@@ -296,6 +302,10 @@ def write_table(
             w(f"Paths refused (outside the media location or with '..'): {s['paths_refused']}\n")
         if s["originals_missing"] is not None:
             w(f"Originals missing: {s['originals_missing']}\n")
+        faces = s["person_thumbnails_missing"]
+        if any(faces.values()):
+            w(f"Face (person) thumbnails missing or broken: {sum(faces.values())} ("
+              + ", ".join(f"{r} {n}" for r, n in faces.items() if n) + "): regenerate --kind person remakes them\n")
     regen = s["regeneration"]
     w(f"Regeneration can fix {regen['can_fix']} problem(s); {regen['cannot_fix_original_missing']} have no "
       "original file and need a restore from backup\n")

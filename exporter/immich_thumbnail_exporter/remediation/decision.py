@@ -21,13 +21,15 @@ restart carries on; a wall clock stepped forward must not make remediation ask a
 
 Hooks for later targets and checks (``remediation/people.py``, ``remediation/original.py``):
 
-* ``Seen.target`` names the kind of target (``asset`` today, ``person`` for face thumbnails). The rules
-  do not depend on it; a person has no ``locked`` or ``eligible`` notion of its own and passes the
-  defaults (eligible, not locked).
-* ``Seen.original`` is the original file's state: ``ok``, ``missing`` (``original_missing``), or any
-  reason the original check finds (``original_corrupt``, ``original_unreadable``). Every value but
-  ``ok`` makes regeneration pointless: the target is skipped with that reason, and an attempt under way
-  is given up with it. A new reason needs only a ``SKIP_TEXT`` sentence; ``decide`` passes it through.
+* ``Seen.target`` names the kind of target: ``asset``, or ``person`` for face thumbnails
+  (``people.seen_of``; its ledger row has kinds ``{"person"}``). The rules do not depend on it; a person
+  has no ``locked`` or ``eligible`` notion of its own and passes the defaults (eligible, not locked).
+* ``Seen.original`` is the original file's state: ``ok``, or one of ``ORIGINAL_REASONS``: what the
+  original check finds (``original_missing``, ``original_corrupt``, ``original_unreadable``,
+  ``original_checksum_mismatch``), and for a person ``no_face`` (no feature face to crop from). Every
+  value but ``ok`` makes regeneration pointless: the target is skipped with that reason, and an attempt
+  under way is given up with it. A new reason needs only a ``SKIP_TEXT`` sentence; ``decide`` passes it
+  through.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, RETRYABLE, Entry, window
+from immich_thumbnail_exporter.vocabulary import ORIGINAL_BROKEN
 
 # What the caller does.
 SUBMIT = "submit"  # ask Immich now (claim in the ledger first); ``reset``: start the attempts over
@@ -49,6 +52,9 @@ GAVE_UP = "gave_up"  # given up earlier: report it, ask nothing
 SKIP = "skip"  # not asked, for the reason given
 ACTIONS = (SUBMIT, WAIT, SETTLE, RETRY, FIXED, GIVE_UP, GAVE_UP, SKIP)
 
+# ``Seen.original`` values that make a request pointless: the original check's (``remediation/original.py``,
+# ``vocabulary.ORIGINAL_BROKEN``), and, for a person, no feature face to crop its thumbnail from.
+ORIGINAL_REASONS = (*ORIGINAL_BROKEN, "no_face")
 # Reason codes, per action.
 REASONS = {
     SUBMIT: ("new", "broken_again", "retry_gave_up", "retry_due"),
@@ -56,11 +62,10 @@ REASONS = {
     SETTLE: ("attempt_over",),
     RETRY: ("attempt_over",),
     FIXED: ("fixed",),
-    GIVE_UP: ("attempts_exhausted", "not_in_database", "original_missing", "original_corrupt",
-              "original_unreadable"),
+    GIVE_UP: ("attempts_exhausted", "not_in_database", *ORIGINAL_REASONS),
     GAVE_UP: ("gave_up_earlier",),
-    SKIP: ("not_in_database", "not_eligible", "original_missing", "original_corrupt", "original_unreadable",
-           "nothing_to_fix", "reason_not_submitted", "locked", "other_owner", "queued", "refused"),
+    SKIP: ("not_in_database", "not_eligible", *ORIGINAL_REASONS, "nothing_to_fix", "reason_not_submitted", "locked",
+           "other_owner", "queued", "refused"),
 }
 # Original states other than these are reasons of their own (skip or give up with them).
 ORIGINAL_OK = "ok"

@@ -24,6 +24,11 @@ request Immich refuses with 400 is split until the refused assets stand alone (`
 When the ledger cannot be written (a full disk) the run stops sending and its report lists what it sent
 before, all of it recorded in the ledger.
 
+With ``--kind person`` the people's flow (``remediation/people.py``) runs after the assets', from the same
+scan, with the same ledger, rate limit and retry clock. With ``apply``, the assets still broken at the
+end have their originals read once (``original.check_originals``): a broken one is why, in the report
+and the ledger.
+
 Dry run unless ``apply``. Steps 1 to 3 are ``remediation/select.py``; the command line is
 ``cli/regenerate.py``; the report's rendering ``output/regenerate_report.py``.
 """
@@ -34,10 +39,13 @@ import asyncio
 import logging
 import time
 
+import asyncpg
+
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.remediation.decision import (
     FIXED,
     GIVE_UP,
+    ORIGINAL_REASONS,
     RETRY,
     SETTLE,
     SKIP,
@@ -46,6 +54,8 @@ from immich_thumbnail_exporter.remediation.decision import (
     window_over,
 )
 from immich_thumbnail_exporter.remediation.ledger import RETRYABLE, Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.original import check_originals, explain_rows, give_up_on_originals, why_of
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
 from immich_thumbnail_exporter.remediation.report import Row, RunReport
 from immich_thumbnail_exporter.remediation.select import Failure, Options, RunState, Selector
 from immich_thumbnail_exporter.remediation.submit import (
@@ -70,12 +80,14 @@ from immich_thumbnail_exporter.sources.immich_api import ApiAuthError
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 from immich_thumbnail_exporter.timing import Backoff, RateLimiter, deadline_in, left
-from immich_thumbnail_exporter.vocabulary import REASONS
+from immich_thumbnail_exporter.vocabulary import PERSON_KIND, REASONS
 
 __all__ = ["Failure", "Options", "Regenerator", "preflight", "regenerate"]
 
 log = logging.getLogger(__name__)
 
+# How long ``--kind person --wait`` waits for its jobs when no --timeout is given.
+PEOPLE_WAIT = 120.0
 # A failed request (5xx, network) is retried this many times, after a pause doubling from 0.5s, before
 # the run stops.
 REQUEST_RETRIES = 3
@@ -410,13 +422,83 @@ class Regenerator:
 
     # -- the whole run -----------------------------------------------------------------------------
     async def execute(self) -> RunReport:
+        """The assets' flow for the asset kinds asked for, then the people's (``--kind person``), from one
+        scan, with one ledger, rate limit and retry clock."""
         run = self.run
-        opts, config, report = run.opts, run.config, run.report
+        opts, report = run.opts, run.report
         if opts.apply:
             run.ledger = Ledger(opts.state_dir)
             self.confirmer = Confirmer(run.watch, run.ledger, opts.confirm_within, opts.max_attempts)
         else:
             run.ledger = Ledger.open_existing(opts.state_dir)
+        if opts.asset_kinds:
+            await self._assets()
+        else:
+            await self.selector.scan()
+        if opts.people and (report.errors or _ledger_failed(run)):
+            report.notes.append("face thumbnails not asked for: the run stopped on the error below")
+        elif opts.people:
+            try:
+                await self._people()
+            except LedgerError as exc:
+                self._ledger_full(str(exc), [])
+        if opts.apply and opts.asset_kinds:
+            await self._originals()
+        return report
+
+    async def _people(self) -> None:
+        """Face thumbnails (``remediation/people.py``): the rows go into the same report."""
+        run = self.run
+        opts = run.opts
+        if opts.apply and run.key_owner is None:
+            await self.selector.ask_key_owner()
+        people = PeopleOptions(
+            apply=opts.apply,
+            # --asset names people when only people are asked for.
+            people=opts.assets if not opts.asset_kinds else (),
+            reasons=opts.reasons or person_reasons(run.config.remediation.reasons),
+            rate=opts.rate,
+            wait=opts.wait,
+            retry_after=opts.retry_after,
+            max_attempts=opts.max_attempts,
+            retry_gave_up=opts.retry_gave_up,
+            confirm_within=opts.confirm_within,
+            wait_seconds=opts.timeout if opts.timeout is not None else PEOPLE_WAIT,
+            key_owner=run.key_owner,
+            limit=opts.limit,
+        )
+        await regenerate_people(run.config, run.pg, run.report, people, problems=run.person_problems,
+                                ledger=run.ledger, api=run.api, watch=run.person_watch, clock=run.clock,
+                                limiter=self.limiter)
+
+    async def _originals(self) -> None:
+        """Every asset still broken after its attempts: its original read once (``check_originals``); a
+        broken one is why, in the report and the ledger. Only those few assets are read."""
+        run = self.run
+        report = run.report
+        ids = [r.asset_id for r in report.rows.values()
+               if r.result in ("still_missing", "gave_up") and r.kinds != (PERSON_KIND,) and r.why != "not_queued"
+               and r.reason not in ORIGINAL_REASONS]
+        if not ids:
+            return
+        try:
+            schema, mapper = await run.checker.prepare()
+            verdicts = await check_originals(run.pg, schema, mapper, ids)
+        except (SourceError, SchemaError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            report.notes.append(f"the originals of the assets still broken could not be checked: {exc}")
+            return
+        whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}
+        ledger = run.ledger if run.ledger is not None and not run.ledger.readonly else None
+        if ledger is not None:
+            for a in give_up_on_originals(whys, ledger, run.clock, run.policy()):
+                row = report.rows[a]
+                row.result, row.reason = "gave_up", whys[a].code
+        explain_rows(report, whys, ledger)
+
+    async def _assets(self) -> None:
+        run = self.run
+        opts, config, report = run.opts, run.config, run.report
+        assert run.ledger is not None or not opts.apply
         try:
             candidates = await self.selector.select()
         except LedgerError as exc:
@@ -424,7 +506,7 @@ class Regenerator:
                 raise
             # Nothing sent yet: what the selection recorded is in the ledger; nothing else is lost.
             self._ledger_full(str(exc), [])
-            return report
+            return
         if opts.limit is not None and len(candidates) > opts.limit:
             report.notes.append(
                 f"{len(candidates) - opts.limit} more asset(s) to submit left for a later run (--limit {opts.limit})"
@@ -440,7 +522,7 @@ class Regenerator:
             if opts.wait:
                 report.notes.append("--wait ignored in a dry run")
             await self._explain_waiting()
-            return report
+            return
         if not config.immich.api_key:
             report.notes.append("immich.api_key is not set: Immich will refuse the requests")
         assert self.confirmer is not None
@@ -448,14 +530,13 @@ class Regenerator:
         try:
             # After an API error the run stops submitting, but still verifies what Immich accepted.
             if candidates and not await self.submit(candidates) and _ledger_failed(run):
-                return report
+                return
             if opts.wait:
                 await self.wait()
             else:
                 await self._explain_waiting()
         except LedgerError as exc:
             self._ledger_full(str(exc), [])
-        return report
 
 
 def _ledger_failed(run: RunState) -> bool:

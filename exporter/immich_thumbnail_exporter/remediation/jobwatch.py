@@ -9,7 +9,11 @@ it names. An asset with a job is *confirmed*; one with none by the end of its wi
 unless a job whose data could not be read in time might be its own (counted, never guessed). Later
 entries say when each confirmed job started and finished.
 
-Memory is bounded: only jobs naming an asset the watch was told to expect are kept (at most
+The same watch confirms face thumbnails: built with ``names=PERSON_THUMBNAIL_JOB_NAMES`` it follows
+``PersonGenerateThumbnail`` jobs, whose ``data.id`` is the person's (``remediation/people.py``). Each
+watch is one more subscriber of the one reader, never a connection of its own.
+
+Memory is bounded: only jobs naming an asset (or person) the watch was told to expect are kept (at most
 ``MAX_JOBS``).
 """
 
@@ -36,10 +40,10 @@ LOOKBACK = 10.0  # seconds before ``expect`` in which a job read for that asset 
 
 @dataclass
 class JobSeen:
-    """One job of an expected asset, as the event stream told it."""
+    """One job of an expected asset (or person), as the event stream told it."""
 
     job_id: str
-    asset_id: str
+    asset_id: str  # what the job's data names: the asset, or the person of a face-thumbnail job
     added_at: float  # unix seconds, from the stream entry's id
     started_at: float | None = None
     finished_at: float | None = None
@@ -66,14 +70,17 @@ class JobWatch:
     """Regeneration's confirmations: a subscriber of the process's event reader for the thumbnail queue.
 
     ``source``: the caller's Redis (its pooled connection reads the queue itself, in ``settle``); the
-    watch ends with it (``source.close()``)."""
+    watch ends with it (``source.close()``). ``names``: the jobs it follows (per-asset thumbnail jobs by
+    default; ``PERSON_THUMBNAIL_JOB_NAMES`` for face thumbnails)."""
 
     queues = frozenset({THUMBNAIL_QUEUE})
     reads_ahead = False
 
-    def __init__(self, source: RedisSource, prefix: str) -> None:
+    def __init__(self, source: RedisSource, prefix: str, names: frozenset[str] = THUMBNAIL_JOB_NAMES) -> None:
         self.source = source
         self.prefix = prefix
+        self.names = names
+        self._closed = False
         self.reader = EventReader.attach(source.config)
         self._expected: dict[str, float] = {}  # asset -> monotonic deadline of its window
         self._jobs: OrderedDict[str, JobSeen] = OrderedDict()  # job id -> job, oldest first
@@ -92,6 +99,9 @@ class JobWatch:
         source.on_close(self.close)
 
     async def close(self) -> None:
+        if self._closed:  # once: the reader counts its users
+            return
+        self._closed = True
         self.reader.unsubscribe(self)
         await self.reader.release()
 
@@ -159,7 +169,7 @@ class JobWatch:
         return queue in self.queues
 
     def wants(self, queue: str, name: str) -> bool:
-        return (self._armed or bool(self._expected)) and name in THUMBNAIL_JOB_NAMES
+        return (self._armed or bool(self._expected)) and name in self.names
 
     def forget(self, queue: str) -> None:
         """A replaced stream restarts job ids: the jobs remembered by id say nothing any more."""
@@ -187,7 +197,7 @@ class JobWatch:
             self._delivered.set()
 
     def _added(self, e: JobEvent) -> None:
-        if not (self._armed or self._expected) or e.job is None or e.job.name not in THUMBNAIL_JOB_NAMES:
+        if not (self._armed or self._expected) or e.job is None or e.job.name not in self.names:
             return
         asset = e.job.entity if e.job.read else None
         now = time.monotonic()
@@ -237,7 +247,7 @@ class JobWatch:
         ended = [a for a, deadline in self._expected.items() if deadline <= now]
         if not ended:
             return out
-        view = await queued_assets(self.source, self.prefix)
+        view = await queued_assets(self.source, self.prefix, names=self.names)
         for a in ended:
             del self._expected[a]
             queued = view.assets.get(a)

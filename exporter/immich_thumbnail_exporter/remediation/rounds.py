@@ -18,6 +18,11 @@ is called fixed moments after its job finished rather than at the next file chec
 jobs waiting for a worker costs nothing between full rounds (every ``remediation.interval``, or as soon
 as the file check has a new list).
 
+An asset whose attempt settles still broken has its original read once (``original.check_originals``);
+a broken one is the reason the ledger keeps. With ``person`` in ``remediation.kinds``, full rounds also
+remake lost face thumbnails (``people.regenerate_people``) under the same ledger, rate limit and retry
+clock, within what is left of ``max_per_round``; the asset steps never take a person's ledger row.
+
 It never writes to Immich's database, Redis or files: it only asks Immich's API.
 """
 
@@ -28,6 +33,8 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+import asyncpg
 
 from immich_thumbnail_exporter.config import Config
 from immich_thumbnail_exporter.findings import Problem, ProblemFeed, ProblemStore
@@ -48,6 +55,9 @@ from immich_thumbnail_exporter.remediation.decision import (
 )
 from immich_thumbnail_exporter.remediation.jobwatch import JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, PENDING, RETRYABLE, Entry, Ledger, LedgerError
+from immich_thumbnail_exporter.remediation.original import check_originals, give_up_on_originals, why_of
+from immich_thumbnail_exporter.remediation.people import PeopleOptions, person_reasons, regenerate_people
+from immich_thumbnail_exporter.remediation.report import RunReport
 from immich_thumbnail_exporter.remediation.submit import Candidate, Confirmer, auth_hint, by_owner, submit_batch
 from immich_thumbnail_exporter.remediation.why import Why, attempt_over, attempt_reasons, skip_text
 from immich_thumbnail_exporter.scan.run import run_scan
@@ -56,6 +66,7 @@ from immich_thumbnail_exporter.sources.immich_api import ApiAuthError, ApiError,
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
 from immich_thumbnail_exporter.timing import RateLimiter
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_THUMBNAIL_JOB_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +103,9 @@ class Remediator:
         self.redis = RedisSource(config.redis) if config.redis.enabled else None
         self.prefix = config.redis.prefix
         self.watch = JobWatch(self.redis, self.prefix) if self.redis is not None else None
+        # Face thumbnails' confirmations: one more subscriber of the same reader, not a connection.
+        self.person_watch = JobWatch(self.redis, self.prefix, PERSON_THUMBNAIL_JOB_NAMES) \
+            if self.redis is not None and PERSON_KIND in rem.kinds else None
         self.requests: Counter[str] = Counter()
         self.verified: Counter[str] = Counter()
         self.ledger: Ledger | None = None
@@ -108,6 +122,8 @@ class Remediator:
         self._owner: str | None = None
         self._owner_next = 0.0
         self._api_checked = float("-inf")
+        # The face-thumbnail problems of the latest list (``person`` in ``remediation.kinds``).
+        self._person_problems: list[Problem] = []
 
     async def close(self) -> None:
         await self.api.close()
@@ -154,7 +170,7 @@ class Remediator:
         # probe says whether the ledger can be written again.
         had_failed = ledger.failed is not None
         redis_ok = await self._follow_jobs(out.sources)
-        pending = ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+        pending = self._pending()
         full = self.last_full = self._full_round()
         now_mono = time.monotonic()
         elapsed = None if self._last_round is None else now_mono - self._last_round
@@ -193,13 +209,15 @@ class Remediator:
         out.pending, out.candidates = len(pending), len(candidates)
         out.submitted, out.error = await self._submit(candidates[: rem.max_per_round], out)
         out.not_queued = await self._confirm(out.submitted)
+        if full and PERSON_KIND in rem.kinds and out.error is None:
+            await self._people(owner, out)
         await self._check_api(out.sources)
         if had_failed or ledger.failed is not None:
             ledger.probe(time.time())
         self.in_flight = any(
             e.state in AWAITING or (e.attempts < rem.max_attempts
                                     and not window_over(e, self.clock.since(e), rem.verify_after))
-            for e in ledger.entries(PENDING, limit=max(2000, rem.max_per_round * 4))
+            for e in self._pending()
         )
         if out.locked:
             log.info("remediation: %d locked asset(s) left out: an API key cannot reach Immich's locked folder "
@@ -208,6 +226,18 @@ class Remediator:
                   "own scan" if self.feed is None else "the file check")
         return out
 
+    @property
+    def asset_kinds(self) -> tuple[str, ...]:
+        """``remediation.kinds`` without ``person`` (the people flow's)."""
+        return tuple(k for k in self.config.remediation.kinds if k in KINDS)
+
+    def _pending(self) -> list[Entry]:
+        """The assets submitted and not settled. People's rows (kinds {"person"}) are the people flow's
+        (``people.regenerate_people``): a person id is never sent as an asset's."""
+        assert self.ledger is not None
+        limit = max(2000, self.config.remediation.max_per_round * 4)
+        return [e for e in self.ledger.entries(PENDING, limit=limit) if PERSON_KIND not in e.kinds]
+
     def _policy(self, owner: str | None) -> Policy:
         rem = self.config.remediation
         return Policy(max_attempts=rem.max_attempts, retry_after=float(rem.verify_after), key_owner=owner)
@@ -215,7 +245,7 @@ class Remediator:
     def _seen(self, chk: AssetCheck, locked: bool, kinds: frozenset[str] | None) -> Seen:
         """The decision's view of a check: the configured kinds (or those already asked for) and reasons."""
         rem = self.config.remediation
-        wanted = set(kinds or rem.kinds)
+        wanted = set(kinds or self.asset_kinds)
         reasons = set(rem.reasons)
         broken = chk.broken(wanted)
         return Seen(
@@ -264,12 +294,13 @@ class Remediator:
         """The latest problems remediation may act on: asset -> kinds, asset -> owner."""
         rem = self.config.remediation
         latest = await self._latest_problems(sources)
-        reasons, kinds = set(rem.reasons), set(rem.kinds)
+        reasons, kinds = set(rem.reasons), set(self.asset_kinds)
         wanted: dict[str, set[str]] = {}
         owners: dict[str, str] = {}
         if latest is None:
             return wanted, owners
         problems, _ = latest
+        self._person_problems = [p for p in problems if p.kind == PERSON_KIND and p.reason in reasons]
         for p in problems:
             if p.kind in kinds and p.reason in reasons and p.original_exists is not False:
                 wanted.setdefault(p.asset_id, set()).add(p.kind)
@@ -323,12 +354,13 @@ class Remediator:
             for e in pending:
                 if e.job_id:  # known from the ledger (an earlier process): follow its job from here on
                     self.watch.adopt(e.asset_id, e.job_id)
-        kinds_of = {e.asset_id: frozenset(e.kinds or rem.kinds) for e in pending}
+        kinds_of = {e.asset_id: frozenset(e.kinds or self.asset_kinds) for e in pending}
         still = [e for e in pending if checks[e.asset_id].exists and checks[e.asset_id].original_exists is not False
                  and checks[e.asset_id].broken(kinds_of[e.asset_id])]
         due = {e.asset_id for e in still if window_over(e, self.clock.since(e), float(rem.verify_after))}
         why_of = await attempt_reasons(still, self.watch, self.redis, self.prefix, due)
         again: list[Candidate] = []
+        settled: list[str] = []  # still broken once their attempt was over: their originals are read
         for e in pending:
             a, chk, ek = e.asset_id, checks[e.asset_id], kinds_of[e.asset_id]
             over, why = why_of.get(a, (False, None))
@@ -339,13 +371,15 @@ class Remediator:
                 ledger.give_up(a, skip_text(d.reason, short=True), now)
                 self.verified["gave_up"] += 1
             elif d.action == GIVE_UP:
-                self._gave_up(e, detail, why, now)
+                if self._gave_up(e, detail, why, now):
+                    settled.append(a)
             elif d.action == FIXED:
                 if ledger.record(a, "fixed", detail, now) == "fixed":
                     self.verified["fixed"] += 1
             elif d.action in (SETTLE, RETRY):
                 if ledger.record(a, "still_missing", detail, now, why=why) == "still_missing":
                     self.verified["still_missing"] += 1
+                    settled.append(a)
                     if why is not None:
                         log.info("asset %s still %s: %s", a, detail, why.text)
                 if d.action == RETRY:
@@ -356,17 +390,63 @@ class Remediator:
                 self._count_skip(d.reason, out)
             elif d.action == WAIT and e.state in AWAITING:
                 ledger.record(a, "waiting", detail, now, why=why)
+        await self._originals(settled)
         return again
 
-    def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> None:
+    async def _people(self, owner: str | None, out: RoundResult) -> None:
+        """Face thumbnails (``people.regenerate_people``), in full rounds: under the same rate limit,
+        ledger and retry clock as the assets, within what is left of ``max_per_round``."""
+        rem = self.config.remediation
+        if owner is None:
+            owner = await self._key_owner()
+        opts = PeopleOptions(
+            apply=True, reasons=person_reasons(rem.reasons), rate=float(rem.requests_per_second),
+            retry_after=float(rem.verify_after), max_attempts=rem.max_attempts,
+            confirm_within=float(rem.confirm_within), key_owner=owner,
+            limit=max(0, rem.max_per_round - out.submitted),
+        )
+        report = RunReport("apply")
+        verified = await regenerate_people(self.config, self.pg, report, opts, problems=self._person_problems,
+                                           ledger=self.ledger, api=self.api, watch=self.person_watch,
+                                           clock=self.clock,
+                                           limiter=self.limiter)
+        self.requests.update(report.requests)
+        self.verified.update(verified)
+        people = report.requests["accepted"]
+        out.submitted += people
+        out.not_queued += verified["not_queued"]
+        if people or report.requests:
+            out.sources["immich_api"] = True if report.requests["error"] == 0 else "face thumbnail requests failed"
+
+    async def _originals(self, ids: list[str]) -> None:
+        """The assets that just settled still broken: each one's original read once; a broken one is why
+        (``Ledger.explain``). Only those few are read, never the library."""
+        if not ids or self.checker is None or self.ledger is None:
+            return
+        try:
+            schema, mapper = await self.checker.prepare()
+            verdicts = await check_originals(self.pg, schema, mapper, ids)
+        except (SourceError, asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.info("cannot check the originals of %d asset(s) still broken: %s", len(ids), exc)
+            return
+        whys = {a: why for a, v in verdicts.items() if (why := why_of(v)) is not None}
+        for a, why in whys.items():
+            log.info("asset %s: %s", a, why.text)
+        if whys:
+            self.verified["gave_up"] += len(give_up_on_originals(whys, self.ledger, self.clock,
+                                                                 self._policy(self._owner)))
+            self.ledger.explain(whys, time.time())
+
+    def _gave_up(self, e: Entry, detail: str, why: Why | None, now: float) -> bool:
         assert self.ledger is not None
         if e.state in RETRYABLE:
             self.ledger.give_up(e.asset_id, f"{detail} after {e.attempts} attempt(s)", now)
         elif self.ledger.record(e.asset_id, "gave_up", detail, now, why=why) != "gave_up":
-            return
+            return False
         self.verified["gave_up"] += 1
         if why is not None:
             log.info("asset %s still %s: %s", e.asset_id, detail, why.text)
+        return True
 
     async def _confirm(self, submitted: int) -> int:
         """Wait for the jobs of this round's requests; count what Immich queued nothing for."""

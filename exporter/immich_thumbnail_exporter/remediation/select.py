@@ -42,7 +42,7 @@ from immich_thumbnail_exporter.sources.bullmq_queue import queued_assets
 from immich_thumbnail_exporter.sources.immich_api import ApiError, ImmichApi
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from immich_thumbnail_exporter.sources.redis import RedisSource
-from immich_thumbnail_exporter.vocabulary import KINDS, REASONS
+from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_THUMBNAIL_JOB_NAMES, REASONS
 
 
 class Failure(Exception):
@@ -66,6 +66,16 @@ class Options:
     state_dir: str = "."
     format: str = "table"
     confirm_within: float = 10.0
+
+    @property
+    def asset_kinds(self) -> tuple[str, ...]:
+        """The asset kinds asked for (``person`` is the people flow's, ``remediation/people.py``)."""
+        return tuple(k for k in self.kinds if k in KINDS)
+
+    @property
+    def people(self) -> bool:
+        """Face thumbnails asked for (``--kind person``)."""
+        return PERSON_KIND in self.kinds
 
     @property
     def deadline_seconds(self) -> float:
@@ -92,12 +102,16 @@ class RunState:
     prefix: str
     watch: JobWatch | None
     report: RunReport
+    # ``--kind person``'s confirmations: a watch of ``PersonGenerateThumbnail`` jobs on the same reader.
+    person_watch: JobWatch | None = None
     ledger: Ledger | None = None
     clock: RetryClock = field(default_factory=RetryClock)
     # Submitted, awaiting verification -> kinds.
     tracked: dict[str, set[str]] = field(default_factory=dict)
     # The API key's user, once asked (None: cannot tell).
     key_owner: str | None = None
+    # The scan's face-thumbnail problems, for the people flow (``--kind person``).
+    person_problems: list[Problem] = field(default_factory=list)
 
     @classmethod
     def open(cls, config: Config, opts: Options) -> RunState:
@@ -113,6 +127,8 @@ class RunState:
             prefix=config.redis.prefix,
             watch=JobWatch(redis, config.redis.prefix) if redis is not None and opts.apply else None,
             report=RunReport("apply" if opts.apply else "dry_run"),
+            person_watch=JobWatch(redis, config.redis.prefix, PERSON_THUMBNAIL_JOB_NAMES)
+            if redis is not None and opts.apply and opts.people else None,
         )
 
     def policy(self) -> Policy:
@@ -140,7 +156,7 @@ class RunState:
                   f"next request not before {ago(left)} from now")
         self.report.set(Row(a, "waiting", problems, tuple(sorted(entry.kinds)), entry.attempts, detail))
         if entry.state in AWAITING:
-            self.tracked[a] = set(entry.kinds) or set(self.opts.kinds)
+            self.tracked[a] = set(entry.kinds) or set(self.opts.asset_kinds)
             if self.watch is not None and entry.job_id:
                 self.watch.adopt(a, entry.job_id)
 
@@ -173,12 +189,16 @@ class Selector:
             except TimeoutError:
                 raise Failure(f"the scan did not finish within intervals.files ({deadline:.0f}s)") from None
             select_reasons = set(run.opts.reasons or REASONS)
-            kinds = set(run.opts.kinds)
+            kinds = set(run.opts.asset_kinds)
             wanted = set(run.opts.assets)
             by_asset: dict[str, list[Problem]] = {}
             for p in result.problems:
-                if p.kind in kinds and p.reason in select_reasons and (not wanted or p.asset_id in wanted):
+                if p.reason not in select_reasons or (wanted and p.asset_id not in wanted):
+                    continue
+                if p.kind in kinds:
                     by_asset.setdefault(p.asset_id, []).append(p)
+                elif p.kind == PERSON_KIND and run.opts.people:
+                    run.person_problems.append(p)
             run.report.problems_total = result.problems.total
             run.report.assets_with_problems = len({p.asset_id for p in result.problems})
         finally:
@@ -194,13 +214,14 @@ class Selector:
             if not valid_asset_id(a):
                 report.set(Row(a, "skipped", detail=SKIP_TEXT["invalid_id"], reason="invalid_id"))
         ids = [a for a in ids if valid_asset_id(a)]
-        entries = run.ledger.get(ids) if run.ledger else {}
+        # A person's row (an id given with --asset) is not an asset's entry.
+        entries = {a: e for a, e in (run.ledger.get(ids) if run.ledger else {}).items() if PERSON_KIND not in e.kinds}
         earlier = self._earlier_pending(set(ids))
         checks = await run.checker.check([*ids, *earlier])
         self._settle_earlier(earlier, checks)
         locked = await run.checker.locked(ids) if ids else set()
         if ids:
-            await self._ask_key_owner()
+            await self.ask_key_owner()
         queued = await self._queued(ids)
         select_reasons = set(opts.reasons or REASONS)
         submit_reasons = set(opts.reasons or run.config.remediation.reasons)
@@ -210,7 +231,7 @@ class Selector:
         waiting_in_queue: dict[str, tuple[Candidate, str]] = {}
         for a in ids:
             chk, entry = checks[a], entries.get(a)
-            seen = run.seen(chk, set(opts.kinds), select_reasons, submit_reasons, a in locked)
+            seen = run.seen(chk, set(opts.asset_kinds), select_reasons, submit_reasons, a in locked)
             queue = run.clock.view(entry, a in queued if queued is not None else None)
             d = decide(entry, seen, queue, policy)
             cand = self._act(a, chk, entry, d, now)
@@ -226,7 +247,7 @@ class Selector:
         run = self.run
         opts, report, ledger = run.opts, run.report, run.ledger if run.opts.apply else None
         attempts = entry.attempts if entry else 0
-        seen_kinds = set(opts.kinds)
+        seen_kinds = set(opts.asset_kinds)
         problems = chk.describe(seen_kinds) if chk.exists and chk.broken(seen_kinds) else ""
         kinds = tuple(sorted(d.kinds or (entry.kinds if entry else frozenset())))
         if d.action == SKIP:
@@ -279,7 +300,9 @@ class Selector:
         """Assets an earlier run submitted that this run did not select (fixed since, or filtered out)."""
         if self.run.ledger is None:
             return []
-        return [e.asset_id for e in self.run.ledger.entries(PENDING) if e.asset_id not in selected]
+        # People's rows (kinds {"person"}) are the people flow's: a person id is never sent as an asset's.
+        return [e.asset_id for e in self.run.ledger.entries(PENDING)
+                if e.asset_id not in selected and PERSON_KIND not in e.kinds]
 
     def _settle_earlier(self, earlier: Sequence[str], checks: dict[str, AssetCheck]) -> None:
         run = self.run
@@ -321,7 +344,7 @@ class Selector:
             run.report.set(Row(a, "skipped", c.problems, tuple(sorted(c.kinds)),
                                detail=f"{SKIP_TEXT['queued']}: {why.text}", why=why.code, reason="queued"))
 
-    async def _ask_key_owner(self) -> None:
+    async def ask_key_owner(self) -> None:
         """Which user the API key belongs to: Immich refuses a request naming another user's assets."""
         run = self.run
         if not run.config.immich.enabled:

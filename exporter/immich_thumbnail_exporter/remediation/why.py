@@ -39,6 +39,9 @@ SKIP_TEXT = {
     "refused": "Immich refused it",
     "original_corrupt": "the original file is corrupt: regeneration cannot work; restore it from a backup",
     "original_unreadable": "the original file cannot be read: regeneration cannot work",
+    "original_checksum_mismatch": "the original file is not the one Immich stored (its checksum differs): "
+    "restore it from a backup",
+    "no_face": "the person has no feature face: Immich has nothing to crop its thumbnail from",
 }
 # What the ledger keeps as the reason an attempt was given up.
 GIVE_UP_TEXT = {
@@ -46,6 +49,8 @@ GIVE_UP_TEXT = {
     "original_missing": "original file is missing",
     "original_corrupt": "original file is corrupt",
     "original_unreadable": "original file cannot be read",
+    "original_checksum_mismatch": "original file is not the one Immich stored",
+    "no_face": "the person has no feature face",
 }
 
 

@@ -1,7 +1,7 @@
 """The merge of the file check: database rows against the walk, both in bytewise path order, like ``comm``.
 
-* the database side streams every thumbnail, preview, fullsize and face-thumbnail path from a
-  server-side cursor, ordered bytewise by the path Immich would resolve (``file_sql.files_sql``);
+* the database side streams every thumbnail, preview, fullsize and face-thumbnail (``person``) path from
+  a server-side cursor, ordered bytewise by the path Immich would resolve (``file_sql.files_sql``);
 * the disk side is a depth-first walk of ``thumbs/`` that lists each directory once and sorts its
   entries, so the walk comes out in the same bytewise order (a directory sorts as ``name/``:
   ``scan/disk_walk.py``).
@@ -15,7 +15,9 @@ a worker thread), and takes runs of rows that match the walk one for one with li
 It never touches the file system itself: the few rows that need a look of their own (a link to follow,
 an old-layout path outside ``thumbs/``, a row out of order) are set aside (``deferred``), looked at in a
 worker thread (``resolve``, through ``InRoot``: nothing outside the media root is ever named) and judged
-once that is done (``settle``). Every verdict is ``verdict.file_reason``'s.
+once that is done (``settle``). Every verdict is ``verdict.file_reason``'s, a face thumbnail's too: it
+is judged like an asset's file and counted apart (``FileStats.person_missing``; never in an asset kind's
+files, bytes or refusals).
 """
 
 from __future__ import annotations
@@ -261,8 +263,6 @@ class Merge:
 
     def _refused(self, row: Any) -> None:
         kind = row[1]
-        if kind == PERSON:
-            return
         self.stats.refused[KINDS[kind]] += 1
         if self.stats.refused.total() <= 20:
             path = row[0].decode("utf-8", "replace")
@@ -276,8 +276,6 @@ class Merge:
         """Record one database row against what the walk said: size -1 means not found. A link is set
         aside, to be followed (inside the root only) off the event loop."""
         self._last = (rel_b, size, flag)
-        if row[1] == PERSON:
-            return
         if flag & KIND_MASK == SYMLINK:
             self.deferred.append((LINK, row, rel_b))
             return
@@ -287,7 +285,11 @@ class Merge:
         """The verdict on one row's file (a link already followed), counted."""
         name = KINDS[row[1]]
         reason = file_reason(size, flag, self.verify_headers)
-        if on_disk(reason):
+        if row[1] == PERSON:
+            # Every person counts (no eligibility rule): counted here, whatever the details lookup finds.
+            if reason is not None:
+                self.stats.person_missing[reason] += 1
+        elif on_disk(reason):
             self.stats.files[name] += 1
             self.stats.bytes[name] += max(size, 0)
         if reason is not None:
@@ -317,8 +319,7 @@ class Merge:
     def _check_elsewhere(self, row: Any, rel_b: bytes) -> None:
         """A thumbnail stored outside thumbs/ (old layouts): not walked, so looked up on its own (its folder
         resolved inside the root: one of its parents may be a link out of it)."""
-        if row[1] != PERSON:  # a face thumbnail there protects no walked file from being an orphan
-            self.deferred.append((ELSEWHERE, row, rel_b))
+        self.deferred.append((ELSEWHERE, row, rel_b))
 
     # -- the rows set aside
     def resolve(self, items: Sequence[Deferred]) -> list[tuple[Facts, Facts]]:
@@ -345,5 +346,4 @@ class Merge:
         for (what, row, rel), (entry, final) in zip(items, facts, strict=True):
             if what == LOOKUP:
                 self._take_back(rel, entry)
-            if row[1] != PERSON:
-                self._record(row, *final)
+            self._record(row, *final)

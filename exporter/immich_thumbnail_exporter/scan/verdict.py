@@ -14,6 +14,9 @@ Both the full file check (``scan/merge.py``, fed by the walk) and the targeted c
 
 Whether the asset's original is still there (``original_exists``) follows the same rules: its folder is
 resolved inside the root, never through a link out of it.
+
+A face thumbnail (``person."thumbnailPath"``) is one more file judged by the same rule (``judge_person``
+here, ``Merge`` in the full check).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from immich_thumbnail_exporter.scan.walk_child import (
     UNREADABLE_FILE,
 )
 from immich_thumbnail_exporter.sources.paths import PathMapper
-from immich_thumbnail_exporter.vocabulary import RECORD_KINDS
+from immich_thumbnail_exporter.vocabulary import PERSON_KIND, RECORD_KINDS
 
 # A stored path the mapper refuses (outside the media location, or not clean): targeted checks only; the
 # full check counts these as ``immich_thumbnail_files_refused``.
@@ -156,4 +159,67 @@ def judge_asset(mapper: PathMapper, disk: InRoot, asset: AssetRow, headers: bool
             verdict.problems.append((kind, "no_record", None))
     if asset.edited and not edited_seen:
         verdict.problems.append((EDITED_KIND, "no_record", None))  # an edited asset is shown from it
+    return verdict
+
+
+@dataclass
+class PersonVerdict:
+    """One person's face thumbnail as the database and the disk show it now (``check_people``).
+
+    ``problems``: ``(kind, reason, stored path)`` as an asset's, kind always ``person``: ``no_record``
+    when ``thumbnailPath`` is ``''`` (Immich has not written one yet, or its "Missing" job will), else the
+    file rule's reason. ``face_asset_id``: the asset holding the person's current feature face
+    (``person."faceAssetId"`` -> the face's ``"assetId"``), the asset Immich crops the thumbnail from and
+    the one ``PUT /api/people/{id}`` names to ask for it again; None when the person has none."""
+
+    person_id: str
+    exists: bool
+    owner_id: str | None = None
+    path: str | None = None
+    face_asset_id: str | None = None
+    original_path: str | None = None
+    original_exists: bool | None = None
+    problems: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def broken(self, kinds: Iterable[str] | None = None) -> list[tuple[str, str, str | None]]:
+        return [p for p in self.problems if kinds is None or p[0] in set(kinds)]
+
+    def describe(self, kinds: Iterable[str] | None = None) -> str:
+        broken = self.broken(kinds)
+        return ", ".join(sorted({f"{k} {r}" for k, r, _ in broken})) if broken else "face thumbnail present"
+
+    @property
+    def written(self) -> bool:
+        """The person's face thumbnail is there and sound."""
+        return self.exists and not self.problems
+
+    @property
+    def eligible(self) -> bool:
+        """As ``AssetVerdict.eligible``: every person there counts (people have no eligibility rule), so a
+        caller judging finished jobs reads both verdicts alike."""
+        return self.exists
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRow:
+    """What the database says of one person: its stored thumbnail path and its feature face's asset."""
+
+    person_id: str
+    owner_id: str
+    thumbnail_path: str
+    face_asset_id: str | None = None
+    original_path: str | None = None
+
+
+def judge_person(mapper: PathMapper, disk: InRoot, person: PersonRow, headers: bool = True) -> PersonVerdict:
+    """The one file rule applied to one person's face thumbnail."""
+    verdict = PersonVerdict(person.person_id, True, person.owner_id, person.thumbnail_path or None,
+                            person.face_asset_id, person.original_path,
+                            original_exists(mapper, person.original_path, disk))
+    if not person.thumbnail_path:
+        verdict.problems.append((PERSON_KIND, "no_record", None))
+        return verdict
+    reason = judge_file(mapper, disk, person.thumbnail_path, headers)
+    if reason is not None:
+        verdict.problems.append((PERSON_KIND, reason, person.thumbnail_path))
     return verdict

@@ -1,5 +1,5 @@
-"""Job verification's view of the event streams: every per-asset thumbnail job that finished, and the
-asset it named.
+"""Job verification's view of the event streams: every per-asset (and face) thumbnail job that finished,
+and the asset (or person) it named.
 
 ``JobFollower`` is a subscriber of the process's one ``EventReader`` (``sources/bullmq_reader.py``) for
 the queues carrying per-asset thumbnail jobs. The reader reads a wanted job's hash (``name``, ``data``)
@@ -13,10 +13,10 @@ after an outage, more jobs than the reader's map holds) is handed back with ``en
 whose name was never learned is named ``unknown``. Queue-all jobs are left out. Times are the Redis
 server's (stream ids, milliseconds).
 
-**Face thumbnails** (the hook for the person file check): ``PersonGenerateThumbnail`` jobs (data
-``{"id": personId}``) are followed too and handed back with ``kind="person"`` and the person id in
-``entity_id``, but only to a follower built with ``kinds`` including ``PERSON``: job verification counts
-asset jobs only until the person check consumes these.
+**Face thumbnails**: ``PersonGenerateThumbnail`` jobs (``PERSON_THUMBNAIL_JOB_NAMES``, data
+``{"id": personId}``) are handed back with ``kind="person"`` and the person id in ``entity_id`` to a
+follower built with ``kinds`` including ``PERSON`` (job verification's, which checks them with the person
+file check); such a follower's ``names`` then hold the face jobs' names too.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 from immich_thumbnail_exporter.sources.bullmq_jobs import JobEvent
 from immich_thumbnail_exporter.sources.bullmq_reader import EventReader
-from immich_thumbnail_exporter.vocabulary import THUMBNAIL_QUEUE
+from immich_thumbnail_exporter.vocabulary import PERSON_THUMBNAIL_JOB_NAMES, THUMBNAIL_QUEUE
 
 UNKNOWN = "unknown"
-PERSON_THUMBNAIL_JOB = "PersonGenerateThumbnail"
 ASSET, PERSON = "asset", "person"
 MAX_FINISHED = 100_000  # finished jobs held between two ``take()`` calls; more are dropped and counted
 
@@ -73,10 +72,10 @@ class JobFollower:
         self.sink = sink
         self.jobs = dict(jobs)
         self.kinds = kinds
-        self.people = {THUMBNAIL_QUEUE: frozenset({PERSON_THUMBNAIL_JOB})}
+        self.people = {THUMBNAIL_QUEUE: PERSON_THUMBNAIL_JOB_NAMES}
         self.queues = frozenset(self.jobs) | frozenset(self.people)
         self.stats = FollowStats()
-        # (queue, name) of every per-asset thumbnail job seen: the verified counters exist from the first on.
+        # (queue, name) of every thumbnail job of ``kinds`` seen: the verified counters exist from the first on.
         self.names: set[tuple[str, str]] = set()
         self._finished: list[FinishedJob] = []
         reader.subscribe(self)
@@ -103,7 +102,7 @@ class JobFollower:
         return queue in self.queues
 
     def wants(self, queue: str, name: str) -> bool:
-        return self._kind(queue, name) is not None
+        return self._kind(queue, name) in self.kinds
 
     def forget(self, queue: str) -> None:
         """Nothing of its own to forget: what it knows of jobs is the reader's map."""
@@ -112,7 +111,7 @@ class JobFollower:
         for e in events:
             job = e.job
             kind = self._kind(e.queue, job.name if job is not None else None)
-            if e.event == "added" and kind == ASSET and job is not None and job.name:
+            if e.event == "added" and kind in self.kinds and job is not None and job.name:
                 self.names.add((e.queue, job.name))
             if e.event not in ("completed", "failed"):
                 continue
@@ -122,7 +121,7 @@ class JobFollower:
             if kind not in self.kinds:
                 continue
             name = job.name if job is not None and job.name else UNKNOWN
-            if kind == ASSET and name != UNKNOWN:
+            if name != UNKNOWN:
                 self.names.add((e.queue, name))
             entity = job.entity if job is not None and job.read else None
             self._add(FinishedJob(e.queue, e.job_id, name, entity, e.event == "failed", e.at_ms, kind))

@@ -38,9 +38,10 @@ _WAITING = ("active", "prioritized", "wait", "paused", "delayed")
 _BACKLOG = ("wait", "prioritized", "paused", "active")
 
 
-def _asset(job: JobHash) -> str | None:
-    """The asset a per-asset thumbnail job names, from its hash; else None."""
-    return job.asset_id if job.name in THUMBNAIL_JOB_NAMES else None
+def _asset(job: JobHash, names: frozenset[str] = THUMBNAIL_JOB_NAMES) -> str | None:
+    """What a job of one of ``names`` names (``data.id``: the asset of a per-asset thumbnail job, the
+    person of a face-thumbnail job), from its hash; else None."""
+    return job.asset_id if job.name in names else None
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ def _key(prefix: str, *parts: str) -> str:
     return ":".join((prefix, THUMBNAIL_QUEUE, *parts))
 
 
-async def queued_assets(source: RedisSource, prefix: str, limit: int = QUEUE_LOOKUP_LIMIT) -> QueueView:
-    """The per-asset thumbnail jobs waiting or running now. Raises SourceError("redis") when unreachable."""
+async def queued_assets(
+    source: RedisSource, prefix: str, limit: int = QUEUE_LOOKUP_LIMIT, names: frozenset[str] = THUMBNAIL_JOB_NAMES
+) -> QueueView:
+    """The thumbnail queue's jobs of ``names`` (per-asset ones by default) waiting or running now, by the id
+    their data names. Raises SourceError("redis") when unreachable."""
 
     # The lookup as a whole stays under the one timeout a single read gets.
     deadline = deadline_in(source.timeout)
@@ -100,7 +104,7 @@ async def queued_assets(source: RedisSource, prefix: str, limit: int = QUEUE_LOO
         chunk = job_state[i : i + HASH_CHUNK]
         hashes = await bullmq.jobs(THUMBNAIL_QUEUE, [job_id for job_id, _ in chunk], deadline, times=False)
         for job_id, state in chunk:
-            asset = _asset(hashes[job_id])
+            asset = _asset(hashes[job_id], names)
             if asset is not None:
                 assets.setdefault(asset, QueuedJob(job_id, state))
     return QueueView(assets, sum(sizes), len(job_state))

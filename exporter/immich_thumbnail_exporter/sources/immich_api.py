@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,7 +214,8 @@ class ImmichApi:
         even when it names the face already featured, so passing the current feature face's asset remakes
         the thumbnail without changing which face is shown (docs/permissions.md). The answer (the person)
         says nothing about the job: only the queue and the file do."""
-        await self.request("PUT", f"people/{person_id}", {"featureFaceAssetId": asset_id})
+        # Ids are checked as UUIDs here: a path segment from the database is never sent unchecked.
+        await self.request("PUT", f"people/{uuid.UUID(person_id)}", {"featureFaceAssetId": str(uuid.UUID(asset_id))})
 
     async def me(self) -> str:
         """The id of the user the API key belongs to (``GET /api/users/me``, permission ``user.read``).
