@@ -53,11 +53,6 @@ def needs_writing(expr: str) -> bool:
     return 'result="written"' in expr or thumbnail_runs
 
 
-def collected(metric: str) -> bool:
-    """Whether any collector emits ``metric`` (face thumbnails arrive with the person collector)."""
-    return any(f'"{metric}"' in path.read_text() for path in (PACKAGE / "collectors").glob("*.py"))
-
-
 @contextlib.asynccontextmanager
 async def filling_tmpfs(path: Path, size_mb: int = 64) -> AsyncIterator[Path]:
     """A small filesystem the test keeps writing to, so its free space shrinks (time to full)."""
@@ -292,11 +287,6 @@ async def test_prometheus_alertmanager_end_to_end(
                     # Every dashboard panel's query returns data through Prometheus' HTTP API.
                     queries = []
                     for expr in dashboard_expressions():
-                        if "immich_person_thumbnails_missing" in expr and not collected(
-                                "immich_person_thumbnails_missing"):
-                            # Until the person collector is merged nothing emits it: the panel is proven
-                            # by test_artefacts' series only.
-                            continue
                         for var, val in {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m",
                                          "$instance": instance, "$queue": ".+"}.items():
                             expr = expr.replace(var, val)
