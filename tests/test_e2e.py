@@ -44,7 +44,6 @@ PREFIX = "immich_bull"
 THUMBS = "thumbnailGeneration"
 JOB_OPTS: dict[str, Any] = {"attempts": 3, "removeOnComplete": True, "removeOnFail": False}
 PAGING = "ImmichThumbnailRegenerationStuck"
-PACKAGE = ROOT / "exporter" / "immich_thumbnail_exporter"
 
 
 def needs_writing(expr: str) -> bool:
