@@ -28,7 +28,7 @@ from immich_thumbnail_exporter.findings import ProblemFeed
 from immich_thumbnail_exporter.output import scan_report
 from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.remediation.ledger import Ledger
-from immich_thumbnail_exporter.remediation.queue_view import thumbnail_throughput
+from immich_thumbnail_exporter.sources.bullmq_queue import thumbnail_throughput
 from immich_thumbnail_exporter.sources.postgres import PostgresSource
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value

@@ -28,8 +28,8 @@ from immich_thumbnail_exporter.output.regenerate_report import report_dict, writ
 from immich_thumbnail_exporter.remediation.engine import regenerate
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen
 from immich_thumbnail_exporter.remediation.ledger import FILENAME, Ledger
-from immich_thumbnail_exporter.remediation.queue_view import JobState, QueueHealth
 from immich_thumbnail_exporter.remediation.why import Why, clock, explain
+from immich_thumbnail_exporter.sources.bullmq_queue import JobState, QueueHealth
 from tests.conftest import Immich, wait_for
 from tests.helpers import fetch, running_exporter, samples, value
 from tests.remediation_kit import (

@@ -162,3 +162,20 @@ class FolderSpace:
     avail_bytes: int
     # The filesystem's device: folders on one filesystem share it (and its free space); 0 when unknown.
     device: int = 0
+
+
+@dataclass
+class Throughput:
+    """How fast Immich's workers finished thumbnail jobs recently, from the queue's event stream."""
+
+    completed: int  # completed events in the sample
+    window_seconds: float  # from the first to the last of them
+    last_completed_age: float | None  # seconds since the newest one
+    backlog: int  # jobs waiting, prioritized, paused or active now
+
+    @property
+    def rate(self) -> float | None:
+        """Jobs per second, or None when fewer than two jobs finished in the sample."""
+        if self.completed < 2 or self.window_seconds <= 0:
+            return None
+        return (self.completed - 1) / self.window_seconds

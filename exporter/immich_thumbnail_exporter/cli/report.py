@@ -32,12 +32,12 @@ from immich_thumbnail_exporter.output.restore_report import (
     RestoreData,
 )
 from immich_thumbnail_exporter.remediation.ledger import Entry, Ledger, LedgerError
-from immich_thumbnail_exporter.remediation.queue_view import job_states, throughput
 from immich_thumbnail_exporter.scan.file_sql import targeted_sql
 from immich_thumbnail_exporter.scan.run import run_scan
 from immich_thumbnail_exporter.scan.targeted import check_assets, media_mapper
 from immich_thumbnail_exporter.sources import integrity
 from immich_thumbnail_exporter.sources.bullmq import BullMQ
+from immich_thumbnail_exporter.sources.bullmq_queue import job_states, throughput
 from immich_thumbnail_exporter.sources.capacity import media_space
 from immich_thumbnail_exporter.sources.media import MediaStuck, media_call
 from immich_thumbnail_exporter.sources.paths import PathMapper

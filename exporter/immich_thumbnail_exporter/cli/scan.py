@@ -10,10 +10,10 @@ import time
 from immich_thumbnail_exporter.cli.exits import EXIT_OK, EXIT_PROBLEMS, fail
 from immich_thumbnail_exporter.cli.report import measure_space
 from immich_thumbnail_exporter.config import Config
-from immich_thumbnail_exporter.findings import FileStats, ProblemStore
+from immich_thumbnail_exporter.findings import FileStats, ProblemStore, Throughput
 from immich_thumbnail_exporter.output import scan_report as report
 from immich_thumbnail_exporter.scan.run import ScanResult, run_scan
-from immich_thumbnail_exporter.sources.bullmq_queue import Throughput, thumbnail_throughput
+from immich_thumbnail_exporter.sources.bullmq_queue import thumbnail_throughput
 from immich_thumbnail_exporter.sources.postgres import PostgresSource, SourceError
 from immich_thumbnail_exporter.sources.schema import SchemaError
 

@@ -8,14 +8,11 @@ import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from immich_thumbnail_exporter.findings import FolderSpace, Problem, ProblemStore
+from immich_thumbnail_exporter.findings import FolderSpace, Problem, ProblemStore, Throughput
 from immich_thumbnail_exporter.scan.run import ScanResult
 from immich_thumbnail_exporter.vocabulary import KINDS, PERSON_KIND, PERSON_REASONS, REASONS
-
-if TYPE_CHECKING:
-    from immich_thumbnail_exporter.remediation.queue_view import Throughput
 
 PROBLEM_FIELDS = (
     "asset_id", "owner_id", "asset_type", "kind", "reason", "path", "original_path", "original_exists",

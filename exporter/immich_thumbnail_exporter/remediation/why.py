@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from immich_thumbnail_exporter.remediation.jobwatch import JobSeen, JobWatch
 from immich_thumbnail_exporter.remediation.ledger import AWAITING, Entry
 from immich_thumbnail_exporter.scan.verdict import AssetVerdict
-from immich_thumbnail_exporter.sources import bullmq_queue as queue_view
+from immich_thumbnail_exporter.sources import bullmq_queue
 from immich_thumbnail_exporter.sources.bullmq_queue import JobState, QueueHealth
 from immich_thumbnail_exporter.sources.postgres import SourceError
 from immich_thumbnail_exporter.sources.redis import RedisSource
@@ -149,15 +149,15 @@ async def diagnose(
         why = Why("queue_unknown", "Redis is not configured: the exporter cannot see Immich's queue")
         return dict.fromkeys(jobs, why)
     try:
-        health = await queue_view.queue_health(source, prefix)
+        health = await bullmq_queue.queue_health(source, prefix)
         known = {a: j for a, j in jobs.items() if j}
         unknown = [a for a, j in jobs.items() if not j]
         if unknown:
-            view = await queue_view.queued_assets(source, prefix)
+            view = await bullmq_queue.queued_assets(source, prefix)
             for a in unknown:
                 if a in view.assets:
                     known[a] = view.assets[a].job_id
-        states = await queue_view.job_states(source, prefix, known.values())
+        states = await bullmq_queue.job_states(source, prefix, known.values())
     except SourceError as exc:
         why = Why("queue_unknown", f"the queue could not be read: {exc}")
         return dict.fromkeys(jobs, why)

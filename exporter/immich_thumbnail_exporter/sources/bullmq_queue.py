@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from immich_thumbnail_exporter.config import RedisConfig
+from immich_thumbnail_exporter.findings import Throughput
 from immich_thumbnail_exporter.sources.bullmq import STATE_OF, BullMQ, JobHash, head, member, paused_flag, size, to_int
 from immich_thumbnail_exporter.sources.bullmq_events import parse_id
 from immich_thumbnail_exporter.sources.redis import RedisSource
@@ -111,23 +112,6 @@ async def queued_assets(
 
 
 # -- how fast the queue moves ----------------------------------------------------------------------
-
-
-@dataclass
-class Throughput:
-    """How fast Immich's workers finished thumbnail jobs recently, from the queue's event stream."""
-
-    completed: int  # completed events in the sample
-    window_seconds: float  # from the first to the last of them
-    last_completed_age: float | None  # seconds since the newest one
-    backlog: int  # jobs waiting, prioritized, paused or active now
-
-    @property
-    def rate(self) -> float | None:
-        """Jobs per second, or None when fewer than two jobs finished in the sample."""
-        if self.completed < 2 or self.window_seconds <= 0:
-            return None
-        return (self.completed - 1) / self.window_seconds
 
 
 async def throughput(source: RedisSource, prefix: str, sample: int = EVENTS_SAMPLE) -> Throughput:
