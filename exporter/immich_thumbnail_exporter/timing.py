@@ -42,10 +42,6 @@ class Backoff:
     def succeeded(self) -> None:
         self._next = min(self.initial, self.cap)
 
-    @property
-    def next_delay(self) -> float:
-        return self._next
-
 
 class RateLimiter:
     """A token bucket: ``rate`` per second on average, at most ``burst`` at once.
